@@ -33,6 +33,7 @@ RoPE (arXiv:2104.09864); GQA (arXiv:2305.13245); nanoGPT, llama2.c, gpt-fast and
 from __future__ import annotations
 
 import argparse
+import base64
 import codecs
 import glob
 import importlib.util
@@ -272,18 +273,232 @@ def load_gguf_checkpoint(path: str, device, dtype) -> tuple[ModelConfig, dict, "
 
 
 # ----------------------------------------------------------------------------------------------
-# 3. Tokenizer
-# TOKENIZER-SECTION (temporary stub)
+# 3. Tokenizer: every supported format becomes a tiktoken.Encoding
+#
+# All are byte-level BPE, and a token's tiktoken rank is its id. BPE trainers hand out ids in
+# merge order, so "merge the adjacent pair whose result has the lowest id" (tiktoken) yields the
+# same tokens as "apply the earliest merge rule" (HF tokenizers); the tests check it on a corpus.
+
+# GPT-2's split regex (HF ByteLevel(use_regex=True), llama.cpp pre "gpt2")
+GPT2_PAT = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+# Llama 3 (Meta's tokenizer.py and its tokenizer.json; llama.cpp pre "llama-bpe")
+LLAMA3_PAT = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+# SmolLM2: HF first cuts out every digit (Digits(individual_digits=True)), then runs the GPT-2
+# regex on the pieces between them. As one regex: a digit is a piece of its own, and whitespace
+# right before a digit is taken whole, since for `\s+(?!\S)` that digit was the end of the piece.
+SMOLLM_PAT = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+|\s+(?![^\s\p{N}])|\s+"""
+
+# Llama 3's 256 special tokens from id 128000, named as in Meta's tokenizer.py. Llama 3.1 ships
+# the same tokenizer.model but renamed ids 128004/128008/128010 (<|finetune_right_pad_id|>,
+# <|eom_id|>, <|python_tag|>); a folder's tokenizer.json, preferred when present, has its names.
+LLAMA3_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>",
+                   "<|reserved_special_token_1|>", "<|reserved_special_token_2|>", "<|reserved_special_token_3|>",
+                   "<|start_header_id|>", "<|end_header_id|>", "<|reserved_special_token_4|>", "<|eot_id|>",
+                   *[f"<|reserved_special_token_{i}|>" for i in range(5, 251)]]
+
+SUPPORTED = ("supported: a tiktoken tokenizer.model (Llama 3), a byte-level BPE tokenizer.json "
+             "(GPT-2, Llama 3, SmolLM2, Qwen2 style), a GGUF with tokenizer.ggml.model 'gpt2'")
+
+
+def _byte_level_chars() -> dict[str, int]:
+    # byte-level BPE spells each byte as a printable char: printable latin-1 bytes as themselves,
+    # the other 68 as chr(256), chr(257), ... in byte order. This is the way back.
+    keep = [*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    rest = [b for b in range(256) if b not in keep]
+    return {chr(b): b for b in keep} | {chr(256 + i): b for i, b in enumerate(rest)}
+
+
+UNBYTE = _byte_level_chars()
+
+
+def _bpe_encoding(name, pat, vocab, added):
+    """vocab: [(byte-level string, id)] sorted by id; added: {text: id} of tokens matched whole.
+    Returns (Encoding, {id: bytes} of tokens it can't hold, ids made up for missing bytes)."""
+    ranks, extra = {}, {}
+    for s, i in vocab:
+        if s in added:
+            continue  # added tokens are cut out of the text before BPE: not ranks but specials
+        try:
+            b = bytes(UNBYTE[c] for c in s)
+        except KeyError:  # not byte-level: BPE can never produce it, it only decodes (as text)
+            extra[i] = s.encode()
+            continue
+        if b in ranks:  # tiktoken needs bytes <-> rank 1:1; the lowest id wins, the others only decode
+            extra[i] = b
+            continue
+        ranks[b] = i
+    # tiktoken bottoms out at single bytes, so it needs all 256, but vocabularies can lack some
+    # (SmolLM2: 0xC0, 0xC1, some control chars); HF and llama.cpp drop such bytes. So do we: they
+    # get ids past the vocabulary, which encode() removes.
+    next_id = max([*ranks.values(), *extra, *added.values()]) + 1
+    missing = [bytes([b]) for b in range(256) if bytes([b]) not in ranks]
+    unknown = {b: next_id + k for k, b in enumerate(missing)}
+    enc = tiktoken.Encoding(name, pat_str=pat, mergeable_ranks=ranks | unknown, special_tokens=dict(added))
+    return enc, extra, set(unknown.values())
+
+
 class Tokenizer:
-    def __init__(self): self.eos_ids = set(); self.bos_id=None; self.add_bos=False; self.special_ids=set()
-    def encode(self, text): return [ord(c) % 100 + 1 for c in text]
-    def decode(self, ids, skip_special_tokens=True): return ""
-def load_tokenizer(path): return Tokenizer()
-def tokenizer_from_gguf(reader): return Tokenizer()
+    """The tiktoken Encoding plus the few facts the engine needs."""
+    enc: tiktoken.Encoding
+    bos_id: int | None
+    eos_ids: set[int]      # from the tokenizer's own config; generation_config.json is the engine's
+    add_bos: bool
+    special_ids: set[int]  # what skip_special_tokens skips
+
+    def __init__(self, enc, special_ids, bos_id=None, eos_ids=(), add_bos=False, extra=None, unknown=()):
+        self.enc, self.special_ids, self.bos_id, self.eos_ids = enc, set(special_ids), bos_id, set(eos_ids)
+        self.add_bos = add_bos and bos_id is not None
+        self.extra = extra or {}       # {id: bytes} for ids the Encoding can't decode
+        self.unknown = set(unknown)    # ids standing for bytes the vocabulary lacks: dropped
+
+    def encode(self, text: str) -> list[int]:
+        # special tokens written in the prompt (e.g. by a chat template) are special tokens, as in HF
+        ids = self.enc.encode(text, allowed_special="all")
+        if self.unknown:
+            ids = [i for i in ids if i not in self.unknown]
+        return [self.bos_id] + ids if self.add_bos else ids
+
+    def token_bytes(self, i: int) -> bytes:
+        try:
+            return self.enc.decode_single_token_bytes(i)
+        except KeyError:  # see extra; or an id past the vocabulary (padded embedding rows): nothing
+            return self.extra.get(i, b"")
+
+    def decode(self, ids, skip_special_tokens=True) -> str:
+        b = b"".join(self.token_bytes(i) for i in ids if not (skip_special_tokens and i in self.special_ids))
+        return b.decode("utf-8", errors="replace")
+
+
 class Detokenizer:
-    def __init__(self, tok, skip_special_tokens=True): pass
-    def add(self, t): return ""
-    def finish(self): return ""
+    """Streams the text of generated ids. A character can be split over several byte-level tokens:
+    the incremental UTF-8 decoder holds its first bytes back until the character is complete."""
+
+    def __init__(self, tokenizer: Tokenizer, skip_special_tokens=True):
+        self.tok, self.skip = tokenizer, skip_special_tokens
+        self.utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def add(self, token_id: int) -> str:  # the new text, "" while a character is incomplete
+        if self.skip and token_id in self.tok.special_ids:
+            return ""
+        return self.utf8.decode(self.tok.token_bytes(token_id))
+
+    def finish(self) -> str:  # an unfinished character at the end becomes U+FFFD
+        return self.utf8.decode(b"", final=True)
+
+
+def _from_tiktoken_model(path) -> Tokenizer:
+    # "base64(token bytes) rank" per line; a SentencePiece tokenizer.model (protobuf) fails to parse
+    with open(path, "rb") as f:
+        lines = [line.split() for line in f.read().splitlines() if line]
+    try:
+        ranks = {base64.b64decode(tok, validate=True): int(rank) for tok, rank in lines}
+    except (ValueError, TypeError):
+        raise ValueError(f"{path} is not a tiktoken BPE file: SentencePiece tokenizer.model files "
+                         f"(Llama 2, Mistral, ...) are not supported; {SUPPORTED}") from None
+    specials = {s: len(ranks) + i for i, s in enumerate(LLAMA3_SPECIALS)}
+    enc = tiktoken.Encoding(os.path.basename(path), pat_str=LLAMA3_PAT, mergeable_ranks=ranks, special_tokens=specials)
+    # as Meta's reference code: always start with BOS, stop at either of its two stop tokens
+    return Tokenizer(enc, specials.values(), bos_id=specials["<|begin_of_text|>"], add_bos=True,
+                     eos_ids={specials["<|end_of_text|>"], specials["<|eot_id|>"]})
+
+
+def _hf_pattern(pre: dict) -> str:
+    """The split regex equivalent to a HF pre-tokenizer, for the combinations byte-level BPE uses."""
+    p = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else [pre]
+    kinds, last = [x.get("type") for x in p], p[-1] if p else {}
+    if kinds[-1:] == ["ByteLevel"] and not last.get("add_prefix_space"):
+        if kinds == ["ByteLevel"] and last.get("use_regex", True):
+            return GPT2_PAT
+        if kinds == ["Split", "ByteLevel"] and not last.get("use_regex", True) and "Regex" in p[0]["pattern"] \
+                and p[0].get("behavior") == "Isolated" and not p[0].get("invert"):
+            return p[0]["pattern"]["Regex"]  # Llama 3, Qwen2
+        if kinds == ["Digits", "ByteLevel"] and p[0].get("individual_digits") and last.get("use_regex", True):
+            return SMOLLM_PAT
+    raise ValueError(f"pre_tokenizer {json.dumps(pre)} is not supported; supported: ByteLevel(use_regex=True), "
+                     "Sequence[Split(Regex, Isolated), ByteLevel(use_regex=False)], "
+                     "Sequence[Digits(individual_digits=True), ByteLevel(use_regex=True)]")
+
+
+def _from_hf_json(path) -> Tokenizer:
+    with open(path, encoding="utf-8") as f:
+        tj = json.load(f)
+    model, pre = tj.get("model") or {}, tj.get("pre_tokenizer") or {}
+    if model.get("type") != "BPE" or "ByteLevel" not in json.dumps(pre):
+        raise ValueError(f"{path}: a {model.get('type')} model with pre_tokenizer {pre.get('type')} is not "
+                         f"supported (only byte-level BPE is, not SentencePiece-style as Llama 2); {SUPPORTED}")
+    if tj.get("normalizer"):
+        raise ValueError(f"{path}: normalizer {tj['normalizer'].get('type')} is not supported; {SUPPORTED}")
+    # (added tokens' lstrip/rstrip/single_word flags are not honoured; Llama 3 and SmolLM2 set none)
+    added = {t["content"]: t["id"] for t in tj.get("added_tokens", [])}
+    special_ids = {t["id"] for t in tj.get("added_tokens", []) if t.get("special")}
+    # prepending BOS is the post-processor's job: a template like "<|begin_of_text|> $A" (Llama 3)
+    bos_id, pp = None, tj.get("post_processor") or {}
+    for proc in pp.get("processors", []) if pp.get("type") == "Sequence" else [pp]:
+        first = (proc.get("single") or [{}])[0] if proc.get("type") == "TemplateProcessing" else {}
+        if "SpecialToken" in first:
+            bos_id = added.get(first["SpecialToken"]["id"])
+    vocab = sorted(model["vocab"].items(), key=lambda kv: kv[1])
+    enc, extra, unknown = _bpe_encoding(os.path.basename(path), _hf_pattern(pre), vocab, added)
+    return Tokenizer(enc, special_ids, bos_id, (), bos_id is not None, extra, unknown)
+
+
+def _apply_tokenizer_config(tok: Tokenizer, cfg: dict):
+    # transformers' tokenizer_config.json, when there, has the last word on BOS and EOS
+    def token_id(t):  # written as "text" or {"content": "text", ...}
+        t = t.get("content") if isinstance(t, dict) else t
+        return tok.enc.encode_single_token(t) if t in tok.enc.special_tokens_set else None
+    if token_id(cfg.get("bos_token")) is not None:
+        tok.bos_id = token_id(cfg["bos_token"])
+    if cfg.get("add_bos_token") is not None:
+        tok.add_bos = cfg["add_bos_token"] and tok.bos_id is not None
+    if token_id(cfg.get("eos_token")) is not None:
+        tok.eos_ids = {token_id(cfg["eos_token"])}
+
+
+def tokenizer_from_gguf(reader) -> Tokenizer:
+    """The vocabulary in a GGUF file (a gguf.GGUFReader: the model loader has it open already)."""
+    import gguf
+    get = lambda key, default=None: reader.fields[key].contents() if key in reader.fields else default
+    kind, pre = get("tokenizer.ggml.model"), get("tokenizer.ggml.pre")
+    if kind != "gpt2":
+        raise ValueError(f"GGUF tokenizer.ggml.model {kind!r} is not supported ('llama' is SentencePiece); {SUPPORTED}")
+    pats = {"llama-bpe": LLAMA3_PAT, "llama3": LLAMA3_PAT, "llama-v3": LLAMA3_PAT,
+            "smollm": SMOLLM_PAT, "gpt2": GPT2_PAT, "gpt-2": GPT2_PAT}
+    if pre not in pats:
+        raise ValueError(f"GGUF tokenizer.ggml.pre {pre!r} is not supported; supported: {', '.join(pats)}")
+    tokens = get("tokenizer.ggml.tokens")
+    types = get("tokenizer.ggml.token_type") or [gguf.TokenType.NORMAL] * len(tokens)
+    # control tokens (<|im_start|>) and user-defined ones are stored as plain text and matched
+    # whole; only control tokens are special (llama.cpp prints user-defined ones)
+    T = gguf.TokenType
+    added = {s: i for i, (s, t) in enumerate(zip(tokens, types)) if t in (T.CONTROL, T.USER_DEFINED)}
+    special_ids = {i for i, t in enumerate(types) if t == T.CONTROL}
+    vocab = [(s, i) for i, (s, t) in enumerate(zip(tokens, types)) if t != T.UNUSED]
+    eos_ids = {get("tokenizer.ggml.eos_token_id"), get("tokenizer.ggml.eot_token_id")} - {None}
+    add_bos = get("tokenizer.ggml.add_bos_token", pats[pre] is LLAMA3_PAT)
+    enc, extra, unknown = _bpe_encoding(f"gguf-{pre}", pats[pre], vocab, added)
+    return Tokenizer(enc, special_ids, get("tokenizer.ggml.bos_token_id"), eos_ids, add_bos, extra, unknown)
+
+
+def load_tokenizer(path: str) -> Tokenizer:
+    """A model folder (its tokenizer.json, else tokenizer.model), or a tokenizer.json,
+    tokenizer.model or .gguf file."""
+    folder = path if os.path.isdir(path) else os.path.dirname(path)
+    if os.path.isdir(path):
+        found = [f for f in ("tokenizer.json", "tokenizer.model") if os.path.exists(os.path.join(path, f))]
+        if not found:
+            raise FileNotFoundError(f"no tokenizer.json or tokenizer.model in {path}")
+        path = os.path.join(path, found[0])
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic == b"GGUF":
+        import gguf
+        return tokenizer_from_gguf(gguf.GGUFReader(path))
+    tok = _from_hf_json(path) if magic.lstrip()[:1] == b"{" else _from_tiktoken_model(path)
+    if os.path.exists(cfg := os.path.join(folder, "tokenizer_config.json")):
+        with open(cfg, encoding="utf-8") as f:
+            _apply_tokenizer_config(tok, json.load(f))
+    return tok
 
 
 # ----------------------------------------------------------------------------------------------
@@ -737,6 +952,7 @@ class LLM:
         self.scheduler = Scheduler(self.block_manager, max_num_seqs, max_num_batched_tokens)
         self.max_seq_len = min(self.max_model_len, num_blocks * block_size)  # no sequence outgrows the cache
         self.next_request_id = 0
+        self.graphs = {} if enforce_eager or self.device.type != "cuda" else self.capture_cuda_graphs()
 
     @torch.inference_mode()
     def profile_num_blocks(self, gpu_memory_utilization: float, max_num_batched_tokens: int) -> int:
@@ -762,6 +978,54 @@ class LLM:
         non_torch = total - free - torch.cuda.memory_reserved()
         available = total * gpu_memory_utilization - torch.cuda.max_memory_allocated() - non_torch
         return int(available // kv_bytes_per_block(self.cfg, self.block_size, dtype))
+
+    # A decode step of a small model is hundreds of short kernels; launched one by one from Python, the
+    # launches take longer than the work. A CUDA graph records the whole forward pass once per batch size
+    # and replays it with one call. Graphs need fixed shapes and addresses, so a step copies its inputs
+    # into static buffers and pads the batch to the next captured size (padding rows: seq_len 0, slot -1).
+    GRAPH_BATCH_SIZES = [1, 2, 4, 8] + list(range(16, 1025, 16))
+
+    @torch.inference_mode()
+    def capture_cuda_graphs(self) -> dict:
+        sizes = [bs for bs in self.GRAPH_BATCH_SIZES if bs < self.max_num_seqs]
+        sizes.append(next(bs for bs in self.GRAPH_BATCH_SIZES if bs >= self.max_num_seqs))
+        max_bs, max_blocks = sizes[-1], -(-self.max_seq_len // self.block_size)
+        i32, i64 = dict(dtype=torch.int32, device=self.device), dict(dtype=torch.long, device=self.device)
+        self.graph_inputs = g = dict(
+            input_ids=torch.zeros(max_bs, **i64), positions=torch.zeros(max_bs, **i64),
+            slot_mapping=torch.full((max_bs,), -1, **i64), block_tables=torch.zeros(max_bs, max_blocks, **i32),
+            seq_lens=torch.zeros(max_bs, **i32), query_start_loc=torch.arange(max_bs + 1, **i32))  # one token per row
+        graphs, pool = {}, None
+        for bs in reversed(sizes):  # largest first: the smaller graphs reuse its memory pool
+            meta = AttentionMetadata(g["slot_mapping"][:bs], g["block_tables"][:bs], g["seq_lens"][:bs],
+                                     g["query_start_loc"][: bs + 1], 1, self.max_seq_len)
+            run = lambda: self.model(g["input_ids"][:bs], g["positions"][:bs], meta, self.kv_cache)
+            run()  # warm-up outside the capture: Triton compiles here
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                hidden = run()
+            pool = graph.pool()
+            graphs[bs] = (graph, hidden)
+        torch.cuda.synchronize()
+        return graphs
+
+    def run_model(self, input_ids, positions, meta: AttentionMetadata) -> torch.Tensor:
+        """The forward pass of one step: (N,) token ids -> (N, C) hidden states, through a graph when one fits."""
+        N = input_ids.shape[0]
+        if meta.max_query_len > 1 or not self.graphs or N > max(self.graphs):
+            return self.model(input_ids, positions, meta, self.kv_cache)
+        bs = min(b for b in self.graphs if b >= N)
+        g, width = self.graph_inputs, meta.block_tables.shape[1]
+        g["input_ids"][:N] = input_ids
+        g["positions"][:N] = positions
+        g["slot_mapping"][:N] = meta.slot_mapping
+        g["slot_mapping"][N:bs] = -1
+        g["seq_lens"][:N] = meta.seq_lens
+        g["seq_lens"][N:bs] = 0
+        g["block_tables"][:N, :width] = meta.block_tables
+        graph, hidden = self.graphs[bs]
+        graph.replay()
+        return hidden[:N]
 
     # -- the public API --
 
@@ -859,11 +1123,11 @@ class LLM:
                 sampled_seqs.append(seq)
         width = max(len(seq.block_table) for seq, _ in batch)
         block_tables = [seq.block_table + [0] * (width - len(seq.block_table)) for seq, _ in batch]
-        dev = lambda x, dtype=torch.int32: torch.tensor(x, dtype=dtype).to(self.device, non_blocking=True)
+        dev = lambda x, dtype=torch.int32: self.upload(x, dtype)
         meta = AttentionMetadata(dev(slot_mapping, torch.long), dev(block_tables), dev(seq_lens), dev(query_start_loc),
                                  max(n for _, n in batch), max(seq_lens))
         # 3. run the model; logits only where a token is sampled
-        hidden = self.model(dev(input_ids, torch.long), dev(positions, torch.long), meta, self.kv_cache)  # (N, C)
+        hidden = self.run_model(dev(input_ids, torch.long), dev(positions, torch.long), meta)  # (N, C)
         for seq, n in batch:
             seq.num_computed_tokens += n
         if not sampled_seqs:
@@ -880,6 +1144,12 @@ class LLM:
                 finished.append(seq)
         return finished
 
+    def upload(self, values: list, dtype) -> torch.Tensor:
+        """A host list -> a device tensor. On CUDA through pinned memory and asynchronously, so the host
+        goes on preparing while the copy runs (PyTorch keeps the pinned buffer alive until it is done)."""
+        t = torch.tensor(values, dtype=dtype)
+        return t.pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda" else t
+
     def mask_blocked_tokens(self, logits, seqs: list[Sequence]) -> None:
         """min_tokens: EOS and the stop token ids cannot be sampled until the output is that long."""
         for row, seq in enumerate(seqs):
@@ -889,7 +1159,7 @@ class LLM:
 
     def sampling_tensors(self, seqs: list[Sequence], vocab_size: int) -> SamplingTensors:
         ps = [s.params for s in seqs]
-        dev = lambda x: torch.tensor(x).to(self.device, non_blocking=True)
+        dev = lambda x: self.upload(x, torch.float32 if isinstance(x[0], float) else torch.long)
         top_k = [p.top_k if p.top_k > 0 else vocab_size for p in ps]
         return SamplingTensors(
             temperature=dev([float(p.temperature) for p in ps]), top_k=dev(top_k), top_p=dev([float(p.top_p) for p in ps]),
