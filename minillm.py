@@ -632,8 +632,9 @@ def load_model(path: str, device, dtype: str | torch.dtype, max_model_len: Optio
     if path.endswith(".gguf"):
         peek_dtype = None
     elif os.path.isdir(path):
-        peek_dtype = json.load(open(os.path.join(path, "config.json"))).get("torch_dtype") if os.path.exists(
-            os.path.join(path, "config.json")) else None
+        cfg_file = os.path.join(path, "config.json")
+        raw = json.load(open(cfg_file)) if os.path.exists(cfg_file) else {}
+        peek_dtype = raw.get("dtype") or raw.get("torch_dtype")
     else:
         raise FileNotFoundError(f"model {path!r}: expected a folder with config.json + safetensors, or a .gguf file")
     dtype = resolve_dtype(dtype, peek_dtype, device)
@@ -960,7 +961,7 @@ class LLM:
         of `gpu_memory_utilization` of the card becomes KV cache."""
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-        n = min(max_num_batched_tokens, self.max_model_len)
+        n = max_num_batched_tokens
         dtype = self.model.embed_tokens.weight.dtype
         blocks = -(-n // self.block_size)
         cache = allocate_kv_cache(self.cfg, blocks, self.block_size, dtype, self.device)
@@ -969,8 +970,9 @@ class LLM:
                                  torch.tensor([n], dtype=torch.int32, device=self.device),
                                  torch.tensor([0, n], dtype=torch.int32, device=self.device), n, n)
         ids = torch.zeros(n, dtype=torch.long, device=self.device)
-        h = self.model(ids, torch.arange(n, device=self.device), meta, cache)
-        logits = self.model.compute_logits(h[: self.max_num_seqs].repeat(-(-self.max_num_seqs // n), 1)[: self.max_num_seqs])
+        positions = torch.arange(n, device=self.device) % self.max_model_len  # stay inside the RoPE tables
+        h = self.model(ids, positions, meta, cache)
+        logits = self.model.compute_logits(h[:1].expand(self.max_num_seqs, -1))  # (max_num_seqs, V)
         logits.sort(dim=-1)  # the sampler's largest temporary
         torch.cuda.synchronize()
         del cache, h, logits
