@@ -37,6 +37,7 @@ import base64
 import codecs
 import glob
 import importlib.util
+import itertools
 import json
 import math
 import os
@@ -505,16 +506,36 @@ def load_tokenizer(path: str) -> Tokenizer:
 # 4. Model: Llama
 
 
+# Three chains of elementwise ops. Eagerly, each op is a kernel launch and a pass over memory; on the
+# GPU torch.compile fuses each chain into one Triton kernel (compiled on first use, any N).
+def rms_norm(x, weight, eps):  # (N, C) -> (N, C); the statistics in float32, as HF does
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+def apply_rope(x, cos, sin):
+    """x (N, heads, D); cos, sin (N, D/2). Rotates the pairs (x[i], x[i + D/2]), HF's layout."""
+    x1, x2 = x.float().chunk(2, dim=-1)          # (N, heads, D/2) each
+    cos, sin = cos[:, None, :], sin[:, None, :]  # (N, 1, D/2)
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
+
+
+def silu_and_mul(gate, up):  # SwiGLU's activation: (N, F), (N, F) -> (N, F)
+    return F.silu(gate) * up
+
+
+rms_norm_fused, apply_rope_fused, silu_and_mul_fused = (torch.compile(f, dynamic=True) for f in (rms_norm, apply_rope, silu_and_mul))
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
-    def forward(self, x):  # (N, C) -> (N, C); the statistics in float32, as the reference does
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+    def forward(self, x):
+        return (rms_norm_fused if x.is_cuda else rms_norm)(x, self.weight, self.eps)
 
 
 def rope_tables(cfg: ModelConfig, max_len: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -534,13 +555,6 @@ def rope_tables(cfg: ModelConfig, max_len: int, device) -> tuple[torch.Tensor, t
         inv_freq = inv_freq / torch.tensor(cfg.rope_freq_factors, dtype=torch.float32)
     freqs = torch.arange(max_len, dtype=torch.float32)[:, None] * inv_freq[None, :]  # (max_len, D/2)
     return freqs.cos().to(device), freqs.sin().to(device)
-
-
-def apply_rope(x, cos, sin):
-    """x (N, heads, D); cos, sin (N, D/2). Rotates the pairs (x[i], x[i + D/2]), HF's layout."""
-    x1, x2 = x.float().chunk(2, dim=-1)          # (N, heads, D/2) each
-    cos, sin = cos[:, None, :], sin[:, None, :]  # (N, 1, D/2)
-    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
 
 
 @dataclass
@@ -569,7 +583,8 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(N, self.H, self.D)    # (N, C) @ (C, H*D) -> (N, H, D)
         k = self.k_proj(x).view(N, self.KVH, self.D)  # (N, KVH, D)
         v = self.v_proj(x).view(N, self.KVH, self.D)  # (N, KVH, D)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        rope = apply_rope_fused if x.is_cuda else apply_rope
+        q, k = rope(q, cos, sin), rope(k, cos, sin)
         # The Triton kernels on the GPU; on the CPU the plain-PyTorch reference (same contract).
         write_kv, attend = (pa.write_kv_cache, pa.paged_attention) if x.is_cuda else (pa.write_kv_cache_ref, pa.paged_attention_ref)
         write_kv(k, v, k_cache, v_cache, meta.slot_mapping)  # the new tokens' K/V into their slots
@@ -586,7 +601,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x):  # SwiGLU: (N, C) -> (N, F) -> (N, C)
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj((silu_and_mul_fused if x.is_cuda else silu_and_mul)(self.gate_proj(x), self.up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
@@ -810,6 +825,10 @@ class Sequence:
     @property
     def num_tokens(self) -> int:
         return len(self.token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - len(self.prompt_token_ids)
 
     @property
     def output_token_ids(self) -> list[int]:
@@ -1071,7 +1090,7 @@ class LLM:
                 finished = self.step()
                 if bar is not None and finished:
                     n_in += sum(len(s.prompt_token_ids) for s in finished)
-                    n_out += sum(len(s.output_token_ids) for s in finished)
+                    n_out += sum(s.num_output_tokens for s in finished)
                     elapsed = time.perf_counter() - start
                     bar.set_postfix_str(f"est. speed input: {n_in / elapsed:.2f} toks/s, output: {n_out / elapsed:.2f} toks/s")
                     bar.update(len(finished))
@@ -1110,31 +1129,33 @@ class LLM:
         """Schedule a batch, run the model on it, sample, and update the sequences. Returns those that finished."""
         # 1. choose the batch
         batch = self.scheduler.schedule().scheduled
-        # 2. lay it out for the model: packed token ids, positions, and where each token's K/V go
-        input_ids, positions, slot_mapping, seq_lens, query_start_loc, logits_rows, sampled_seqs = [], [], [], [], [0], [], []
+        # 2. lay it out for the model: the new tokens back to back with their positions, and each
+        #    sequence's block table padded to the longest; all of it goes to the device in one copy
+        width = max(len(seq.block_table) for seq, _ in batch)
+        input_ids, positions, query_lens, seq_lens, block_tables, logits_rows, sampled_seqs = [], [], [], [], [], [], []
         for seq, n in batch:
             start = seq.num_computed_tokens
             input_ids += seq.token_ids[start:start + n]
-            for pos in range(start, start + n):
-                slot_mapping.append(seq.block_table[pos // self.block_size] * self.block_size + pos % self.block_size)
             positions += range(start, start + n)
+            query_lens.append(n)
             seq_lens.append(start + n)
-            query_start_loc.append(query_start_loc[-1] + n)
+            block_tables += seq.block_table + [0] * (width - len(seq.block_table))
             if start + n == seq.num_tokens:  # the chunk reaches the end: this sequence gets a new token
-                logits_rows.append(query_start_loc[-1] - 1)
+                logits_rows.append(len(input_ids) - 1)
                 sampled_seqs.append(seq)
-        width = max(len(seq.block_table) for seq, _ in batch)
-        block_tables = [seq.block_table + [0] * (width - len(seq.block_table)) for seq, _ in batch]
-        dev = lambda x, dtype=torch.int32: self.upload(x, dtype)
-        meta = AttentionMetadata(dev(slot_mapping, torch.long), dev(block_tables), dev(seq_lens), dev(query_start_loc),
-                                 max(n for _, n in batch), max(seq_lens))
+        ids, pos, q_lens, s_lens, tables, rows = self.upload(input_ids, positions, query_lens, seq_lens, block_tables, logits_rows)
+        tables = tables.view(len(batch), width)                                # (B, width)
+        # each new token's cache slot: the physical block holding its position, times block_size, plus the offset
+        token_seq = torch.repeat_interleave(torch.arange(len(batch), device=self.device), q_lens, output_size=len(ids))  # (N,)
+        slot_mapping = tables[token_seq, pos // self.block_size].long() * self.block_size + pos % self.block_size  # (N,)
+        meta = AttentionMetadata(slot_mapping, tables, s_lens, F.pad(q_lens.cumsum(0), (1, 0)).int(), max(query_lens), max(seq_lens))
         # 3. run the model; logits only where a token is sampled
-        hidden = self.run_model(dev(input_ids, torch.long), dev(positions, torch.long), meta)  # (N, C)
+        hidden = self.run_model(ids, pos, meta)  # (N, C)
         for seq, n in batch:
             seq.num_computed_tokens += n
         if not sampled_seqs:
             return []
-        logits = self.model.compute_logits(hidden[dev(logits_rows, torch.long)])  # (B, V)
+        logits = self.model.compute_logits(hidden[rows[: len(sampled_seqs)]])  # (B, V)
         # 4. sample on the device; one copy of the new token ids back to the host
         self.mask_blocked_tokens(logits, sampled_seqs)
         new_tokens = sample(logits, self.sampling_tensors(sampled_seqs, logits.shape[-1]), self.generator).tolist()
@@ -1146,26 +1167,30 @@ class LLM:
                 finished.append(seq)
         return finished
 
-    def upload(self, values: list, dtype) -> torch.Tensor:
-        """A host list -> a device tensor. On CUDA through pinned memory and asynchronously, so the host
-        goes on preparing while the copy runs (PyTorch keeps the pinned buffer alive until it is done)."""
-        t = torch.tensor(values, dtype=dtype)
-        return t.pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda" else t
+    def upload(self, *lists: list) -> list[torch.Tensor]:
+        """Host lists of ints -> int32 device tensors, in one copy. On CUDA through pinned memory and
+        asynchronously, so the host goes on while it runs (PyTorch keeps the buffer alive until it is done)."""
+        flat = torch.tensor(list(itertools.chain(*lists)), dtype=torch.int32)
+        if self.device.type == "cuda":
+            flat = flat.pin_memory().to(self.device, non_blocking=True)
+        return list(flat.split([len(x) for x in lists]))
 
     def mask_blocked_tokens(self, logits, seqs: list[Sequence]) -> None:
         """min_tokens: EOS and the stop token ids cannot be sampled until the output is that long."""
         for row, seq in enumerate(seqs):
-            if len(seq.output_token_ids) < seq.params.min_tokens:
+            if seq.num_output_tokens < seq.params.min_tokens:
                 blocked = set(seq.params.stop_token_ids) | (set() if seq.params.ignore_eos else self.eos_ids)
                 logits[row, sorted(t for t in blocked if t < logits.shape[-1])] = float("-inf")
 
     def sampling_tensors(self, seqs: list[Sequence], vocab_size: int) -> SamplingTensors:
         ps = [s.params for s in seqs]
-        dev = lambda x: self.upload(x, torch.float32 if isinstance(x[0], float) else torch.long)
         top_k = [p.top_k if p.top_k > 0 else vocab_size for p in ps]
+        rows = torch.tensor([[p.temperature for p in ps], [p.top_p for p in ps], [p.min_p for p in ps], top_k],
+                            dtype=torch.float32)  # (4, B): one copy to the device
+        if self.device.type == "cuda":
+            rows = rows.pin_memory().to(self.device, non_blocking=True)
         return SamplingTensors(
-            temperature=dev([float(p.temperature) for p in ps]), top_k=dev(top_k), top_p=dev([float(p.top_p) for p in ps]),
-            min_p=dev([float(p.min_p) for p in ps]),
+            temperature=rows[0], top_p=rows[1], min_p=rows[2], top_k=rows[3].long(),
             generators={row: s.generator for row, s in enumerate(seqs) if s.generator is not None and s.params.temperature > 0},
             all_greedy=all(p.temperature == 0 for p in ps),
             any_top_k_top_p=any(k < vocab_size for k in top_k) or any(p.top_p < 1 for p in ps),
@@ -1177,7 +1202,7 @@ class LLM:
         seq.token_ids.append(token)
         old_len = len(seq.text)
         seq.text += seq.detokenizer.add(token)
-        n_out = len(seq.output_token_ids)
+        n_out = seq.num_output_tokens
         if n_out >= p.min_tokens:
             if not p.ignore_eos and token in self.eos_ids:
                 seq.finish_reason = "stop"
