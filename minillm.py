@@ -772,27 +772,38 @@ def apply_top_k_top_p_min_p(logits, top_k, top_p, min_p):
     return torch.full_like(logits, float("-inf")).scatter(1, order, sorted_logits)
 
 
+def gumbel_argmax(logits, temperature, q):  # (B, V), (B,), (B, V) -> (B,)
+    return (logits / temperature[:, None] - q.log()).argmax(dim=-1)
+
+
+gumbel_argmax_fused = torch.compile(gumbel_argmax, dynamic=True)  # one pass over logits and q on the GPU
+
+
 def sample(logits: torch.Tensor, st: SamplingTensors, generator: torch.Generator) -> torch.Tensor:
     """logits (B, V) float32 -> token ids (B,). Everything stays on the device."""
     greedy = logits.argmax(dim=-1)
     if st.all_greedy:
         return greedy
-    logits = logits / st.temperature.clamp(min=1e-5)[:, None]
-    logits = apply_top_k_top_p_min_p(logits, st.top_k if st.any_top_k_top_p else None,
-                                     st.top_p, st.min_p if st.any_min_p else None)
-    probs = logits.softmax(dim=-1)
-    # Sampling from probs = argmax of probs / q with q ~ Exponential(1) (the "exponential race").
-    # Each seeded request draws its row of q from its own generator, so its tokens do not depend on
-    # what else is in the batch.
-    q = torch.empty_like(probs).exponential_(generator=generator)
+    temperature = st.temperature.clamp(min=1e-5)  # (B,) greedy rows are replaced at the end
+    if st.any_top_k_top_p or st.any_min_p:
+        logits = apply_top_k_top_p_min_p(logits / temperature[:, None], st.top_k if st.any_top_k_top_p else None,
+                                         st.top_p, st.min_p if st.any_min_p else None)
+        temperature = torch.ones_like(temperature)
+    # The Gumbel-max trick: with q ~ Exponential(1), argmax(logits/T - log q) is a sample from
+    # softmax(logits/T), and needs no softmax. Each seeded request draws its row of q from its own
+    # generator, so its tokens do not depend on what else is in the batch.
+    q = torch.empty_like(logits).exponential_(generator=generator)
     for row, g in st.generators.items():
         q[row].exponential_(generator=g)
-    sampled = (probs / q).argmax(dim=-1)
+    sampled = (gumbel_argmax_fused if logits.is_cuda else gumbel_argmax)(logits, temperature, q)
     return torch.where(st.temperature == 0, greedy, sampled)
 
 
 # ----------------------------------------------------------------------------------------------
 # 7. Sequences and the scheduler
+
+
+PENDING = -1  # a sampled token that is still on its way from the device (see LLM.step)
 
 
 class SequenceStatus(Enum):
@@ -811,6 +822,7 @@ class Sequence:
         self.token_ids = list(prompt_token_ids)  # prompt + output so far
         self.num_computed_tokens = 0             # leading tokens whose K/V are in the cache
         self.block_table: list[int] = []
+        self.pending_row = -1                    # if the last token is PENDING: its row in the step that sampled it
         self.params = params
         self.sort_key = (priority, seq_id)       # lower runs first; arrival breaks ties
         self.status = SequenceStatus.WAITING
@@ -909,7 +921,7 @@ class Scheduler:
         insert_sorted(self.waiting, seq)
 
     def finish(self, seq: Sequence) -> None:
-        self.running.remove(seq)
+        (self.running if seq.status is SequenceStatus.RUNNING else self.waiting).remove(seq)
         self.block_manager.free(seq)  # at once: the next step can use the blocks
         seq.status = SequenceStatus.FINISHED
 
@@ -972,6 +984,7 @@ class LLM:
         self.scheduler = Scheduler(self.block_manager, max_num_seqs, max_num_batched_tokens)
         self.max_seq_len = min(self.max_model_len, num_blocks * block_size)  # no sequence outgrows the cache
         self.next_request_id = 0
+        self.in_flight = None  # the last step's sampled tokens, on their way to the host (see step)
         self.graphs = {} if enforce_eager or self.device.type != "cuda" else self.capture_cuda_graphs()
 
     @torch.inference_mode()
@@ -1086,7 +1099,7 @@ class LLM:
             bar = (use_tqdm if callable(use_tqdm) else tqdm)(total=len(seqs), desc="Processed prompts", dynamic_ncols=True)
         start, n_in, n_out = time.perf_counter(), 0, 0
         try:
-            while self.scheduler.has_unfinished():
+            while self.scheduler.has_unfinished() or self.in_flight is not None:
                 finished = self.step()
                 if bar is not None and finished:
                     n_in += sum(len(s.prompt_token_ids) for s in finished)
@@ -1126,13 +1139,22 @@ class LLM:
 
     @torch.inference_mode()
     def step(self) -> list[Sequence]:
-        """Schedule a batch, run the model on it, sample, and update the sequences. Returns those that finished."""
+        """Schedule a batch, run the model on it and sample; then read back the tokens of the previous
+        step and update those sequences. Returns the sequences that finished.
+
+        Why the previous step's tokens: reading tokens back waits for the GPU, and the host's work
+        (scheduling, preparing inputs, detokenizing, checking stops) would leave the GPU idle meanwhile.
+        So the tokens just sampled stay on the device, as the next step's input, and the host handles
+        them while the GPU runs that next step. Until then a sequence ends in a PENDING placeholder."""
         # 1. choose the batch
         batch = self.scheduler.schedule().scheduled
+        if not batch:
+            return self.process_in_flight(None, [])
         # 2. lay it out for the model: the new tokens back to back with their positions, and each
         #    sequence's block table padded to the longest; all of it goes to the device in one copy
         width = max(len(seq.block_table) for seq, _ in batch)
         input_ids, positions, query_lens, seq_lens, block_tables, logits_rows, sampled_seqs = [], [], [], [], [], [], []
+        pending_dst, pending_src = [], []  # PENDING tokens: where they go in input_ids, their row in the last step
         for seq, n in batch:
             start = seq.num_computed_tokens
             input_ids += seq.token_ids[start:start + n]
@@ -1143,7 +1165,13 @@ class LLM:
             if start + n == seq.num_tokens:  # the chunk reaches the end: this sequence gets a new token
                 logits_rows.append(len(input_ids) - 1)
                 sampled_seqs.append(seq)
-        ids, pos, q_lens, s_lens, tables, rows = self.upload(input_ids, positions, query_lens, seq_lens, block_tables, logits_rows)
+                if seq.token_ids[-1] == PENDING:
+                    pending_dst.append(len(input_ids) - 1)
+                    pending_src.append(seq.pending_row)
+        ids, pos, q_lens, s_lens, tables, rows, dst, src = self.upload(
+            input_ids, positions, query_lens, seq_lens, block_tables, logits_rows, pending_dst, pending_src)
+        if pending_dst:
+            ids[dst] = self.in_flight[0][src].int()  # last step's tokens, straight from the device
         tables = tables.view(len(batch), width)                                # (B, width)
         # each new token's cache slot: the physical block holding its position, times block_size, plus the offset
         token_seq = torch.repeat_interleave(torch.arange(len(batch), device=self.device), q_lens, output_size=len(ids))  # (N,)
@@ -1154,16 +1182,42 @@ class LLM:
         for seq, n in batch:
             seq.num_computed_tokens += n
         if not sampled_seqs:
-            return []
+            return self.process_in_flight(None, [])
         logits = self.model.compute_logits(hidden[rows[: len(sampled_seqs)]])  # (B, V)
-        # 4. sample on the device; one copy of the new token ids back to the host
+        # 4. sample on the device; the tokens start their copy to the host, nobody waits for it yet
         self.mask_blocked_tokens(logits, sampled_seqs)
-        new_tokens = sample(logits, self.sampling_tensors(sampled_seqs, logits.shape[-1]), self.generator).tolist()
-        # 5. append, detokenize, check the stop conditions
-        finished = []
-        for seq, token in zip(sampled_seqs, new_tokens):
-            if self.append_token(seq, token):
+        tokens = sample(logits, self.sampling_tensors(sampled_seqs, logits.shape[-1]), self.generator)  # (B,)
+        for row, seq in enumerate(sampled_seqs):
+            seq.token_ids.append(PENDING)
+            seq.pending_row = row
+            if seq.num_tokens >= seq.max_len:  # its last token: nothing more to schedule
                 self.scheduler.finish(seq)
+        # 5. meanwhile, the host reads back the previous step's tokens and updates those sequences
+        return self.process_in_flight(tokens, sampled_seqs)
+
+    def process_in_flight(self, tokens: Optional[torch.Tensor], seqs: list[Sequence]) -> list[Sequence]:
+        """Put `tokens` (just sampled, on the device) in flight, and land the previous step's: replace each
+        PENDING placeholder with its token, detokenize, check the stop conditions. Returns the finished."""
+        previous, self.in_flight = self.in_flight, None
+        if tokens is not None:
+            host = tokens.to("cpu", non_blocking=True)  # queued now, right behind the sampler
+            done = torch.cuda.Event() if tokens.is_cuda else None
+            if done is not None:
+                done.record()
+            self.in_flight = (tokens, host, done, [(seq, seq.num_tokens - 1) for seq in seqs])
+        if previous is None:
+            return []
+        _, host, done, landing = previous
+        if done is not None:
+            done.synchronize()  # waits for that step only, not for the one the GPU is running now
+        finished = []
+        for (seq, i), token in zip(landing, host.tolist()):
+            if seq.finish_reason is not None:
+                continue  # it finished on an earlier token; this one was computed in vain
+            seq.token_ids[i] = token
+            if self.process_token(seq, i):
+                if seq.status is not SequenceStatus.FINISHED:
+                    self.scheduler.finish(seq)
                 finished.append(seq)
         return finished
 
@@ -1196,28 +1250,28 @@ class LLM:
             any_top_k_top_p=any(k < vocab_size for k in top_k) or any(p.top_p < 1 for p in ps),
             any_min_p=any(p.min_p > 0 for p in ps))
 
-    def append_token(self, seq: Sequence, token: int) -> bool:
-        """Add a sampled token to `seq`, extend its text, and decide whether it is finished."""
-        p = seq.params
-        seq.token_ids.append(token)
+    def process_token(self, seq: Sequence, i: int) -> bool:
+        """Token i of `seq` has landed: extend the text and decide whether the sequence is finished."""
+        p, token = seq.params, seq.token_ids[i]
         old_len = len(seq.text)
         seq.text += seq.detokenizer.add(token)
-        n_out = seq.num_output_tokens
-        if n_out >= p.min_tokens:
+        if i + 1 - len(seq.prompt_token_ids) >= p.min_tokens:
             if not p.ignore_eos and token in self.eos_ids:
                 seq.finish_reason = "stop"
             elif token in p.stop_token_ids:
                 seq.finish_reason, seq.stop_reason = "stop", token
             elif p.stop and self.find_stop_string(seq, old_len):
-                return True
-        if seq.finish_reason is None and seq.num_tokens >= seq.max_len:
+                pass
+        if seq.finish_reason is None and i + 1 >= seq.max_len:
             seq.finish_reason = "length"
-        if seq.finish_reason is not None:
+        if seq.finish_reason is None:
+            return False
+        del seq.token_ids[i + 1:]  # a token sampled after this one, still in flight, is dropped
+        if seq.stop_reason is None or isinstance(seq.stop_reason, int):
             seq.text += seq.detokenizer.finish()
             if p.stop:  # the flushed tail may complete a stop string
                 self.find_stop_string(seq, old_len)
-            return True
-        return False
+        return True
 
     @staticmethod
     def find_stop_string(seq: Sequence, old_len: int) -> bool:

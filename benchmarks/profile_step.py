@@ -43,6 +43,18 @@ def main():
         llm.step()
     torch.cuda.synchronize()
     wall = (time.perf_counter() - t) / n
+    # host time in the scheduler and in the per-token bookkeeping (detokenize, stop checks)
+    spent = {"schedule": 0.0, "process_token": 0.0}
+    for obj, name in ((llm.scheduler, "schedule"), (llm, "process_token")):
+        def timed(*a, _f=getattr(obj, name), _n=name):
+            t0 = time.perf_counter()
+            r = _f(*a)
+            spent[_n] += time.perf_counter() - t0
+            return r
+        setattr(obj, name, timed)
+    for _ in range(n):
+        llm.step()
+    host = {k: v / n for k, v in spent.items()}
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(n):
             llm.step()
@@ -53,6 +65,7 @@ def main():
           f"context ~{args.prompt_len + 20}  cuda graphs: {not args.enforce_eager}")
     print(f"decode step: wall {wall * 1e3:.2f} ms, GPU kernels {gpu * 1e3:.2f} ms ({100 * gpu / wall:.0f}% of the step), "
           f"{args.batch / wall:.0f} tokens/s")
+    print("host: " + ", ".join(f"{k} {v * 1e3:.2f} ms" for k, v in host.items()) + " per step")
     print(f"{'kernel':<70} {'us/step':>8} {'calls/step':>10}")
     for e in sorted(kernels, key=lambda e: -e.self_device_time_total)[:14]:
         print(f"{e.key[:70]:<70} {e.self_device_time_total / n:>8.0f} {e.count / n:>10.1f}")
