@@ -290,26 +290,47 @@ class LoRAManager:
 # 3. One step's tokens, grouped by slot
 
 
+def block_m_for(N: int) -> int:
+    """Tokens per kernel tile: decode steps have few tokens per adapter, prefill steps many."""
+    return 16 if N <= 1024 else 64
+
+
 @dataclass
 class LoRABatch:
-    """Which adapter slot each token of a step uses, and the tokens grouped by slot."""
+    """Which adapter slot each token of a step uses; the tokens grouped by slot; and the kernels'
+    tiles: runs of up to BLOCK_M = block_m_for(N) tokens of one slot, slot after slot.
+
+        token_order  [ base-only | slot 0 ..... | slot 1 .. | slot 2 ........ ]
+        tiles                    | t0  | t1 |     t2 |        t3  | t4 | t5 |
+    """
     token_slots: torch.Tensor  # (N,) int64: slot of each token's adapter; -1 = base model only
     token_order: torch.Tensor  # (N,) int64: token indices, base-only tokens first, then slot 0's, slot 1's, ...
     group_end: torch.Tensor    # (S+1,) int64: slot s's tokens are token_order[group_end[s] : group_end[s+1]]
+    tile_slot: torch.Tensor    # (T,) int64: slot of each tile; S for the unused tiles at the end
+    tile_start: torch.Tensor   # (T,) int64: where each tile's tokens start in token_order
+    block_m: int               # BLOCK_M the tiles were cut for
 
     @classmethod
     def build(cls, token_slots: torch.Tensor, num_slots: int) -> "LoRABatch":
         # A counting sort on the device: no host sync and no shape that depends on the data, so
         # it is recorded into a CUDA graph together with the forward pass (the slots are its input).
-        N, dev = token_slots.shape[0], token_slots.device
-        groups = torch.arange(-1, num_slots, device=dev)              # (S+1,): -1 = base only, then the slots
-        member = token_slots[:, None] == groups[None, :]               # (N, S+1) one-hot
-        counts = member.sum(0)                                         # (S+1,) tokens per group
-        group_end = counts.cumsum(0)                                   # (S+1,)
-        rank_in_group = (member.cumsum(0) * member).sum(1) - 1         # (N,) stable: earlier tokens first
-        dest = (group_end - counts)[token_slots + 1] + rank_in_group   # (N,) where each token goes
+        N, S, dev = token_slots.shape[0], num_slots, token_slots.device
+        groups = torch.arange(-1, S, device=dev)                        # (S+1,): -1 = base only, then the slots
+        member = token_slots[:, None] == groups[None, :]                 # (N, S+1) one-hot
+        counts = member.sum(0)                                           # (S+1,) tokens per group
+        group_end = counts.cumsum(0)                                     # (S+1,)
+        rank_in_group = (member.cumsum(0) * member).sum(1) - 1           # (N,) stable: earlier tokens first
+        dest = (group_end - counts)[token_slots + 1] + rank_in_group     # (N,) where each token goes
         token_order = torch.empty_like(dest).scatter_(0, dest, torch.arange(N, device=dev))
-        return cls(token_slots, token_order, group_end)
+        # -- tiles: slot s has ceil(count / BLOCK_M) of them; T bounds their total for any slots --
+        block_m = block_m_for(N)
+        tiles = (counts[1:] + block_m - 1) // block_m                     # (S,)
+        tiles_end = tiles.cumsum(0)                                       # (S,)
+        t = torch.arange(triton.cdiv(N, block_m) + S, device=dev)         # (T,)
+        tile_slot = torch.searchsorted(tiles_end, t, right=True)          # (T,) S past the last tile
+        s = tile_slot.clamp(max=S - 1)
+        tile_start = group_end[s] + (t - (tiles_end - tiles)[s]) * block_m  # slot s's tokens start at group_end[s]
+        return cls(token_slots, token_order, group_end, tile_slot, tile_start, block_m)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -332,13 +353,12 @@ def add_lora_ref(y, x, lora_a, lora_b, token_slots) -> torch.Tensor:
     return y
 
 
-# Two kernels, as in Punica. Both have the grid (token tiles, ..., S): program (t, ., s) takes the
-# t-th tile of BLOCK_M tokens among slot s's (found through token_order/group_end), so the tokens of
-# one tile share one adapter and its weights are loaded once for all of them. A program whose tile
-# lies past the end of its slot's tokens returns at once; the grid is sized for the worst case (all
-# N tokens on one slot) so that it depends on N only and a CUDA graph can hold it.
+# Two kernels, as in Punica. Both have the grid (tiles, ...): program (t, .) takes LoRABatch's tile t,
+# up to BLOCK_M tokens of one slot, so the tokens of a tile share one adapter and its weights are
+# loaded once for all of them. The grid is sized for the most tiles any N tokens can need
+# (cdiv(N, BLOCK_M) + S), so it depends on N only and a CUDA graph can hold it; unused tiles return.
 #
-#   shrink: xa[split] (N, R) = x (N, K) @ A[s]^T over a 1/SPLIT_K share of K, float32
+#   shrink: xa[split] (N, R) = x (N, K) @ A[s]^T over a 1/split_k share of K, float32
 #   expand: y (N, OUT) += (sum over splits of xa) @ B[s], tile by tile of OUT
 #
 # Shrink has little output (R columns) and a long K: with few tokens there would be only a handful
@@ -348,20 +368,19 @@ def add_lora_ref(y, x, lora_a, lora_b, token_slots) -> torch.Tensor:
 
 @triton.jit
 def _lora_shrink_kernel(
-    x_ptr, a_ptr, xa_ptr, token_order_ptr, group_end_ptr,
-    K, R,
+    x_ptr, a_ptr, xa_ptr, token_order_ptr, group_end_ptr, tile_slot_ptr, tile_start_ptr,
+    K, R, split_k, NUM_SLOTS,
     stride_xn, stride_as, stride_ar, stride_xas, stride_xan,
-    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, SPLIT_K: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     tile = tl.program_id(0)
     split = tl.program_id(1)
-    slot = tl.program_id(2)
-    # -- this program's tokens: the tile-th BLOCK_M of slot's group --
-    start = tl.load(group_end_ptr + slot) + tile * BLOCK_M
-    end = tl.load(group_end_ptr + slot + 1)
-    if start >= end:
+    # -- this tile's tokens: up to BLOCK_M of one slot's, token_order[start : end] --
+    slot = tl.load(tile_slot_ptr + tile)
+    if slot >= NUM_SLOTS:  # an unused tile
         return
+    start = tl.load(tile_start_ptr + tile)
+    end = tl.minimum(start + BLOCK_M, tl.load(group_end_ptr + slot + 1))
     offs_m = start + tl.arange(0, BLOCK_M)
     mask_m = offs_m < end
     tokens = tl.load(token_order_ptr + offs_m, mask=mask_m, other=0).to(tl.int64)
@@ -369,7 +388,7 @@ def _lora_shrink_kernel(
     a_base = a_ptr + slot.to(tl.int64) * stride_as
     # -- walk this split's share of K: acc += x tile (BLOCK_M, BLOCK_K) @ A^T tile (BLOCK_K, BLOCK_R) --
     acc = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
-    for k in range(split * BLOCK_K, K, SPLIT_K * BLOCK_K):
+    for k in range(split * BLOCK_K, K, split_k * BLOCK_K):  # K-tiles split, split + split_k, ...
         offs_k = k + tl.arange(0, BLOCK_K)
         mask_k = offs_k < K
         x = tl.load(x_ptr + tokens[:, None] * stride_xn + offs_k[None, :],
@@ -384,19 +403,18 @@ def _lora_shrink_kernel(
 
 @triton.jit
 def _lora_expand_kernel(
-    xa_ptr, b_ptr, y_ptr, token_order_ptr, group_end_ptr,
-    OUT, R,
+    xa_ptr, b_ptr, y_ptr, token_order_ptr, group_end_ptr, tile_slot_ptr, tile_start_ptr,
+    OUT, R, split_k, NUM_SLOTS,
     stride_xas, stride_xan, stride_bs, stride_br, stride_yn,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, SPLIT_K: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     tile = tl.program_id(0)
     pid_n = tl.program_id(1)
-    slot = tl.program_id(2)
-    start = tl.load(group_end_ptr + slot) + tile * BLOCK_M
-    end = tl.load(group_end_ptr + slot + 1)
-    if start >= end:
+    slot = tl.load(tile_slot_ptr + tile)
+    if slot >= NUM_SLOTS:
         return
+    start = tl.load(tile_start_ptr + tile)
+    end = tl.minimum(start + BLOCK_M, tl.load(group_end_ptr + slot + 1))
     offs_m = start + tl.arange(0, BLOCK_M)
     mask_m = offs_m < end
     tokens = tl.load(token_order_ptr + offs_m, mask=mask_m, other=0).to(tl.int64)
@@ -406,7 +424,7 @@ def _lora_expand_kernel(
     # -- xa (BLOCK_M, BLOCK_R): the shrink's partial sums, added in split order --
     mask_mr = mask_m[:, None] & (offs_r[None, :] < R)
     xa = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
-    for split in tl.static_range(SPLIT_K):
+    for split in range(split_k):
         xa += tl.load(xa_ptr + split * stride_xas + tokens[:, None] * stride_xan + offs_r[None, :], mask=mask_mr, other=0.0)
     # -- delta = xa @ B tile (BLOCK_R, BLOCK_N), in B's dtype as a half-precision model computes it --
     b = tl.load(b_ptr + slot.to(tl.int64) * stride_bs + offs_r[:, None] * stride_br + offs_n[None, :],
@@ -427,14 +445,14 @@ def _num_sms(device) -> int:
 
 
 def _config(N: int, K: int, R: int, device) -> dict:
-    """Tile sizes from Python ints only (so a CUDA graph can be captured per batch size)."""
-    block_m = 16 if N <= 1024 else 64       # decode: few tokens per adapter; prefill: many
+    """Tile sizes from Python ints only (so a CUDA graph can be captured per batch size). split_k is a
+    runtime argument, not a constexpr: it changes with N, and each new constexpr value would compile anew."""
     block_k = 64 if device.type == "cuda" else 32
     block_r = max(16, triton.next_power_of_2(R))  # tl.dot needs every side >= 16; extra lanes masked
     # split K until ~2 programs per SM have work, keeping >= 2 K-tiles per split
-    tiles = triton.cdiv(N, block_m)
+    tiles = triton.cdiv(N, block_m_for(N))
     split_k = max(1, min(triton.cdiv(2 * _num_sms(device), tiles), triton.cdiv(K, 2 * block_k), 32))
-    return dict(block_m=block_m, block_k=block_k, block_r=block_r, split_k=split_k, block_n=128 if device.type == "cuda" else 32)
+    return dict(block_k=block_k, block_r=block_r, split_k=split_k, block_n=128 if device.type == "cuda" else 32)
 
 
 def add_lora(y, x, lora_a, lora_b, batch: LoRABatch) -> torch.Tensor:
@@ -455,19 +473,19 @@ def add_lora(y, x, lora_a, lora_b, batch: LoRABatch) -> torch.Tensor:
     if N == 0:
         return y
     cfg = _config(N, K, R, x.device)
-    bm, sk = cfg["block_m"], cfg["split_k"]
+    bm, sk, T = batch.block_m, cfg["split_k"], batch.tile_slot.shape[0]
     precision = "ieee" if x.dtype == torch.float32 else "tf32"  # fp32: exact products, as the reference
     xa = torch.empty(sk, N, R, dtype=torch.float32, device=x.device)  # rows of base-only tokens stay unwritten, unread
-    _lora_shrink_kernel[(triton.cdiv(N, bm), sk, S)](
-        x, lora_a, xa, batch.token_order, batch.group_end,
-        K, R,
+    _lora_shrink_kernel[(T, sk)](
+        x, lora_a, xa, batch.token_order, batch.group_end, batch.tile_slot, batch.tile_start,
+        K, R, sk, S,
         x.stride(0), lora_a.stride(0), lora_a.stride(1), xa.stride(0), xa.stride(1),
-        BLOCK_M=bm, BLOCK_K=cfg["block_k"], BLOCK_R=cfg["block_r"], SPLIT_K=sk, DOT_PRECISION=precision,
+        BLOCK_M=bm, BLOCK_K=cfg["block_k"], BLOCK_R=cfg["block_r"], DOT_PRECISION=precision,
     )
-    _lora_expand_kernel[(triton.cdiv(N, bm), triton.cdiv(OUT, cfg["block_n"]), S)](
-        xa, lora_b, y, batch.token_order, batch.group_end,
-        OUT, R,
+    _lora_expand_kernel[(T, triton.cdiv(OUT, cfg["block_n"]))](
+        xa, lora_b, y, batch.token_order, batch.group_end, batch.tile_slot, batch.tile_start,
+        OUT, R, sk, S,
         xa.stride(0), xa.stride(1), lora_b.stride(0), lora_b.stride(1), y.stride(0),
-        BLOCK_M=bm, BLOCK_N=cfg["block_n"], BLOCK_R=cfg["block_r"], SPLIT_K=sk, DOT_PRECISION=precision,
+        BLOCK_M=bm, BLOCK_N=cfg["block_n"], BLOCK_R=cfg["block_r"], DOT_PRECISION=precision,
     )
     return y

@@ -80,6 +80,11 @@ def greedy(model, prompt, n):
     return out[0, len(prompt):].tolist()
 
 
+def cpu_llm(folder, **kwargs):
+    """An engine on the CPU with a small KV cache (the 1 GiB default takes a while to allocate)."""
+    return LLM(folder, device="cpu", num_gpu_blocks_override=256, **kwargs)
+
+
 def rel_err(got, ref):
     return ((got.float() - ref.float()).norm() / ref.float().norm()).item()
 
@@ -89,7 +94,7 @@ def rel_err(got, ref):
 
 def test_logits_match_peft_for_each_adapter(setup):
     folder, base, adapters = setup
-    llm = LLM(folder, device="cpu", block_size=4, enable_lora=True, max_loras=4, max_lora_rank=16)
+    llm = cpu_llm(folder, block_size=4, enable_lora=True, max_loras=4, max_lora_rank=16)
     ids = random_prompts([45])[0]
     with torch.no_grad():
         base_logits = base(torch.tensor([ids])).logits[0]
@@ -128,7 +133,7 @@ def test_mixed_batch_equals_each_request_alone(setup, expected):
     folder, _, adapters = setup
     # a 16-token step budget chunks the long prompts, so prefill chunks and decodes of
     # different adapters share steps
-    llm = LLM(folder, device="cpu", block_size=4, max_num_batched_tokens=16, enable_lora=True, max_loras=4, max_lora_rank=16)
+    llm = cpu_llm(folder, block_size=4, max_num_batched_tokens=16, enable_lora=True, max_loras=4, max_lora_rank=16)
     batch, alone = run_mixed(llm, adapters)
     assert batch == alone == expected
     assert len({tuple(t) for t in expected}) == len(expected)
@@ -139,7 +144,7 @@ def test_more_adapters_than_slots(setup, expected):
     folder, _, adapters = setup
     # two slots for three adapters: the scheduler holds back a third adapter's requests, and slots
     # are reused (LLM.step would raise if a step ever needed more than two)
-    llm = LLM(folder, device="cpu", block_size=4, max_num_batched_tokens=16, enable_lora=True, max_loras=2, max_lora_rank=16)
+    llm = cpu_llm(folder, block_size=4, max_num_batched_tokens=16, enable_lora=True, max_loras=2, max_lora_rank=16)
     batch, alone = run_mixed(llm, adapters)
     assert batch == alone == expected
     assert llm.lora.num_loads > 3  # adapters were evicted and loaded again
@@ -147,7 +152,7 @@ def test_more_adapters_than_slots(setup, expected):
 
 def test_slots_are_evicted_least_recently_used(setup):
     folder, _, adapters = setup
-    llm = LLM(folder, device="cpu", enable_lora=True, max_loras=2, max_lora_rank=16)
+    llm = cpu_llm(folder, enable_lora=True, max_loras=2, max_lora_rank=16)
     a, b, c = (adapters[n][0] for n in ("attn", "mlp", "all"))
     m = llm.lora
     for r in (a, b, c):
@@ -168,13 +173,18 @@ def test_lora_batch_groups_tokens_by_slot():
     want = [i for s in (-1, 0, 1, 2, 3) for i in range(len(slots)) if slots[i] == s]  # stable, base first
     assert batch.token_order.tolist() == want
     assert batch.group_end.tolist() == [2, 4, 5, 8, 9]
+    assert batch.tile_slot.tolist() == [0, 1, 2, 3, 4] and batch.tile_start.tolist()[:4] == [2, 4, 5, 8]
+    # 40 tokens on slot 1 need three tiles of block_m = 16: rows 3.., 19.., 35..
+    batch = lora.LoRABatch.build(torch.tensor([1] * 20 + [0, -1, 0] + [1] * 20), 3)
+    assert batch.block_m == 16 and batch.group_end.tolist() == [1, 3, 43, 43]
+    assert batch.tile_slot.tolist() == [0, 1, 1, 1, 3, 3] and batch.tile_start.tolist()[:4] == [1, 3, 19, 35]
 
 
 # ---- the Triton kernels against the reference ------------------------------------------------
 
 
 @pytest.mark.skipif(not (INTERPRET or GPU), reason="needs TRITON_INTERPRET=1 or a GPU")
-@pytest.mark.parametrize("N,K,OUT,R,dtype", [(37, 48, 40, 16, torch.float32), (1, 64, 24, 8, torch.float32),
+@pytest.mark.parametrize("N,K,OUT,R,dtype", [(77, 48, 40, 16, torch.float32), (1, 64, 24, 8, torch.float32),
                                              (21, 40, 72, 32, torch.float16)])
 def test_triton_kernels_match_reference(N, K, OUT, R, dtype):
     device = "cuda" if GPU else "cpu"
@@ -201,8 +211,8 @@ def test_bad_lora_input_is_refused_before_any_work(setup, tmp_path):
     good = {"prompt_token_ids": [1, 2, 3]}
     req = adapters["attn"][0]
     with pytest.raises(ValueError, match="'attn'.*enable_lora=True"):
-        LLM(folder, device="cpu").generate([good], lora_request=req, use_tqdm=False)
-    llm = LLM(folder, device="cpu", enable_lora=True, max_loras=2, max_lora_rank=8)
+        cpu_llm(folder).generate([good], lora_request=req, use_tqdm=False)
+    llm = cpu_llm(folder, enable_lora=True, max_loras=2, max_lora_rank=8)
     with pytest.raises(ValueError, match="'all'.*rank 16 is above max_lora_rank=8"):
         llm.generate([good], lora_request=adapters["all"][0], use_tqdm=False)
     with pytest.raises(FileNotFoundError, match="'ghost'.*no such folder"):
@@ -266,7 +276,7 @@ def test_cli_lora_applies_the_adapter_to_every_prompt(setup, tmp_path):
                 "--device", "cpu", "--output", str(out))
     assert r.returncode == 0, r.stderr
     rows = [json.loads(line) for line in out.read_text().splitlines()]
-    llm = LLM(folder, device="cpu", enable_lora=True, max_loras=1, max_lora_rank=8)
+    llm = cpu_llm(folder, enable_lora=True, max_loras=1, max_lora_rank=8)
     want = llm.generate(["The capital of France is", "One, two, three,"], SamplingParams(temperature=0, max_tokens=5),
                         lora_request=LoRARequest("mlp", 1, req.lora_path), use_tqdm=False)
     assert [row["token_ids"] for row in rows] == [o.outputs[0].token_ids for o in want]
