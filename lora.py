@@ -358,7 +358,7 @@ def add_lora_ref(y, x, lora_a, lora_b, token_slots) -> torch.Tensor:
 # loaded once for all of them. The grid is sized for the most tiles any N tokens can need
 # (cdiv(N, BLOCK_M) + S), so it depends on N only and a CUDA graph can hold it; unused tiles return.
 #
-#   shrink: xa[split] (N, R) = x (N, K) @ A[s]^T over a 1/split_k share of K, float32
+#   shrink: xa[split] (N, R) = x (N, K) @ A[s]^T over a 1/SPLIT_K share of K, float32
 #   expand: y (N, OUT) += (sum over splits of xa) @ B[s], tile by tile of OUT
 #
 # Shrink has little output (R columns) and a long K: with few tokens there would be only a handful
@@ -369,9 +369,10 @@ def add_lora_ref(y, x, lora_a, lora_b, token_slots) -> torch.Tensor:
 @triton.jit
 def _lora_shrink_kernel(
     x_ptr, a_ptr, xa_ptr, token_order_ptr, group_end_ptr, tile_slot_ptr, tile_start_ptr,
-    K, R, split_k, NUM_SLOTS,
+    K, R, NUM_SLOTS,
     stride_xn, stride_as, stride_ar, stride_xas, stride_xan,
-    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, SPLIT_K: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     tile = tl.program_id(0)
     split = tl.program_id(1)
@@ -388,7 +389,7 @@ def _lora_shrink_kernel(
     a_base = a_ptr + slot.to(tl.int64) * stride_as
     # -- walk this split's share of K: acc += x tile (BLOCK_M, BLOCK_K) @ A^T tile (BLOCK_K, BLOCK_R) --
     acc = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
-    for k in range(split * BLOCK_K, K, split_k * BLOCK_K):  # K-tiles split, split + split_k, ...
+    for k in range(split * BLOCK_K, K, SPLIT_K * BLOCK_K):  # K-tiles split, split + SPLIT_K, ...
         offs_k = k + tl.arange(0, BLOCK_K)
         mask_k = offs_k < K
         x = tl.load(x_ptr + tokens[:, None] * stride_xn + offs_k[None, :],
@@ -404,9 +405,10 @@ def _lora_shrink_kernel(
 @triton.jit
 def _lora_expand_kernel(
     xa_ptr, b_ptr, y_ptr, token_order_ptr, group_end_ptr, tile_slot_ptr, tile_start_ptr,
-    OUT, R, split_k, NUM_SLOTS,
+    OUT, R, NUM_SLOTS,
     stride_xas, stride_xan, stride_bs, stride_br, stride_yn,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, SPLIT_K: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     tile = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -421,11 +423,11 @@ def _lora_expand_kernel(
     offs_r = tl.arange(0, BLOCK_R)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < OUT
-    # -- xa (BLOCK_M, BLOCK_R): the shrink's partial sums, added in split order --
+    # -- xa (BLOCK_M, BLOCK_R): the shrink's SPLIT_K partial sums, loaded at once and added --
+    offs_s = tl.arange(0, SPLIT_K)
+    xa_ptrs = xa_ptr + offs_s[:, None, None] * stride_xas + tokens[None, :, None] * stride_xan + offs_r[None, None, :]
     mask_mr = mask_m[:, None] & (offs_r[None, :] < R)
-    xa = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
-    for split in range(split_k):
-        xa += tl.load(xa_ptr + split * stride_xas + tokens[:, None] * stride_xan + offs_r[None, :], mask=mask_mr, other=0.0)
+    xa = tl.sum(tl.load(xa_ptrs, mask=mask_mr[None, :, :], other=0.0), axis=0)  # (SPLIT_K, BLOCK_M, BLOCK_R) -> (BLOCK_M, BLOCK_R)
     # -- delta = xa @ B tile (BLOCK_R, BLOCK_N), in B's dtype as a half-precision model computes it --
     b = tl.load(b_ptr + slot.to(tl.int64) * stride_bs + offs_r[:, None] * stride_br + offs_n[None, :],
                 mask=(offs_r[:, None] < R) & mask_n[None, :], other=0.0)
@@ -444,15 +446,22 @@ def _num_sms(device) -> int:
     return 4  # the interpreter: a few splits, so the CPU tests exercise the split sum
 
 
-def _config(N: int, K: int, R: int, device) -> dict:
-    """Tile sizes from Python ints only (so a CUDA graph can be captured per batch size). split_k is a
-    runtime argument, not a constexpr: it changes with N, and each new constexpr value would compile anew."""
+def _config(N: int, K: int, OUT: int, R: int, device) -> dict:
+    """Tile sizes from Python ints only (so a CUDA graph can be captured per batch size)."""
     block_k = 64 if device.type == "cuda" else 32
     block_r = max(16, triton.next_power_of_2(R))  # tl.dot needs every side >= 16; extra lanes masked
-    # split K until ~2 programs per SM have work, keeping >= 2 K-tiles per split
-    tiles = triton.cdiv(N, block_m_for(N))
-    split_k = max(1, min(triton.cdiv(2 * _num_sms(device), tiles), triton.cdiv(K, 2 * block_k), 32))
-    return dict(block_k=block_k, block_r=block_r, split_k=split_k, block_n=128 if device.type == "cuda" else 32)
+    # Split K so that enough programs have work, keeping >= 4 K-tiles per split. Decode-sized steps
+    # split by K alone, so a token's result does not depend on the batch size (CUDA graphs pad it);
+    # prefill-sized steps split until about one program per SM has work. A power of two: expand
+    # loads all splits as one block, and few values mean few compiled variants.
+    if block_m_for(N) == 16:
+        want = min(K // (4 * block_k), 16)
+    else:
+        want = min(triton.cdiv(_num_sms(device), triton.cdiv(N, block_m_for(N))), K // (4 * block_k), 32)
+    split_k = 1 << (max(1, want).bit_length() - 1)  # round down to a power of two
+    # every expand program re-reads its tokens' partial sums: wide outputs take wide tiles
+    block_n = (256 if OUT >= 4096 else 128) if device.type == "cuda" else 32
+    return dict(block_k=block_k, block_r=block_r, split_k=split_k, block_n=block_n)
 
 
 def add_lora(y, x, lora_a, lora_b, batch: LoRABatch) -> torch.Tensor:
@@ -472,20 +481,20 @@ def add_lora(y, x, lora_a, lora_b, batch: LoRABatch) -> torch.Tensor:
                          f"{batch.group_end.shape[0] - 1} slots, not {N} and {S}")
     if N == 0:
         return y
-    cfg = _config(N, K, R, x.device)
+    cfg = _config(N, K, OUT, R, x.device)
     bm, sk, T = batch.block_m, cfg["split_k"], batch.tile_slot.shape[0]
     precision = "ieee" if x.dtype == torch.float32 else "tf32"  # fp32: exact products, as the reference
     xa = torch.empty(sk, N, R, dtype=torch.float32, device=x.device)  # rows of base-only tokens stay unwritten, unread
     _lora_shrink_kernel[(T, sk)](
         x, lora_a, xa, batch.token_order, batch.group_end, batch.tile_slot, batch.tile_start,
-        K, R, sk, S,
+        K, R, S,
         x.stride(0), lora_a.stride(0), lora_a.stride(1), xa.stride(0), xa.stride(1),
-        BLOCK_M=bm, BLOCK_K=cfg["block_k"], BLOCK_R=cfg["block_r"], DOT_PRECISION=precision,
+        BLOCK_M=bm, BLOCK_K=cfg["block_k"], BLOCK_R=cfg["block_r"], SPLIT_K=sk, DOT_PRECISION=precision,
     )
     _lora_expand_kernel[(T, triton.cdiv(OUT, cfg["block_n"]))](
         xa, lora_b, y, batch.token_order, batch.group_end, batch.tile_slot, batch.tile_start,
-        OUT, R, sk, S,
+        OUT, R, S,
         xa.stride(0), xa.stride(1), lora_b.stride(0), lora_b.stride(1), y.stride(0),
-        BLOCK_M=bm, BLOCK_N=cfg["block_n"], BLOCK_R=cfg["block_r"], DOT_PRECISION=precision,
+        BLOCK_M=bm, BLOCK_N=cfg["block_n"], BLOCK_R=cfg["block_r"], SPLIT_K=sk, DOT_PRECISION=precision,
     )
     return y
