@@ -313,7 +313,7 @@ def test_gpu_engine_matches_peft_and_graphs_match_eager(tmp_path):
         reqs.append(LoRARequest(name, i + 1, str(tmp_path / name)))
         peft_models.append(make_adapter(base, reqs[-1].lora_path, seed=i, std=0.05, **cfg).cuda())
     llm = LLM(str(tmp_path / "base"), dtype="float32", enable_lora=True, max_loras=2, max_lora_rank=16,
-              num_gpu_blocks_override=512)
+              num_gpu_blocks_override=512, max_num_seqs=16)
     ids = random_prompts([300])[0]
     for req, pm in zip(reqs, peft_models):  # logits through the Triton kernels vs PEFT
         with torch.no_grad():
@@ -327,13 +327,13 @@ def test_gpu_engine_matches_peft_and_graphs_match_eager(tmp_path):
         [{"prompt_token_ids": p} for p in prompts], sp, lora_request=lr, use_tqdm=False)]
     graphs = run(llm)
     eager = run(LLM(str(tmp_path / "base"), dtype="float32", enable_lora=True, max_loras=2, max_lora_rank=16,
-                    num_gpu_blocks_override=512, enforce_eager=True))
+                    num_gpu_blocks_override=512, max_num_seqs=16, enforce_eager=True))
     want = [greedy(peft_models[w] if w is not None else base.cuda(), p, 24) for p, w in zip(prompts, which)]
     assert graphs == eager
     assert sum(a == b for a, b in zip(graphs, want)) >= len(want) - 1  # fp32 on a GPU: at most one near-tie flip
     # bf16 at the same sizes: CUDA graphs == eager, with three adapters in two slots
     bf = lambda **kw: run(LLM(str(tmp_path / "base"), dtype="bfloat16", enable_lora=True, max_loras=2, max_lora_rank=16,
-                              num_gpu_blocks_override=512, **kw))
+                              num_gpu_blocks_override=512, max_num_seqs=16, **kw))
     assert bf() == bf(enforce_eager=True)
 
 
