@@ -302,12 +302,15 @@ class LoRABatch:
 
         token_order  [ base-only | slot 0 ..... | slot 1 .. | slot 2 ........ ]
         tiles                    | t0  | t1 |     t2 |        t3  | t4 | t5 |
+
+    A kernel program reads its tile's slot and token indices straight from tile_slot and
+    tile_tokens: two loads side by side, not a chain of lookups, before its real work starts.
     """
     token_slots: torch.Tensor  # (N,) int64: slot of each token's adapter; -1 = base model only
     token_order: torch.Tensor  # (N,) int64: token indices, base-only tokens first, then slot 0's, slot 1's, ...
     group_end: torch.Tensor    # (S+1,) int64: slot s's tokens are token_order[group_end[s] : group_end[s+1]]
     tile_slot: torch.Tensor    # (T,) int64: slot of each tile; S for the unused tiles at the end
-    tile_start: torch.Tensor   # (T,) int64: where each tile's tokens start in token_order
+    tile_tokens: torch.Tensor  # (T, BLOCK_M) int64: each tile's token indices; -1 past the end of its run
     block_m: int               # BLOCK_M the tiles were cut for
 
     @classmethod
@@ -329,8 +332,11 @@ class LoRABatch:
         t = torch.arange(triton.cdiv(N, block_m) + S, device=dev)         # (T,)
         tile_slot = torch.searchsorted(tiles_end, t, right=True)          # (T,) S past the last tile
         s = tile_slot.clamp(max=S - 1)
-        tile_start = group_end[s] + (t - (tiles_end - tiles)[s]) * block_m  # slot s's tokens start at group_end[s]
-        return cls(token_slots, token_order, group_end, tile_slot, tile_start, block_m)
+        tile_start = group_end[s] + (t - (tiles_end - tiles)[s]) * block_m  # (T,) slot s's tokens start at group_end[s]
+        place = tile_start[:, None] + torch.arange(block_m, device=dev)[None, :]  # (T, BLOCK_M) places in token_order
+        valid = (place < group_end[s + 1][:, None]) & (tile_slot < S)[:, None]
+        tile_tokens = torch.where(valid, token_order[place.clamp(max=N - 1)], -1)  # (T, BLOCK_M)
+        return cls(token_slots, token_order, group_end, tile_slot, tile_tokens, block_m)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -368,7 +374,7 @@ def add_lora_ref(y, x, lora_a, lora_b, token_slots) -> torch.Tensor:
 
 @triton.jit
 def _lora_shrink_kernel(
-    x_ptr, a_ptr, xa_ptr, token_order_ptr, group_end_ptr, tile_slot_ptr, tile_start_ptr,
+    x_ptr, a_ptr, xa_ptr, tile_slot_ptr, tile_tokens_ptr,
     K, R, NUM_SLOTS,
     stride_xn, stride_as, stride_ar, stride_xas, stride_xan,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, SPLIT_K: tl.constexpr,
@@ -376,15 +382,14 @@ def _lora_shrink_kernel(
 ):
     tile = tl.program_id(0)
     split = tl.program_id(1)
-    # -- this tile's tokens: up to BLOCK_M of one slot's, token_order[start : end] --
+    # -- this tile's slot and its up to BLOCK_M tokens (-1: no token) --
+    offs_m = tl.arange(0, BLOCK_M)
     slot = tl.load(tile_slot_ptr + tile)
+    tokens = tl.load(tile_tokens_ptr + tile * BLOCK_M + offs_m)
     if slot >= NUM_SLOTS:  # an unused tile
         return
-    start = tl.load(tile_start_ptr + tile)
-    end = tl.minimum(start + BLOCK_M, tl.load(group_end_ptr + slot + 1))
-    offs_m = start + tl.arange(0, BLOCK_M)
-    mask_m = offs_m < end
-    tokens = tl.load(token_order_ptr + offs_m, mask=mask_m, other=0).to(tl.int64)
+    mask_m = tokens >= 0
+    tokens = tl.where(mask_m, tokens, 0)
     offs_r = tl.arange(0, BLOCK_R)
     a_base = a_ptr + slot.to(tl.int64) * stride_as
     # -- walk this split's share of K: acc += x tile (BLOCK_M, BLOCK_K) @ A^T tile (BLOCK_K, BLOCK_R) --
@@ -404,7 +409,7 @@ def _lora_shrink_kernel(
 
 @triton.jit
 def _lora_expand_kernel(
-    xa_ptr, b_ptr, y_ptr, token_order_ptr, group_end_ptr, tile_slot_ptr, tile_start_ptr,
+    xa_ptr, b_ptr, y_ptr, tile_slot_ptr, tile_tokens_ptr,
     OUT, R, NUM_SLOTS,
     stride_xas, stride_xan, stride_bs, stride_br, stride_yn,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, SPLIT_K: tl.constexpr,
@@ -412,14 +417,13 @@ def _lora_expand_kernel(
 ):
     tile = tl.program_id(0)
     pid_n = tl.program_id(1)
+    offs_m = tl.arange(0, BLOCK_M)
     slot = tl.load(tile_slot_ptr + tile)
+    tokens = tl.load(tile_tokens_ptr + tile * BLOCK_M + offs_m)
     if slot >= NUM_SLOTS:
         return
-    start = tl.load(tile_start_ptr + tile)
-    end = tl.minimum(start + BLOCK_M, tl.load(group_end_ptr + slot + 1))
-    offs_m = start + tl.arange(0, BLOCK_M)
-    mask_m = offs_m < end
-    tokens = tl.load(token_order_ptr + offs_m, mask=mask_m, other=0).to(tl.int64)
+    mask_m = tokens >= 0
+    tokens = tl.where(mask_m, tokens, 0)
     offs_r = tl.arange(0, BLOCK_R)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < OUT
@@ -448,17 +452,14 @@ def _num_sms(device) -> int:
 
 def _config(N: int, K: int, OUT: int, R: int, device) -> dict:
     """Tile sizes from Python ints only (so a CUDA graph can be captured per batch size)."""
-    block_k = 64 if device.type == "cuda" else 32
+    block_k = 128 if device.type == "cuda" else 32
     block_r = max(16, triton.next_power_of_2(R))  # tl.dot needs every side >= 16; extra lanes masked
-    # Split K so that enough programs have work, keeping >= 4 K-tiles per split. Decode-sized steps
-    # split by K alone, so a token's result does not depend on the batch size (CUDA graphs pad it);
-    # prefill-sized steps split until about one program per SM has work. A power of two: expand
-    # loads all splits as one block, and few values mean few compiled variants.
-    if block_m_for(N) == 16:
-        want = min(K // (4 * block_k), 16)
-    else:
-        want = min(triton.cdiv(_num_sms(device), triton.cdiv(N, block_m_for(N))), K // (4 * block_k), 32)
-    split_k = 1 << (max(1, want).bit_length() - 1)  # round down to a power of two
+    # Split K by K alone, never by N: a token's result then does not depend on the batch size (CUDA
+    # graphs pad it), and no new variant compiles when N changes. Decode-sized steps have few tiles
+    # and each program is a chain of memory round trips: 2 K-tiles per split. Prefill-sized steps
+    # have tiles enough: 4 splits. A power of two, as expand loads all splits as one block.
+    want = K // (2 * block_k) if block_m_for(N) == 16 else 4
+    split_k = 1 << (max(1, min(want, 32)).bit_length() - 1)  # round down to a power of two
     # every expand program re-reads its tokens' partial sums: wide outputs take wide tiles
     block_n = (256 if OUT >= 4096 else 128) if device.type == "cuda" else 32
     return dict(block_k=block_k, block_r=block_r, split_k=split_k, block_n=block_n)
@@ -486,13 +487,13 @@ def add_lora(y, x, lora_a, lora_b, batch: LoRABatch) -> torch.Tensor:
     precision = "ieee" if x.dtype == torch.float32 else "tf32"  # fp32: exact products, as the reference
     xa = torch.empty(sk, N, R, dtype=torch.float32, device=x.device)  # rows of base-only tokens stay unwritten, unread
     _lora_shrink_kernel[(T, sk)](
-        x, lora_a, xa, batch.token_order, batch.group_end, batch.tile_slot, batch.tile_start,
+        x, lora_a, xa, batch.tile_slot, batch.tile_tokens,
         K, R, S,
         x.stride(0), lora_a.stride(0), lora_a.stride(1), xa.stride(0), xa.stride(1),
         BLOCK_M=bm, BLOCK_K=cfg["block_k"], BLOCK_R=cfg["block_r"], SPLIT_K=sk, DOT_PRECISION=precision,
     )
     _lora_expand_kernel[(T, triton.cdiv(OUT, cfg["block_n"]))](
-        xa, lora_b, y, batch.token_order, batch.group_end, batch.tile_slot, batch.tile_start,
+        xa, lora_b, y, batch.tile_slot, batch.tile_tokens,
         OUT, R, S,
         xa.stride(0), xa.stride(1), lora_b.stride(0), lora_b.stride(1), y.stride(0),
         BLOCK_M=bm, BLOCK_N=cfg["block_n"], BLOCK_R=cfg["block_r"], SPLIT_K=sk, DOT_PRECISION=precision,

@@ -185,11 +185,15 @@ def test_lora_batch_groups_tokens_by_slot():
     want = [i for s in (-1, 0, 1, 2, 3) for i in range(len(slots)) if slots[i] == s]  # stable, base first
     assert batch.token_order.tolist() == want
     assert batch.group_end.tolist() == [2, 4, 5, 8, 9]
-    assert batch.tile_slot.tolist() == [0, 1, 2, 3, 4] and batch.tile_start.tolist()[:4] == [2, 4, 5, 8]
-    # 40 tokens on slot 1 need three tiles of block_m = 16: rows 3.., 19.., 35..
-    batch = lora.LoRABatch.build(torch.tensor([1] * 20 + [0, -1, 0] + [1] * 20), 3)
+    assert batch.tile_slot.tolist() == [0, 1, 2, 3, 4]
+    assert [[i for i in row if i >= 0] for row in batch.tile_tokens.tolist()] == [[2, 7], [6], [0, 3, 4], [8], []]
+    # 40 tokens on slot 1 need three tiles of block_m = 16
+    slots = [1] * 20 + [0, -1, 0] + [1] * 20
+    batch = lora.LoRABatch.build(torch.tensor(slots), 3)
     assert batch.block_m == 16 and batch.group_end.tolist() == [1, 3, 43, 43]
-    assert batch.tile_slot.tolist() == [0, 1, 1, 1, 3, 3] and batch.tile_start.tolist()[:4] == [1, 3, 19, 35]
+    assert batch.tile_slot.tolist() == [0, 1, 1, 1, 3, 3]
+    ones = [i for i, s in enumerate(slots) if s == 1]
+    assert [[i for i in row if i >= 0] for row in batch.tile_tokens.tolist()] == [[20, 22], ones[:16], ones[16:32], ones[32:], [], []]
 
 
 # ---- the Triton kernels against the reference ------------------------------------------------
@@ -211,7 +215,7 @@ def test_triton_kernels_match_reference(N, K, OUT, R, dtype):
     ref = lora.add_lora_ref(y.double(), x.double(), A.double(), B.double(), slots)
     got = lora.add_lora(y.clone(), x, A, B, lora.LoRABatch.build(slots, S))
     assert (got[slots < 0] == y[slots < 0]).all()  # base-only tokens untouched
-    assert K < 500 or lora._config(N, K, OUT, R, x.device)["split_k"] > 1  # the split-K sum is exercised
+    assert K < 500 or lora._config(N, K, OUT, R, torch.device(device))["split_k"] > 1  # the split-K sum is exercised
     tol = 1e-5 if dtype == torch.float32 else 5e-3  # fp16: y + delta is rounded once more
     assert rel_err(got.double() - y.double(), ref - y.double()) < tol
 
@@ -328,9 +332,17 @@ def test_gpu_engine_matches_peft_and_graphs_match_eager(tmp_path):
     graphs = run(llm)
     eager = run(LLM(str(tmp_path / "base"), dtype="float32", enable_lora=True, max_loras=2, max_lora_rank=16,
                     num_gpu_blocks_override=512, max_num_seqs=16, enforce_eager=True))
-    want = [greedy(peft_models[w] if w is not None else base.cuda(), p, 24) for p, w in zip(prompts, which)]
     assert graphs == eager
-    assert sum(a == b for a, b in zip(graphs, want)) >= len(want) - 1  # fp32 on a GPU: at most one near-tie flip
+    # A random model's logits are nearly flat: two correct fp32 implementations can pick different
+    # tokens at near-ties. So: feed our tokens to PEFT and check each one is PEFT's argmax, up to a
+    # gap far below what a wrong adapter (or a wrong row) would make.
+    base.cuda()
+    for p, w, got in zip(prompts, which, graphs):
+        with torch.no_grad():
+            logits = (peft_models[w] if w is not None else base)(torch.tensor([p + got], device="cuda")).logits[0]
+        logits = logits[len(p) - 1: -1]  # (24, V): the prediction of each output token
+        gap = logits.max(-1).values - logits.gather(1, torch.tensor(got, device="cuda")[:, None])[:, 0]
+        assert (gap <= 1e-4 * logits.abs().max()).all(), (w, gap.max().item())
     # bf16 at the same sizes: CUDA graphs == eager, with three adapters in two slots
     bf = lambda **kw: run(LLM(str(tmp_path / "base"), dtype="bfloat16", enable_lora=True, max_loras=2, max_lora_rank=16,
                               num_gpu_blocks_override=512, max_num_seqs=16, **kw))
