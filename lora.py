@@ -19,7 +19,8 @@ Contract with minillm.py: `LLM(enable_lora=True)` builds a LoRAManager, which ha
 every targetable nn.Linear of the model, `proj.lora_a` (S, R, K) and `proj.lora_b` (S, R, OUT);
 each step, `manager.prepare(...)` returns a LoRABatch (or None when no token uses an adapter) that
 travels in the step's AttentionMetadata; the model's linear layers call `add(y, x, proj.lora_a,
-proj.lora_b, batch)`. With LoRA off the model never calls into this file.
+proj.lora_b, batch)`. With LoRA off the model never calls into this file. The K/V a sequence writes
+depend on its adapter, so prefix caching must key shared blocks by lora_int_id as well as the tokens.
 
 Dimension legend:
   N     tokens in the step

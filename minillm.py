@@ -9,7 +9,8 @@ What happens inside, in the order this file is written:
   1. configs        ModelConfig (the checkpoint's shape), SamplingParams, the output classes
   2. loading        HF folders (config.json + safetensors) and GGUF files, straight to device
   3. tokenizer      every tokenizer becomes a tiktoken Encoding; incremental detokenization
-  4. model          Llama: RMSNorm, RoPE, grouped-query attention over a paged KV cache, SwiGLU
+  4. model          Llama: RMSNorm, RoPE, grouped-query attention over a paged KV cache, SwiGLU;
+                   each projection adds its token's LoRA delta when the step uses adapters (lora.py)
   5. KV cache       blocks of `block_size` token slots, a BlockManager, per-sequence block tables
   6. sampler        greedy / temperature / top-k / top-p / min-p, batched on the device
   7. scheduler      continuous batching with chunked prefill and preemption by recompute
@@ -547,8 +548,8 @@ def apply_rope(x, cos, sin):
 
 @dataclass
 class AttentionMetadata:
-    """Everything attention needs to find the batch's tokens in the paged KV cache. Built once per step
-    by the engine and passed down explicitly (no global state)."""
+    """Everything attention needs to find the batch's tokens in the paged KV cache, and the LoRA slot of each
+    token for the linear layers. Built once per step by the engine and passed down explicitly (no global state)."""
     slot_mapping: torch.Tensor     # (N,) cache slot (block * block_size + offset) of each new token; -1 = padding
     block_tables: torch.Tensor     # (B, max_blocks) physical block of each sequence's logical block
     seq_lens: torch.Tensor         # (B,) tokens in each sequence after this step (cached + new)
@@ -801,7 +802,8 @@ class Sequence:
     def __init__(self, seq_id: int, prompt: Optional[str], prompt_token_ids: list[int], params: SamplingParams,
                  priority: int, tokenizer: "Tokenizer", max_seq_len: int, device, lora_request=None):
         self.seq_id = seq_id
-        self.lora_request: Optional[LoRARequest] = lora_request  # None: the base model
+        self.lora_request: Optional[LoRARequest] = lora_request  # None: the base model. (Prefix caching: KV
+        # blocks computed under one adapter must never be shared with another; hash lora_int_id with the tokens.)
         self.prompt, self.prompt_token_ids = prompt, prompt_token_ids
         self.token_ids = list(prompt_token_ids)  # prompt + output so far
         self.num_computed_tokens = 0             # leading tokens whose K/V are in the cache
