@@ -9,7 +9,8 @@ What happens inside, in the order this file is written:
   1. configs        ModelConfig (the checkpoint's shape), SamplingParams, the output classes
   2. loading        HF folders (config.json + safetensors) and GGUF files, straight to device
   3. tokenizer      every tokenizer becomes a tiktoken Encoding; incremental detokenization
-  4. model          Llama: RMSNorm, RoPE, grouped-query attention over a paged KV cache, SwiGLU
+  4. model          Llama: RMSNorm, RoPE, grouped-query attention over a paged KV cache, SwiGLU;
+                   each projection adds its token's LoRA delta when the step uses adapters (lora.py)
   5. KV cache       blocks of `block_size` token slots, a BlockManager, per-sequence block tables
   6. sampler        greedy / temperature / top-k / top-p / min-p, batched on the device
   7. scheduler      continuous batching with chunked prefill and preemption by recompute
@@ -54,7 +55,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
+import lora
 import paged_attention as pa
+from lora import LoRARequest
 
 # ----------------------------------------------------------------------------------------------
 # 1. Configs
@@ -559,14 +562,21 @@ def rope_tables(cfg: ModelConfig, max_len: int, device) -> tuple[torch.Tensor, t
 
 @dataclass
 class AttentionMetadata:
-    """Everything attention needs to find the batch's tokens in the paged KV cache. Built once per step
-    by the engine and passed down explicitly (no global state)."""
+    """Everything attention needs to find the batch's tokens in the paged KV cache, and the LoRA slot of each
+    token for the linear layers. Built once per step by the engine and passed down explicitly (no global state)."""
     slot_mapping: torch.Tensor     # (N,) cache slot (block * block_size + offset) of each new token; -1 = padding
     block_tables: torch.Tensor     # (B, max_blocks) physical block of each sequence's logical block
     seq_lens: torch.Tensor         # (B,) tokens in each sequence after this step (cached + new)
     query_start_loc: torch.Tensor  # (B+1,) where each sequence's new tokens start in the packed batch
     max_query_len: int             # the longest run of new tokens (1 = a pure decode step)
     max_seq_len: int
+    lora: Optional[lora.LoRABatch] = None  # each token's adapter slot (lora.py); None: base model only
+
+
+def linear(proj: nn.Linear, x, lora_batch: Optional[lora.LoRABatch]) -> torch.Tensor:
+    """proj(x), plus each token's LoRA delta when the step uses adapters (their weights hang on proj)."""
+    y = proj(x)
+    return y if lora_batch is None else lora.add(y, x, proj.lora_a, proj.lora_b, lora_batch)
 
 
 class Attention(nn.Module):
@@ -580,9 +590,9 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, meta: AttentionMetadata, k_cache, v_cache):
         N = x.shape[0]
-        q = self.q_proj(x).view(N, self.H, self.D)    # (N, C) @ (C, H*D) -> (N, H, D)
-        k = self.k_proj(x).view(N, self.KVH, self.D)  # (N, KVH, D)
-        v = self.v_proj(x).view(N, self.KVH, self.D)  # (N, KVH, D)
+        q = linear(self.q_proj, x, meta.lora).view(N, self.H, self.D)    # (N, C) @ (C, H*D) -> (N, H, D)
+        k = linear(self.k_proj, x, meta.lora).view(N, self.KVH, self.D)  # (N, KVH, D)
+        v = linear(self.v_proj, x, meta.lora).view(N, self.KVH, self.D)  # (N, KVH, D)
         rope = apply_rope_fused if x.is_cuda else apply_rope
         q, k = rope(q, cos, sin), rope(k, cos, sin)
         # The Triton kernels on the GPU; on the CPU the plain-PyTorch reference (same contract).
@@ -590,7 +600,7 @@ class Attention(nn.Module):
         write_kv(k, v, k_cache, v_cache, meta.slot_mapping)  # the new tokens' K/V into their slots
         o = attend(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc,
                    self.D ** -0.5, meta.max_query_len, meta.max_seq_len)  # (N, H, D)
-        return self.o_proj(o.view(N, self.H * self.D))  # (N, H*D) @ (H*D, C) -> (N, C)
+        return linear(self.o_proj, o.view(N, self.H * self.D), meta.lora)  # (N, H*D) @ (H*D, C) -> (N, C)
 
 
 class MLP(nn.Module):
@@ -600,8 +610,9 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
-    def forward(self, x):  # SwiGLU: (N, C) -> (N, F) -> (N, C)
-        return self.down_proj((silu_and_mul_fused if x.is_cuda else silu_and_mul)(self.gate_proj(x), self.up_proj(x)))
+    def forward(self, x, lora_batch=None):  # SwiGLU: (N, C) -> (N, F) -> (N, C)
+        act = silu_and_mul_fused if x.is_cuda else silu_and_mul
+        return linear(self.down_proj, act(linear(self.gate_proj, x, lora_batch), linear(self.up_proj, x, lora_batch)), lora_batch)
 
 
 class DecoderLayer(nn.Module):
@@ -614,7 +625,7 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x, cos, sin, meta, k_cache, v_cache):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, meta, k_cache, v_cache)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        return x + self.mlp(self.post_attention_layernorm(x), meta.lora)
 
 
 class Llama(nn.Module):
@@ -816,8 +827,10 @@ class Sequence:
     """One request on its way through the engine: its tokens, its blocks, its text so far."""
 
     def __init__(self, seq_id: int, prompt: Optional[str], prompt_token_ids: list[int], params: SamplingParams,
-                 priority: int, tokenizer: "Tokenizer", max_seq_len: int, device):
+                 priority: int, tokenizer: "Tokenizer", max_seq_len: int, device, lora_request=None):
         self.seq_id = seq_id
+        self.lora_request: Optional[LoRARequest] = lora_request  # None: the base model. (Prefix caching: KV
+        # blocks computed under one adapter must never be shared with another; hash lora_int_id with the tokens.)
         self.prompt, self.prompt_token_ids = prompt, prompt_token_ids
         self.token_ids = list(prompt_token_ids)  # prompt + output so far
         self.num_computed_tokens = 0             # leading tokens whose K/V are in the cache
@@ -863,8 +876,9 @@ class Scheduler:
     one (the newest, or the lowest priority) is preempted: its blocks are freed and it goes back to the
     waiting queue, to be recomputed from its tokens later (recompute, not swap)."""
 
-    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int):
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int, max_loras: int = 0):
         self.block_manager = block_manager
+        self.max_loras = max_loras  # most distinct LoRA adapters among running sequences; 0 = LoRA off
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: list[Sequence] = []
@@ -897,13 +911,20 @@ class Scheduler:
             budget -= n
             i += 1
         # 2. waiting sequences, while the budgets and the free blocks allow (none after a preemption:
-        #    the cache is full, and a preempted sequence must not be overtaken by a worse one)
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not out.num_preempted:
-            seq = self.waiting[0]
+        #    the cache is full, and a preempted sequence must not be overtaken by a worse one). A sequence
+        #    whose adapter would be one more than the max_loras slots waits and lets the others pass.
+        loras, w = {s.lora_request.lora_int_id for s in self.running if s.lora_request}, 0
+        while w < len(self.waiting) and budget > 0 and len(self.running) < self.max_num_seqs and not out.num_preempted:
+            seq = self.waiting[w]
+            if seq.lora_request and seq.lora_request.lora_int_id not in loras and len(loras) >= self.max_loras:
+                w += 1
+                continue
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
             if not self.block_manager.can_allocate(seq, n):
                 break
-            self.waiting.pop(0)
+            self.waiting.pop(w)
+            if seq.lora_request:
+                loras.add(seq.lora_request.lora_int_id)
             self.block_manager.allocate(seq, n)
             seq.status = SequenceStatus.RUNNING
             insert_sorted(self.running, seq)
@@ -948,7 +969,8 @@ class LLM:
                  seed: int = 0, max_model_len: Optional[int] = None, max_num_seqs: int = 256,
                  max_num_batched_tokens: int = 8192, block_size: int = 16, gpu_memory_utilization: float = 0.9,
                  num_gpu_blocks_override: Optional[int] = None, scheduling_policy: str = "fcfs",
-                 enforce_eager: bool = False, **unknown):
+                 enforce_eager: bool = False, enable_lora: bool = False, max_loras: int = 4, max_lora_rank: int = 64,
+                 **unknown):
         if unknown:
             raise TypeError(f"LLM() got an unexpected keyword argument {next(iter(unknown))!r}")
         if scheduling_policy not in ("fcfs", "priority"):
@@ -965,6 +987,8 @@ class LLM:
         self.model, self.cfg, gguf_tokenizer = load_model(model_path, self.device, dtype, max_model_len)
         self.tokenizer = load_tokenizer(tokenizer or model_path) if (tokenizer or not gguf_tokenizer) else gguf_tokenizer
         self.eos_ids = set(self.cfg.eos_token_ids) | self.tokenizer.eos_ids
+        # LoRA: adapter slots on the device, before the KV cache takes what memory is left
+        self.lora = lora.LoRAManager(self.model, max_loras, max_lora_rank) if enable_lora else None
         self.max_model_len = max_model_len or self.cfg.max_position_embeddings
         self.max_num_seqs, self.block_size = max_num_seqs, block_size
         self.scheduling_policy = scheduling_policy
@@ -981,7 +1005,7 @@ class LLM:
             raise ValueError("no memory is left for the KV cache; raise gpu_memory_utilization or use a smaller model")
         self.kv_cache = allocate_kv_cache(self.cfg, num_blocks, block_size, dtype, self.device)
         self.block_manager = BlockManager(num_blocks, block_size)
-        self.scheduler = Scheduler(self.block_manager, max_num_seqs, max_num_batched_tokens)
+        self.scheduler = Scheduler(self.block_manager, max_num_seqs, max_num_batched_tokens, max_loras if enable_lora else 0)
         self.max_seq_len = min(self.max_model_len, num_blocks * block_size)  # no sequence outgrows the cache
         self.next_request_id = 0
         self.in_flight = None  # the last step's sampled tokens, on their way to the host (see step)
@@ -1028,12 +1052,14 @@ class LLM:
         self.graph_inputs = g = dict(
             input_ids=torch.zeros(max_bs, **i64), positions=torch.zeros(max_bs, **i64),
             slot_mapping=torch.full((max_bs,), -1, **i64), block_tables=torch.zeros(max_bs, max_blocks, **i32),
-            seq_lens=torch.zeros(max_bs, **i32), query_start_loc=torch.arange(max_bs + 1, **i32))  # one token per row
+            seq_lens=torch.zeros(max_bs, **i32), query_start_loc=torch.arange(max_bs + 1, **i32),  # one token per row
+            lora_slots=torch.full((max_bs,), -1, **i64))  # each token's adapter slot; grouped inside the graph
         graphs, pool = {}, None
         for bs in reversed(sizes):  # largest first: the smaller graphs reuse its memory pool
-            meta = AttentionMetadata(g["slot_mapping"][:bs], g["block_tables"][:bs], g["seq_lens"][:bs],
-                                     g["query_start_loc"][: bs + 1], 1, self.max_seq_len)
-            run = lambda: self.model(g["input_ids"][:bs], g["positions"][:bs], meta, self.kv_cache)
+            lora_batch = lambda: lora.LoRABatch.build(g["lora_slots"][:bs], self.lora.max_loras) if self.lora else None
+            meta = lambda: AttentionMetadata(g["slot_mapping"][:bs], g["block_tables"][:bs], g["seq_lens"][:bs],
+                                             g["query_start_loc"][: bs + 1], 1, self.max_seq_len, lora_batch())
+            run = lambda: self.model(g["input_ids"][:bs], g["positions"][:bs], meta(), self.kv_cache)
             run()  # warm-up outside the capture: Triton compiles here
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
@@ -1057,6 +1083,9 @@ class LLM:
         g["seq_lens"][:N] = meta.seq_lens
         g["seq_lens"][N:bs] = 0
         g["block_tables"][:N, :width] = meta.block_tables
+        if self.lora is not None:
+            g["lora_slots"][:N] = meta.lora.token_slots if meta.lora is not None else -1
+            g["lora_slots"][N:bs] = -1
         graph, hidden = self.graphs[bs]
         graph.replay()
         return hidden[:N]
@@ -1069,8 +1098,6 @@ class LLM:
     def generate(self, prompts, sampling_params=None, *, use_tqdm: bool | Callable = True, lora_request=None,
                  priority: Optional[list[int]] = None) -> list[RequestOutput]:
         """Generate completions for `prompts`; one RequestOutput per prompt, in input order."""
-        if lora_request is not None:
-            raise NotImplementedError("lora_request is not supported yet (multi-LoRA arrives with lora.py)")
         # 1. validate everything before any work, naming the culprit
         prompts = [prompts] if isinstance(prompts, (str, dict)) else list(prompts)
         if isinstance(sampling_params, SamplingParams) or sampling_params is None:
@@ -1085,11 +1112,12 @@ class LLM:
             if len(priority) != len(prompts):
                 raise ValueError(f"the lengths of prompts ({len(prompts)}) and priority ({len(priority)}) must be the same")
         requests = [(*self.tokenize_prompt(i, p), sp) for i, (p, sp) in enumerate(zip(prompts, params))]
+        loras = lora.per_prompt(lora_request, len(prompts), self.lora)  # adapters loaded and checked
         # 2. queue them
         seqs = []
         for i, (text, token_ids, sp) in enumerate(requests):
             seq = Sequence(self.next_request_id, text, token_ids, sp, priority[i] if priority else 0, self.tokenizer,
-                           self.max_seq_len, self.device)
+                           self.max_seq_len, self.device, loras[i])
             self.next_request_id += 1
             self.scheduler.add(seq)
             seqs.append(seq)
@@ -1112,7 +1140,7 @@ class LLM:
                 bar.close()
         return [RequestOutput(str(s.seq_id), s.prompt, s.prompt_token_ids,
                               [CompletionOutput(0, s.text, s.output_token_ids, None, None, s.finish_reason, s.stop_reason)],
-                              finished=True) for s in seqs]
+                              finished=True, lora_request=s.lora_request) for s in seqs]
 
     def tokenize_prompt(self, i: int, prompt) -> tuple[Optional[str], list[int]]:
         """A prompt in any of vLLM's forms -> (text or None, token ids); ValueError/TypeError naming prompt i."""
@@ -1176,7 +1204,8 @@ class LLM:
         # each new token's cache slot: the physical block holding its position, times block_size, plus the offset
         token_seq = torch.repeat_interleave(torch.arange(len(batch), device=self.device), q_lens, output_size=len(ids))  # (N,)
         slot_mapping = tables[token_seq, pos // self.block_size].long() * self.block_size + pos % self.block_size  # (N,)
-        meta = AttentionMetadata(slot_mapping, tables, s_lens, F.pad(q_lens.cumsum(0), (1, 0)).int(), max(query_lens), max(seq_lens))
+        meta = AttentionMetadata(slot_mapping, tables, s_lens, F.pad(q_lens.cumsum(0), (1, 0)).int(), max(query_lens), max(seq_lens),
+                                 self.lora.prepare([(seq.lora_request, n) for seq, n in batch]) if self.lora else None)
         # 3. run the model; logits only where a token is sampled
         hidden = self.run_model(ids, pos, meta)  # (N, C)
         for seq, n in batch:
@@ -1286,8 +1315,9 @@ class LLM:
         return False
 
     @torch.inference_mode()
-    def prompt_logits(self, token_ids: list[int]) -> torch.Tensor:
+    def prompt_logits(self, token_ids: list[int], lora_request: Optional[LoRARequest] = None) -> torch.Tensor:
         """Logits (T, V) at every position of one prompt, through the same paged path as generate."""
+        lora_request = lora.per_prompt(lora_request, 1, self.lora)[0]
         seq = Sequence(-1, None, token_ids, SamplingParams(), 0, self.tokenizer, self.max_seq_len, self.device)
         if not self.block_manager.can_allocate(seq, len(token_ids)):
             raise ValueError("the KV cache has no room for this prompt now")
@@ -1296,7 +1326,8 @@ class LLM:
             T, bs = len(token_ids), self.block_size
             slots = [seq.block_table[p // bs] * bs + p % bs for p in range(T)]
             i32 = lambda x: torch.tensor(x, dtype=torch.int32, device=self.device)
-            meta = AttentionMetadata(torch.tensor(slots, device=self.device), i32([seq.block_table]), i32([T]), i32([0, T]), T, T)
+            meta = AttentionMetadata(torch.tensor(slots, device=self.device), i32([seq.block_table]), i32([T]), i32([0, T]), T, T,
+                                     self.lora.prepare([(lora_request, T)]) if self.lora else None)
             pos = torch.arange(T, device=self.device)
             return self.model.compute_logits(self.model(torch.tensor(token_ids, device=self.device), pos, meta, self.kv_cache))
         finally:
@@ -1309,12 +1340,12 @@ class LLM:
 _engines: dict = {}  # (model, kwargs) -> LLM: a script that calls generate() twice loads the model once
 
 
-def generate(prompts, sampling_params=None, *, model: Optional[str] = None, use_tqdm=True, **llm_kwargs):
+def generate(prompts, sampling_params=None, *, model: Optional[str] = None, use_tqdm=True, lora_request=None, **llm_kwargs):
     """One-call generation: `generate("Hello", SamplingParams(max_tokens=20))`. Keeps the engine for next time."""
     key = (model, tuple(sorted(llm_kwargs.items())))
     if key not in _engines:
         _engines[key] = LLM(model, **llm_kwargs)
-    return _engines[key].generate(prompts, sampling_params, use_tqdm=use_tqdm)
+    return _engines[key].generate(prompts, sampling_params, use_tqdm=use_tqdm, lora_request=lora_request)
 
 
 def main(argv=None) -> int:
@@ -1328,6 +1359,7 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=None, help="seed for each prompt's sampling stream (reproducible runs)")
     ap.add_argument("--output", default=None, help="write one JSON object per prompt here (prompt, text, token_ids, finish_reason)")
     ap.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    ap.add_argument("--lora", default=None, metavar="PATH", help="a PEFT LoRA adapter folder applied to every prompt")
     args = ap.parse_args(argv)
     try:
         src = sys.stdin if args.prompts == "-" else open(args.prompts, encoding="utf-8")
@@ -1337,8 +1369,12 @@ def main(argv=None) -> int:
             raise ValueError(f"{args.prompts}: no prompts (one per line)")
         params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
                                 max_tokens=args.max_tokens)
-        llm = LLM(args.model, device=args.device)
-        outputs = llm.generate(prompts, params)
+        adapter, lora_kwargs = None, {}
+        if args.lora:  # one adapter for every prompt: one slot, of exactly its rank
+            adapter = LoRARequest(os.path.basename(os.path.normpath(args.lora)), 1, args.lora)
+            lora_kwargs = dict(enable_lora=True, max_loras=1, max_lora_rank=lora.read_adapter_config(adapter)["r"])
+        llm = LLM(args.model, device=args.device, **lora_kwargs)
+        outputs = llm.generate(prompts, params, lora_request=adapter)
     except (ValueError, TypeError, OSError, NotImplementedError) as e:
         print(f"minillm: error: {e}", file=sys.stderr)
         return 1

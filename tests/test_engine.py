@@ -280,7 +280,7 @@ def test_bad_input_names_the_culprit_and_loses_nothing(small):
         llm.generate([good, {"prompt_token_ids": [LLAMA3_VOCAB]}], use_tqdm=False)
     with pytest.raises(ValueError, match="sampling_params"):
         llm.generate([good, good], [SamplingParams()] * 3, use_tqdm=False)
-    with pytest.raises(NotImplementedError, match="lora_request"):
+    with pytest.raises(TypeError, match="lora_request 0"):
         llm.generate([good], lora_request=object(), use_tqdm=False)
     assert not llm.scheduler.has_unfinished() and llm.block_manager.num_free_blocks() == len(llm.block_manager.blocks)
     out = llm.generate([good, "hello"], SamplingParams(max_tokens=3, ignore_eos=True), use_tqdm=False)  # still works
