@@ -7,26 +7,31 @@ adapters at once: every token goes through the shared base weights W together, t
 delta of its own adapter. That is Punica's idea (Chen et al. 2023), and what this file implements:
 
   1. requests, loading   LoRARequest (vLLM's); PEFT adapter folders read, checked and kept on the host
-  2. slots               LoRAManager: S device-resident slots of stacked A and B per target module;
-                         adapters are copied into a free slot when a scheduled request needs one, the
-                         least recently used is evicted when more adapters are wanted than slots
-  3. one step's tokens   LoRABatch: each token's slot (-1 = base model only), and the tokens grouped
-                         by slot, so each adapter's weights are read once per tile of its tokens
-  4. the compute         add_lora_ref (plain PyTorch: the CPU path and the oracle) and add_lora (two
-                         Triton kernels: shrink x @ A^T into rank R, then expand @ B into y)
+  2. slots               LoRAManager: S device-resident slots of A and B per target module, those of
+                         projections with the same input (q/k/v; gate/up) stacked together; adapters
+                         are copied into a free slot when a scheduled request needs one, the least
+                         recently used is evicted when more adapters are wanted than slots
+  3. one step's tokens   LoRABatch: each token's slot (-1 = base model only), and tiles of tokens of
+                         one slot, so each adapter's weights are read once per tile of its tokens
+  4. the compute         add_lora_ref (plain PyTorch: the CPU path and the oracle) and add_lora_stacked
+                         (two Triton kernels for a stack of projections: shrink x @ A^T into rank R
+                         per projection, then expand @ B into each projection's y)
 
-Contract with minillm.py: `LLM(enable_lora=True)` builds a LoRAManager, which hangs two views on
-every targetable nn.Linear of the model, `proj.lora_a` (S, R, K) and `proj.lora_b` (S, R, OUT);
-each step, `manager.prepare(...)` returns a LoRABatch (or None when no token uses an adapter) that
-travels in the step's AttentionMetadata; the model's linear layers call `add(y, x, proj.lora_a,
-proj.lora_b, batch)`. With LoRA off the model never calls into this file. The K/V a sequence writes
-depend on its adapter, so prefix caching must key shared blocks by lora_int_id as well as the tokens.
+Contract with minillm.py: `LLM(enable_lora=True)` builds a LoRAManager, which hangs on every
+targetable nn.Linear of the model its slots, `proj.lora_a` (S, R, K) and `proj.lora_b` (S, R, OUT),
+and its stack, `proj.lora_stack`; each step, `manager.prepare(...)` returns a LoRABatch (or None when
+no token uses an adapter) that travels in the step's AttentionMetadata; the model's linear layers call
+`add_stacked(ys, x, projs, batch)` for q/k/v and for gate/up, and `add(y, x, proj.lora_a,
+proj.lora_b, batch)` for o_proj and down_proj. With LoRA off the model never calls into this file.
+The K/V a sequence writes depend on its adapter, so prefix caching must key shared blocks by
+lora_int_id as well as the tokens.
 
 Dimension legend:
   N     tokens in the step
   K     input features of a projection (C for q/k/v/gate/up, H*D for o_proj, F for down_proj)
-  OUT   output features of a projection
-  r     one adapter's rank;  R: max_lora_rank, the stacked rank (an adapter of rank r < R fills the
+  OUT   output features of a projection;  ΣOUT: those of a stack's projections together
+  G     projections in a stack (3 for q/k/v, 2 for gate/up, 1 for o_proj and down_proj)
+  r     one adapter's rank;  R: max_lora_rank, every slot's rank (an adapter of rank r < R fills the
         first r rows; the rest stay zero and add nothing)
   S     max_loras: adapter slots on the device
   L     decoder layers
@@ -200,14 +205,30 @@ def per_prompt(lora_request, num_prompts: int, manager: Optional["LoRAManager"])
 # ----------------------------------------------------------------------------------------------
 # 2. Slots on the device
 #
-# Per target module and layer, one stacked pair holds every slot:
+# Projections that read the same input are stored together: q/k/v all read the attention block's
+# normed x, gate/up the MLP's. One shrink then reads x once for all of them and one expand writes
+# all their outputs, so a layer runs 4 shrink/expand pairs, not 7 (vLLM stacks them the same way).
+# At decode sizes each launch costs more than its work, so the count of launches is what matters.
+# Per layer and stack of G projections, one pair of tensors holds every slot:
 #
-#     lora_a (S, R, K)     slot s: rows 0..r-1 = the adapter's A, rows r..R-1 zero
-#     lora_b (S, R, OUT)   slot s: rows 0..r-1 = scaling * the adapter's B^T, the rest zero
+#     lora_a (S, G*R, K)     slot s: rows j*R .. j*R+r-1 = projection j's A; the rest of its R rows zero
+#     lora_b (S, R, ΣOUT)    slot s: projection j's columns = scaling * its B^T; rows r..R-1 zero
 #
-# All layers of one module live in one tensor (L, S, R, ...), so loading an adapter is two copies
-# per module. The tensors never move, which CUDA graphs need: a graph replays against these
-# addresses and sees whatever adapters the slots hold at the time.
+# Each projection also gets its own slices of the two, proj.lora_a (S, R, K) and proj.lora_b
+# (S, R, OUT). All layers of a stack live in one tensor (L, S, G*R, K) / (L, S, R, ΣOUT), so loading
+# an adapter is two copies per projection. The tensors never move, which CUDA graphs need: a graph
+# replays against these addresses and sees whatever adapters the slots hold at the time.
+
+# the projections of each stack, in the order the model computes them (and the stack's order)
+STACKS = (("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_proj"), ("down_proj",))
+
+
+@dataclass(eq=False)
+class LoRAStack:
+    """One layer's slots for the projections of one input; hung on each of them as proj.lora_stack."""
+    projs: tuple           # the nn.Linear modules, in stack order
+    lora_a: torch.Tensor   # (S, G*R, K)
+    lora_b: torch.Tensor   # (S, R, ΣOUT)
 
 
 class LoRAManager:
@@ -218,16 +239,25 @@ class LoRAManager:
         S, R, L = max_loras, max_lora_rank, len(model.layers)
         weight = model.embed_tokens.weight
         self.device, self.num_layers = weight.device, L
-        self.shapes, self.stacked = {}, {}  # module name -> (K, OUT);  -> (A (L, S, R, K), B (L, S, R, OUT))
-        for name, block in TARGET_MODULES.items():
-            proj = getattr(getattr(model.layers[0], block), name)
-            K, OUT = proj.in_features, proj.out_features
-            A = torch.zeros(L, S, R, K, dtype=weight.dtype, device=weight.device)
-            B = torch.zeros(L, S, R, OUT, dtype=weight.dtype, device=weight.device)
-            self.shapes[name], self.stacked[name] = (K, OUT), (A, B)
+        self.shapes = {}  # module name -> (K, OUT)
+        self.views = {}   # module name -> (A (L, S, R, K), B (L, S, R, OUT)): its slices of the stack's tensors
+        projs_of = lambda layer, names: tuple(getattr(getattr(layer, TARGET_MODULES[n]), n) for n in names)
+        for names in STACKS:
+            first = projs_of(model.layers[0], names)
+            K, outs = first[0].in_features, [p.out_features for p in first]
+            assert all(p.in_features == K for p in first), f"{names} must read inputs of the same width"
+            A = torch.zeros(L, S, len(names) * R, K, dtype=weight.dtype, device=weight.device)
+            B = torch.zeros(L, S, R, sum(outs), dtype=weight.dtype, device=weight.device)
+            col = 0
+            for j, (name, OUT) in enumerate(zip(names, outs)):
+                self.shapes[name] = (K, OUT)
+                self.views[name] = (A[:, :, j * R:(j + 1) * R], B[:, :, :, col:col + OUT])
+                col += OUT
             for i, layer in enumerate(model.layers):  # each projection sees its layer's slots
-                proj = getattr(getattr(layer, block), name)
-                proj.lora_a, proj.lora_b = A[i], B[i]  # (S, R, K), (S, R, OUT)
+                stack = LoRAStack(projs_of(layer, names), A[i], B[i])
+                for proj, name in zip(stack.projs, names):
+                    proj.lora_a, proj.lora_b = self.views[name][0][i], self.views[name][1][i]  # (S, R, K), (S, R, OUT)
+                    proj.lora_stack = stack
         self.adapters: dict[int, LoRAAdapter] = {}      # lora_int_id -> adapter on the host (never evicted)
         self.slot_ids: list[Optional[int]] = [None] * S  # lora_int_id held by each slot
         self.last_used = [0] * S                        # step count at each slot's last use (LRU)
@@ -276,7 +306,7 @@ class LoRAManager:
         return slot
 
     def load_slot(self, slot: int, adapter: LoRAAdapter) -> None:
-        for name, (A, B) in self.stacked.items():
+        for name, (A, B) in self.views.items():
             A[:, slot].zero_()  # (L, R, K): a module this adapter leaves alone adds zero
             B[:, slot].zero_()
             if name in adapter.weights:
@@ -296,57 +326,163 @@ def block_m_for(N: int) -> int:
     return 16 if N <= 1024 else 64
 
 
-@dataclass
 class LoRABatch:
-    """Which adapter slot each token of a step uses; the tokens grouped by slot; and the kernels'
-    tiles: runs of up to BLOCK_M = block_m_for(N) tokens of one slot, slot after slot.
+    """Which adapter slot each token of a step uses, and the kernels' tiles: runs of up to
+    BLOCK_M = block_m_for(N) tokens of one slot, slot after slot (base-only tokens are in no tile).
 
-        token_order  [ base-only | slot 0 ..... | slot 1 .. | slot 2 ........ ]
-        tiles                    | t0  | t1 |     t2 |        t3  | t4 | t5 |
+        tokens by slot   [ slot 0 ..... | slot 1 .. | slot 2 ........ ]
+        tiles            | t0  | t1 |     t2 |        t3  | t4 | t5 |    (then unused tiles)
 
     A kernel program reads its tile's slot and token indices straight from tile_slot and
     tile_tokens: two loads side by side, not a chain of lookups, before its real work starts.
+
+    The tiles are built on first use, by one kernel launch on the GPU (group_tokens). A decode step
+    replayed from a CUDA graph only copies token_slots into the graph's input (the graph builds its
+    own tiles), and the CPU reference needs no tiles: neither pays for tiles it would throw away.
     """
-    token_slots: torch.Tensor  # (N,) int64: slot of each token's adapter; -1 = base model only
-    token_order: torch.Tensor  # (N,) int64: token indices, base-only tokens first, then slot 0's, slot 1's, ...
-    group_end: torch.Tensor    # (S+1,) int64: slot s's tokens are token_order[group_end[s] : group_end[s+1]]
-    tile_slot: torch.Tensor    # (T,) int64: slot of each tile; S for the unused tiles at the end
-    tile_tokens: torch.Tensor  # (T, BLOCK_M) int64: each tile's token indices; -1 past the end of its run
-    block_m: int               # BLOCK_M the tiles were cut for
+
+    def __init__(self, token_slots: torch.Tensor, num_slots: int):
+        self.token_slots = token_slots                    # (N,) int64: slot of each token's adapter; -1 = base model only
+        self.num_slots = num_slots                        # S
+        self.block_m = block_m_for(token_slots.shape[0])  # BLOCK_M the tiles are cut for
 
     @classmethod
     def build(cls, token_slots: torch.Tensor, num_slots: int) -> "LoRABatch":
-        # A counting sort on the device: no host sync and no shape that depends on the data, so
-        # it is recorded into a CUDA graph together with the forward pass (the slots are its input).
-        N, S, dev = token_slots.shape[0], num_slots, token_slots.device
-        groups = torch.arange(-1, S, device=dev)                        # (S+1,): -1 = base only, then the slots
-        member = token_slots[:, None] == groups[None, :]                 # (N, S+1) one-hot
-        counts = member.sum(0)                                           # (S+1,) tokens per group
-        group_end = counts.cumsum(0)                                     # (S+1,)
-        rank_in_group = (member.cumsum(0) * member).sum(1) - 1           # (N,) stable: earlier tokens first
-        dest = (group_end - counts)[token_slots + 1] + rank_in_group     # (N,) where each token goes
-        token_order = torch.empty_like(dest).scatter_(0, dest, torch.arange(N, device=dev))
-        # -- tiles: slot s has ceil(count / BLOCK_M) of them; T bounds their total for any slots --
-        block_m = block_m_for(N)
-        tiles = (counts[1:] + block_m - 1) // block_m                     # (S,)
-        tiles_end = tiles.cumsum(0)                                       # (S,)
-        t = torch.arange(triton.cdiv(N, block_m) + S, device=dev)         # (T,)
-        tile_slot = torch.searchsorted(tiles_end, t, right=True)          # (T,) S past the last tile
-        s = tile_slot.clamp(max=S - 1)
-        tile_start = group_end[s] + (t - (tiles_end - tiles)[s]) * block_m  # (T,) slot s's tokens start at group_end[s]
-        place = tile_start[:, None] + torch.arange(block_m, device=dev)[None, :]  # (T, BLOCK_M) places in token_order
-        valid = (place < group_end[s + 1][:, None]) & (tile_slot < S)[:, None]
-        tile_tokens = torch.where(valid, token_order[place.clamp(max=N - 1)], -1)  # (T, BLOCK_M)
-        return cls(token_slots, token_order, group_end, tile_slot, tile_tokens, block_m)
+        return cls(token_slots, num_slots)
+
+    @functools.cached_property
+    def tiles(self) -> tuple[torch.Tensor, torch.Tensor]:
+        group = group_tokens if use_kernels(self.token_slots) else group_tokens_ref
+        return group(self.token_slots, self.num_slots, self.block_m)
+
+    @property
+    def tile_slot(self) -> torch.Tensor:  # (T,) int64: slot of each tile; S for the unused tiles at the end
+        return self.tiles[0]
+
+    @property
+    def tile_tokens(self) -> torch.Tensor:  # (T, BLOCK_M) int64: each tile's token indices; -1 past the end of its run
+        return self.tiles[1]
+
+
+def num_tiles(N: int, num_slots: int, block_m: int) -> int:
+    """T: the most tiles N tokens can need over S slots (each slot's last tile may be part-full). It
+    depends on N only, so a CUDA graph can hold the kernels' grids."""
+    return triton.cdiv(N, block_m) + num_slots
+
+
+def group_tokens_ref(token_slots: torch.Tensor, num_slots: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The tiles in plain PyTorch (the oracle of group_tokens): a counting sort, then cut into tiles."""
+    N, S, dev = token_slots.shape[0], num_slots, token_slots.device
+    groups = torch.arange(-1, S, device=dev)                        # (S+1,): -1 = base only, then the slots
+    member = token_slots[:, None] == groups[None, :]                 # (N, S+1) one-hot
+    counts = member.sum(0)                                           # (S+1,) tokens per group
+    group_end = counts.cumsum(0)                                     # (S+1,) group g ends at group_end[g]
+    rank_in_group = (member.cumsum(0) * member).sum(1) - 1           # (N,) stable: earlier tokens first
+    dest = (group_end - counts)[token_slots + 1] + rank_in_group     # (N,) where each token goes
+    token_order = torch.empty_like(dest).scatter_(0, dest, torch.arange(N, device=dev))  # (N,) tokens, by group
+    # -- tiles: slot s has ceil(count / BLOCK_M) of them --
+    tiles = (counts[1:] + block_m - 1) // block_m                     # (S,)
+    tiles_end = tiles.cumsum(0)                                       # (S,)
+    t = torch.arange(num_tiles(N, S, block_m), device=dev)            # (T,)
+    tile_slot = torch.searchsorted(tiles_end, t, right=True)          # (T,) S past the last tile
+    s = tile_slot.clamp(max=S - 1)
+    tile_start = group_end[s] + (t - (tiles_end - tiles)[s]) * block_m  # (T,) slot s's tokens start at group_end[s]
+    place = tile_start[:, None] + torch.arange(block_m, device=dev)[None, :]  # (T, BLOCK_M) places in token_order
+    valid = (place < group_end[s + 1][:, None]) & (tile_slot < S)[:, None]
+    tile_tokens = torch.where(valid, token_order[place.clamp(max=N - 1)], -1)  # (T, BLOCK_M)
+    return tile_slot, tile_tokens
+
+
+@triton.jit
+def _group_tokens_kernel(
+    token_slots_ptr, tile_slot_ptr, tile_tokens_ptr,
+    N, NUM_SLOTS, NUM_TILES,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BINS: tl.constexpr,
+):
+    # Program s < S writes slot s's tiles; program S marks the tiles after the last one in use as
+    # unused. Each writes its own entries only: no atomics, the same result every time.
+    s = tl.program_id(0)
+    # -- tokens per slot, a histogram of slot + 1 (bin 0: base-only tokens). Slot s's tiles come
+    #    after those of slots 0..s-1, so every program counts them all --
+    counts = tl.zeros([BINS], dtype=tl.int32)
+    for n0 in range(0, N, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        slots = tl.load(token_slots_ptr + offs_n, mask=offs_n < N, other=-1)  # past the end: as base-only
+        counts += tl.histogram((slots + 1).to(tl.int32), BINS)
+    bins = tl.arange(0, BINS)
+    tiles = tl.where(bins > 0, (counts + BLOCK_M - 1) // BLOCK_M, 0)  # (BINS,) tiles of slot bin-1
+    first = tl.sum(tl.where(bins <= s, tiles, 0))  # tiles of slots 0..s-1: where slot s's tiles start
+    offs_m = tl.arange(0, BLOCK_M)
+    if s < NUM_SLOTS:
+        # -- slot s's tokens, in order: its k-th token goes to tile first + k // BLOCK_M, column
+        #    k % BLOCK_M, which is place first * BLOCK_M + k of tile_tokens seen as one flat row --
+        count = tl.sum(tl.where(bins == s + 1, counts, 0))
+        seen = tl.sum(tl.zeros([BINS], dtype=tl.int32))  # slot s's tokens before this block (an int32 zero)
+        for n0 in range(0, N, BLOCK_N):
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            mine = (tl.load(token_slots_ptr + offs_n, mask=offs_n < N, other=-1) == s).to(tl.int32)
+            k = seen + tl.cumsum(mine, axis=0) - 1  # (BLOCK_N,) rank of each of slot s's tokens
+            tl.store(tile_tokens_ptr + first * BLOCK_M + k, offs_n.to(tl.int64), mask=mine != 0)
+            seen += tl.sum(mine)
+        # -- the rest of its last tile holds no token; its tiles are slot s's --
+        pad = (BLOCK_M - count % BLOCK_M) % BLOCK_M
+        tl.store(tile_tokens_ptr + first * BLOCK_M + count + offs_m, -1, mask=offs_m < pad)
+        my_tiles = (count + BLOCK_M - 1) // BLOCK_M
+        for t0 in range(0, my_tiles, BLOCK_N):
+            offs_t = t0 + tl.arange(0, BLOCK_N)
+            tl.store(tile_slot_ptr + first + offs_t, s.to(tl.int64), mask=offs_t < my_tiles)
+    else:
+        # -- `first` is now the number of tiles in use; the rest: slot S (unused), no tokens --
+        ROWS: tl.constexpr = BLOCK_N // BLOCK_M
+        for t0 in range(first, NUM_TILES, ROWS):
+            offs_t = t0 + tl.arange(0, ROWS)
+            tl.store(tile_slot_ptr + offs_t, NUM_SLOTS, mask=offs_t < NUM_TILES)
+            tl.store(tile_tokens_ptr + offs_t[:, None] * BLOCK_M + offs_m[None, :], -1,
+                     mask=(offs_t < NUM_TILES)[:, None])
+
+
+def group_tokens(token_slots: torch.Tensor, num_slots: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """group_tokens_ref in one kernel launch (the PyTorch version is some 35 small kernels)."""
+    N, S = token_slots.shape[0], num_slots
+    T = num_tiles(N, S, block_m)
+    tile_slot = torch.empty(T, dtype=torch.int64, device=token_slots.device)
+    tile_tokens = torch.empty(T, block_m, dtype=torch.int64, device=token_slots.device)
+    _group_tokens_kernel[(S + 1,)](
+        token_slots, tile_slot, tile_tokens, N, S, T,
+        BLOCK_M=block_m, BLOCK_N=1024, BINS=triton.next_power_of_2(S + 1),
+    )
+    return tile_slot, tile_tokens
 
 
 # ----------------------------------------------------------------------------------------------
 # 4. The compute: y (N, OUT) += (x (N, K) @ A[slot]^T) @ B[slot] for every token with a slot
 
 
+def use_kernels(t: torch.Tensor) -> bool:
+    """The Triton kernels on the GPU, the PyTorch reference on the CPU (a test turns the kernels on
+    under the Triton interpreter)."""
+    return t.is_cuda
+
+
 def add(y, x, lora_a, lora_b, batch: LoRABatch) -> torch.Tensor:
-    """What the model's linear layers call: the Triton kernels on the GPU, the reference on the CPU."""
-    return add_lora(y, x, lora_a, lora_b, batch) if y.is_cuda else add_lora_ref(y, x, lora_a, lora_b, batch.token_slots)
+    """What the model calls for a projection with an input of its own (o_proj, down_proj): y += each
+    token's LoRA delta, in place. y (N, OUT), x (N, K), lora_a (S, R, K), lora_b (S, R, OUT)."""
+    if use_kernels(x):
+        return add_lora_stacked([y], x, lora_a, lora_b, batch)[0]
+    return add_lora_ref(y, x, lora_a, lora_b, batch.token_slots)
+
+
+def add_stacked(ys: list, x, projs, batch: LoRABatch) -> list:
+    """What the model calls for projections that read the same x (q/k/v, gate/up): ys[j] += each
+    token's LoRA delta of projs[j], in place, with one shrink and one expand for all of them."""
+    stack = projs[0].lora_stack
+    if tuple(projs) != stack.projs or len(ys) != len(projs):
+        raise ValueError("add_stacked: projs must be all the projections of one LoRAStack, in its order, one y each")
+    if use_kernels(x):
+        return add_lora_stacked(ys, x, stack.lora_a, stack.lora_b, batch)
+    for y, proj in zip(ys, projs):
+        add_lora_ref(y, x, proj.lora_a, proj.lora_b, batch.token_slots)
+    return ys
 
 
 def add_lora_ref(y, x, lora_a, lora_b, token_slots) -> torch.Tensor:
@@ -360,15 +496,18 @@ def add_lora_ref(y, x, lora_a, lora_b, token_slots) -> torch.Tensor:
     return y
 
 
-# Two kernels, as in Punica. Both have the grid (tiles, ...): program (t, .) takes LoRABatch's tile t,
-# up to BLOCK_M tokens of one slot, so the tokens of a tile share one adapter and its weights are
-# loaded once for all of them. The grid is sized for the most tiles any N tokens can need
-# (cdiv(N, BLOCK_M) + S), so it depends on N only and a CUDA graph can hold it; unused tiles return.
+# Two kernels, as in Punica, over a stack of G projections of the same input (G = 1 for o_proj and
+# down_proj). Both have the grid (tiles, ...): program (t, .) takes LoRABatch's tile t, up to BLOCK_M
+# tokens of one slot, so the tokens of a tile share one adapter and its weights are loaded once for
+# all of them. The grid is sized for the most tiles any N tokens can need (num_tiles), so it depends
+# on N only and a CUDA graph can hold it; unused tiles return at once.
 #
-#   shrink: xa[split] (N, R) = x (N, K) @ A[s]^T over a 1/SPLIT_K share of K, float32
-#   expand: y (N, OUT) += (sum over splits of xa) @ B[s], tile by tile of OUT
+#   shrink: xa[split] (N, G*R) = x (N, K) @ A[s]^T over a 1/SPLIT_K share of K, float32: the G
+#           projections' ranks side by side, so x is read once for all of them
+#   expand: y_j (N, OUT_j) += (sum over splits of xa[:, j*R : j*R+R]) @ B[s][:, y_j's columns],
+#           one program per tile and BLOCK_N columns of one of the outputs: y_0's blocks, then y_1's...
 #
-# Shrink has little output (R columns) and a long K: with few tokens there would be only a handful
+# Shrink has little output (G*R columns) and a long K: with few tokens there would be only a handful
 # of programs, each walking all of K. Splitting K gives the GPU enough programs; the partial sums
 # are added in a fixed order by expand, so results do not depend on timing (no atomics).
 
@@ -376,7 +515,7 @@ def add_lora_ref(y, x, lora_a, lora_b, token_slots) -> torch.Tensor:
 @triton.jit
 def _lora_shrink_kernel(
     x_ptr, a_ptr, xa_ptr, tile_slot_ptr, tile_tokens_ptr,
-    K, R, NUM_SLOTS,
+    K, R, NUM_SLOTS,  # R: rows of A, G ranks stacked
     stride_xn, stride_as, stride_ar, stride_xas, stride_xan,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, SPLIT_K: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
@@ -410,9 +549,9 @@ def _lora_shrink_kernel(
 
 @triton.jit
 def _lora_expand_kernel(
-    xa_ptr, b_ptr, y_ptr, tile_slot_ptr, tile_tokens_ptr,
-    OUT, R, NUM_SLOTS,
-    stride_xas, stride_xan, stride_bs, stride_br, stride_yn,
+    xa_ptr, b_ptr, y0_ptr, y1_ptr, y2_ptr, tile_slot_ptr, tile_tokens_ptr,
+    OUT0, OUT1, OUT2, R, NUM_SLOTS,  # OUT_j = 0: no such output; R: one projection's rank
+    stride_xas, stride_xan, stride_bs, stride_br, stride_y0, stride_y1, stride_y2,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, SPLIT_K: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
@@ -425,16 +564,26 @@ def _lora_expand_kernel(
         return
     mask_m = tokens >= 0
     tokens = tl.where(mask_m, tokens, 0)
+    # -- which output this program writes (j), and which of its columns: y0's blocks come first --
+    blocks0 = tl.cdiv(OUT0, BLOCK_N)
+    blocks1 = tl.cdiv(OUT1, BLOCK_N)
+    j = (pid_n >= blocks0).to(tl.int32) + (pid_n >= blocks0 + blocks1).to(tl.int32)
+    y_ptr = tl.where(j == 0, y0_ptr, tl.where(j == 1, y1_ptr, y2_ptr))
+    stride_yn = tl.where(j == 0, stride_y0, tl.where(j == 1, stride_y1, stride_y2))
+    OUT = tl.where(j == 0, OUT0, tl.where(j == 1, OUT1, OUT2))
+    block = pid_n - tl.where(j >= 1, blocks0, 0) - tl.where(j >= 2, blocks1, 0)  # BLOCK_N-block of y_j
+    b_col = tl.where(j >= 1, OUT0, 0) + tl.where(j >= 2, OUT1, 0)               # y_j's columns start here in B
     offs_r = tl.arange(0, BLOCK_R)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_n = block * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < OUT
-    # -- xa (BLOCK_M, BLOCK_R): the shrink's SPLIT_K partial sums, loaded at once and added --
+    # -- xa (BLOCK_M, BLOCK_R): projection j's R columns of the shrink's SPLIT_K partial sums, added --
     offs_s = tl.arange(0, SPLIT_K)
-    xa_ptrs = xa_ptr + offs_s[:, None, None] * stride_xas + tokens[None, :, None] * stride_xan + offs_r[None, None, :]
+    xa_ptrs = (xa_ptr + j * R + offs_s[:, None, None] * stride_xas + tokens[None, :, None] * stride_xan
+               + offs_r[None, None, :])
     mask_mr = mask_m[:, None] & (offs_r[None, :] < R)
     xa = tl.sum(tl.load(xa_ptrs, mask=mask_mr[None, :, :], other=0.0), axis=0)  # (SPLIT_K, BLOCK_M, BLOCK_R) -> (BLOCK_M, BLOCK_R)
     # -- delta = xa @ B tile (BLOCK_R, BLOCK_N), in B's dtype as a half-precision model computes it --
-    b = tl.load(b_ptr + slot.to(tl.int64) * stride_bs + offs_r[:, None] * stride_br + offs_n[None, :],
+    b = tl.load(b_ptr + slot.to(tl.int64) * stride_bs + offs_r[:, None] * stride_br + b_col + offs_n[None, :],
                 mask=(offs_r[:, None] < R) & mask_n[None, :], other=0.0)
     delta = tl.dot(xa.to(b.dtype), b, input_precision=DOT_PRECISION)  # (BLOCK_M, BLOCK_N) float32
     # -- y += delta (each token belongs to one slot: no other program writes these rows) --
@@ -451,52 +600,75 @@ def _num_sms(device) -> int:
     return 4  # the interpreter: a few splits, so the CPU tests exercise the split sum
 
 
-def _config(N: int, K: int, OUT: int, R: int, device) -> dict:
-    """Tile sizes from Python ints only (so a CUDA graph can be captured per batch size)."""
-    block_k = 128 if device.type == "cuda" else 32
-    block_r = max(16, triton.next_power_of_2(R))  # tl.dot needs every side >= 16; extra lanes masked
+def _config(N: int, K: int, OUT: int, rows: int, R: int, device) -> dict:
+    """Tile sizes from Python ints only (so a CUDA graph can be captured per batch size).
+    OUT: the widest output of the stack; rows: G*R, the rows of the stacked A; R: one rank."""
+    cuda = device.type == "cuda"
+    block_m = block_m_for(N)
+    block_k = 128 if cuda else 32
+    # tl.dot needs every side >= 16; extra lanes are masked
+    shrink_block_r, expand_block_r = max(16, triton.next_power_of_2(rows)), max(16, triton.next_power_of_2(R))
     # Split K by K alone, never by N: a token's result then does not depend on the batch size (CUDA
     # graphs pad it), and no new variant compiles when N changes. Decode-sized steps have few tiles
     # and each program is a chain of memory round trips: 2 K-tiles per split. Prefill-sized steps
     # have tiles enough: 4 splits. A power of two, as expand loads all splits as one block.
-    want = K // (2 * block_k) if block_m_for(N) == 16 else 4
+    want = K // (2 * block_k) if block_m == 16 else 4
     split_k = 1 << (max(1, min(want, 32)).bit_length() - 1)  # round down to a power of two
-    # every expand program re-reads its tokens' partial sums: wide outputs take wide tiles
-    block_n = (256 if OUT >= 4096 else 128) if device.type == "cuda" else 32
-    return dict(block_k=block_k, block_r=block_r, split_k=split_k, block_n=block_n)
+    # Every expand program re-reads its tokens' partial sums: wide outputs take wide tiles. A 64-token
+    # tile of 256 float32 columns needs 8 warps: on 4 it spills registers (ptxas -v, sm_90).
+    block_n = (256 if OUT >= 4096 else 128) if cuda else 32
+    expand_warps = 8 if block_m * block_n >= 64 * 128 else 4
+    shrink_warps = 8 if block_m * shrink_block_r >= 64 * 128 else 4
+    return dict(block_k=block_k, shrink_block_r=shrink_block_r, expand_block_r=expand_block_r,
+                split_k=split_k, block_n=block_n, shrink_warps=shrink_warps, expand_warps=expand_warps)
 
 
 def add_lora(y, x, lora_a, lora_b, batch: LoRABatch) -> torch.Tensor:
-    """The Triton path of add_lora_ref: in place on y (N, OUT); x (N, K); lora_a (S, R, K); lora_b (S, R, OUT)."""
-    N, K = x.shape
-    S, R, OUT = lora_b.shape
-    if not (y.dim() == 2 and y.shape == (N, OUT) and lora_a.shape == (S, R, K)):
-        raise ValueError(f"add_lora: expected y (N, OUT), x (N, K), lora_a (S, R, K), lora_b (S, R, OUT), got "
-                         f"y {tuple(y.shape)}, x {tuple(x.shape)}, lora_a {tuple(lora_a.shape)}, lora_b {tuple(lora_b.shape)}")
-    if not (x.dtype == y.dtype == lora_a.dtype == lora_b.dtype):
-        raise ValueError(f"add_lora: x, y, lora_a and lora_b must share a dtype, got {x.dtype}, {y.dtype}, "
-                         f"{lora_a.dtype}, {lora_b.dtype}")
-    if not (x.stride(1) == y.stride(1) == lora_a.stride(2) == lora_b.stride(2) == 1):
-        raise ValueError("add_lora: x, y, lora_a and lora_b must be contiguous in their last dimension")
-    if batch.token_slots.shape != (N,) or batch.group_end.shape != (S + 1,):
+    """The Triton path of add_lora_ref, for one projection: in place on y (N, OUT); x (N, K);
+    lora_a (S, R, K); lora_b (S, R, OUT)."""
+    return add_lora_stacked([y], x, lora_a, lora_b, batch)[0]
+
+
+def add_lora_stacked(ys: list, x, lora_a, lora_b, batch: LoRABatch) -> list:
+    """The Triton path for a stack of G <= 3 projections of the same input: in place on each
+    ys[j] (N, OUT_j); x (N, K); lora_a (S, G*R, K); lora_b (S, R, ΣOUT), y_j's columns after y_0..y_j-1's."""
+    G, (N, K) = len(ys), x.shape
+    S, R, width = lora_b.shape
+    outs = [y.shape[-1] for y in ys]
+    if not (1 <= G <= 3 and lora_a.shape == (S, G * R, K) and width == sum(outs)
+            and all(y.dim() == 2 and y.shape[0] == N for y in ys)):
+        raise ValueError(f"add_lora: expected 1 to 3 ys (N, OUT_j), x (N, K), lora_a (S, G*R, K), lora_b (S, R, ΣOUT_j), "
+                         f"got ys {[tuple(y.shape) for y in ys]}, x {tuple(x.shape)}, lora_a {tuple(lora_a.shape)}, "
+                         f"lora_b {tuple(lora_b.shape)}")
+    if not all(t.dtype == x.dtype for t in (*ys, lora_a, lora_b)):
+        raise ValueError(f"add_lora: x, ys, lora_a and lora_b must share a dtype, got x {x.dtype}, ys "
+                         f"{[y.dtype for y in ys]}, lora_a {lora_a.dtype}, lora_b {lora_b.dtype}")
+    if not all(t.stride(-1) == 1 for t in (x, *ys, lora_a, lora_b)):
+        raise ValueError("add_lora: x, ys, lora_a and lora_b must be contiguous in their last dimension")
+    if batch.token_slots.shape != (N,) or batch.num_slots != S:
         raise ValueError(f"add_lora: the LoRABatch is for {batch.token_slots.shape[0]} tokens and "
-                         f"{batch.group_end.shape[0] - 1} slots, not {N} and {S}")
+                         f"{batch.num_slots} slots, not {N} and {S}")
     if N == 0:
-        return y
-    cfg = _config(N, K, OUT, R, x.device)
+        return ys
+    cfg = _config(N, K, max(outs), G * R, R, x.device)
     bm, sk, T = batch.block_m, cfg["split_k"], batch.tile_slot.shape[0]
     precision = "ieee" if x.dtype == torch.float32 else "tf32"  # fp32: exact products, as the reference
-    xa = torch.empty(sk, N, R, dtype=torch.float32, device=x.device)  # rows of base-only tokens stay unwritten, unread
+    xa = torch.empty(sk, N, G * R, dtype=torch.float32, device=x.device)  # rows of base-only tokens stay unwritten, unread
     _lora_shrink_kernel[(T, sk)](
         x, lora_a, xa, batch.tile_slot, batch.tile_tokens,
-        K, R, S,
+        K, G * R, S,
         x.stride(0), lora_a.stride(0), lora_a.stride(1), xa.stride(0), xa.stride(1),
-        BLOCK_M=bm, BLOCK_K=cfg["block_k"], BLOCK_R=cfg["block_r"], SPLIT_K=sk, DOT_PRECISION=precision,
+        BLOCK_M=bm, BLOCK_K=cfg["block_k"], BLOCK_R=cfg["shrink_block_r"], SPLIT_K=sk, DOT_PRECISION=precision,
+        num_warps=cfg["shrink_warps"],
     )
-    _lora_expand_kernel[(T, triton.cdiv(OUT, cfg["block_n"]))](
-        xa, lora_b, y, batch.tile_slot, batch.tile_tokens,
-        OUT, R, S,
-        xa.stride(0), xa.stride(1), lora_b.stride(0), lora_b.stride(1), y.stride(0),
-        BLOCK_M=bm, BLOCK_N=cfg["block_n"], BLOCK_R=cfg["block_r"], SPLIT_K=sk, DOT_PRECISION=precision,
+    y0, y1, y2 = (ys + [ys[0]] * 2)[:3]  # a missing output: OUT_j = 0, so no program writes it
+    out0, out1, out2 = (outs + [0, 0])[:3]
+    blocks = sum(triton.cdiv(out, cfg["block_n"]) for out in outs)
+    _lora_expand_kernel[(T, blocks)](
+        xa, lora_b, y0, y1, y2, batch.tile_slot, batch.tile_tokens,
+        out0, out1, out2, R, S,
+        xa.stride(0), xa.stride(1), lora_b.stride(0), lora_b.stride(1), y0.stride(0), y1.stride(0), y2.stride(0),
+        BLOCK_M=bm, BLOCK_N=cfg["block_n"], BLOCK_R=cfg["expand_block_r"], SPLIT_K=sk, DOT_PRECISION=precision,
+        num_warps=cfg["expand_warps"],
     )
-    return y
+    return ys

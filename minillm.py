@@ -579,6 +579,13 @@ def linear(proj: nn.Linear, x, lora_batch: Optional[lora.LoRABatch]) -> torch.Te
     return y if lora_batch is None else lora.add(y, x, proj.lora_a, proj.lora_b, lora_batch)
 
 
+def linear_stacked(projs: tuple, x, lora_batch: Optional[lora.LoRABatch]) -> list:
+    """[proj(x) for proj in projs] for projections of the same input (q/k/v, gate/up), plus each token's
+    LoRA deltas: one shrink and one expand serve all of them, as their adapter weights are stacked."""
+    ys = [proj(x) for proj in projs]
+    return ys if lora_batch is None else lora.add_stacked(ys, x, projs, lora_batch)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -590,9 +597,8 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, meta: AttentionMetadata, k_cache, v_cache):
         N = x.shape[0]
-        q = linear(self.q_proj, x, meta.lora).view(N, self.H, self.D)    # (N, C) @ (C, H*D) -> (N, H, D)
-        k = linear(self.k_proj, x, meta.lora).view(N, self.KVH, self.D)  # (N, KVH, D)
-        v = linear(self.v_proj, x, meta.lora).view(N, self.KVH, self.D)  # (N, KVH, D)
+        q, k, v = linear_stacked((self.q_proj, self.k_proj, self.v_proj), x, meta.lora)  # (N, C) -> (N, H*D), (N, KVH*D) x2
+        q, k, v = q.view(N, self.H, self.D), k.view(N, self.KVH, self.D), v.view(N, self.KVH, self.D)
         rope = apply_rope_fused if x.is_cuda else apply_rope
         q, k = rope(q, cos, sin), rope(k, cos, sin)
         # The Triton kernels on the GPU; on the CPU the plain-PyTorch reference (same contract).
@@ -612,7 +618,8 @@ class MLP(nn.Module):
 
     def forward(self, x, lora_batch=None):  # SwiGLU: (N, C) -> (N, F) -> (N, C)
         act = silu_and_mul_fused if x.is_cuda else silu_and_mul
-        return linear(self.down_proj, act(linear(self.gate_proj, x, lora_batch), linear(self.up_proj, x, lora_batch)), lora_batch)
+        gate, up = linear_stacked((self.gate_proj, self.up_proj), x, lora_batch)
+        return linear(self.down_proj, act(gate, up), lora_batch)
 
 
 class DecoderLayer(nn.Module):

