@@ -1062,8 +1062,10 @@ class LLM:
             seq_lens=torch.zeros(max_bs, **i32), query_start_loc=torch.arange(max_bs + 1, **i32),  # one token per row
             lora_slots=torch.full((max_bs,), -1, **i64))  # each token's adapter slot; grouped inside the graph
         graphs, pool = {}, None
-        for bs in reversed(sizes):  # largest first: the smaller graphs reuse its memory pool
-            lora_batch = lambda: lora.LoRABatch.build(g["lora_slots"][:bs], self.lora.max_loras) if self.lora else None
+        # Largest first: the smaller graphs reuse its memory pool. With LoRA on, each size also gets a graph
+        # without the LoRA kernels, for the steps where no token uses an adapter.
+        for bs, use_lora in [(bs, u) for bs in reversed(sizes) for u in ((True, False) if self.lora else (False,))]:
+            lora_batch = lambda: lora.LoRABatch.build(g["lora_slots"][:bs], self.lora.max_loras) if use_lora else None
             meta = lambda: AttentionMetadata(g["slot_mapping"][:bs], g["block_tables"][:bs], g["seq_lens"][:bs],
                                              g["query_start_loc"][: bs + 1], 1, self.max_seq_len, lora_batch())
             run = lambda: self.model(g["input_ids"][:bs], g["positions"][:bs], meta(), self.kv_cache)
@@ -1072,16 +1074,16 @@ class LLM:
             with torch.cuda.graph(graph, pool=pool):
                 hidden = run()
             pool = graph.pool()
-            graphs[bs] = (graph, hidden)
+            graphs[bs, use_lora] = (graph, hidden)
         torch.cuda.synchronize()
         return graphs
 
     def run_model(self, input_ids, positions, meta: AttentionMetadata) -> torch.Tensor:
         """The forward pass of one step: (N,) token ids -> (N, C) hidden states, through a graph when one fits."""
         N = input_ids.shape[0]
-        if meta.max_query_len > 1 or not self.graphs or N > max(self.graphs):
+        if meta.max_query_len > 1 or not self.graphs or N > max(b for b, _ in self.graphs):
             return self.model(input_ids, positions, meta, self.kv_cache)
-        bs = min(b for b in self.graphs if b >= N)
+        bs = min(b for b, _ in self.graphs if b >= N)
         g, width = self.graph_inputs, meta.block_tables.shape[1]
         g["input_ids"][:N] = input_ids
         g["positions"][:N] = positions
@@ -1090,10 +1092,10 @@ class LLM:
         g["seq_lens"][:N] = meta.seq_lens
         g["seq_lens"][N:bs] = 0
         g["block_tables"][:N, :width] = meta.block_tables
-        if self.lora is not None:
-            g["lora_slots"][:N] = meta.lora.token_slots if meta.lora is not None else -1
+        if meta.lora is not None:
+            g["lora_slots"][:N] = meta.lora.token_slots
             g["lora_slots"][N:bs] = -1
-        graph, hidden = self.graphs[bs]
+        graph, hidden = self.graphs[bs, meta.lora is not None]
         graph.replay()
         return hidden[:N]
 
