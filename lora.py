@@ -348,6 +348,7 @@ class LoRABatch:
 
     @classmethod
     def build(cls, token_slots: torch.Tensor, num_slots: int) -> "LoRABatch":
+        """The LoRABatch of these slots (what the engine calls); its tiles come on first use."""
         return cls(token_slots, num_slots)
 
     @functools.cached_property
@@ -526,7 +527,9 @@ def _lora_shrink_kernel(
     offs_m = tl.arange(0, BLOCK_M)
     slot = tl.load(tile_slot_ptr + tile)
     tokens = tl.load(tile_tokens_ptr + tile * BLOCK_M + offs_m)
-    if slot >= NUM_SLOTS:  # an unused tile
+    # an unused tile: slot S, no tokens. (The test reads both loads so the compiler issues them
+    # together; on the slot alone it would load the tokens after the branch, a round trip later.)
+    if (slot >= NUM_SLOTS) | (tl.max(tokens) < 0):
         return
     mask_m = tokens >= 0
     tokens = tl.where(mask_m, tokens, 0)
@@ -560,7 +563,7 @@ def _lora_expand_kernel(
     offs_m = tl.arange(0, BLOCK_M)
     slot = tl.load(tile_slot_ptr + tile)
     tokens = tl.load(tile_tokens_ptr + tile * BLOCK_M + offs_m)
-    if slot >= NUM_SLOTS:
+    if (slot >= NUM_SLOTS) | (tl.max(tokens) < 0):  # an unused tile (both loads tested: see shrink)
         return
     mask_m = tokens >= 0
     tokens = tl.where(mask_m, tokens, 0)
@@ -576,20 +579,22 @@ def _lora_expand_kernel(
     offs_r = tl.arange(0, BLOCK_R)
     offs_n = block * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < OUT
-    # -- xa (BLOCK_M, BLOCK_R): projection j's R columns of the shrink's SPLIT_K partial sums, added --
+    # -- the loads: y_j's rows, B's tile and the partial sums xa, all in flight at once (each needs only
+    #    the tile's slot and tokens; xa's sum waits for its load, so it comes last) --
+    y_ptrs = y_ptr + tokens[:, None] * stride_yn + offs_n[None, :]
+    mask = mask_m[:, None] & mask_n[None, :]
+    y = tl.load(y_ptrs, mask=mask, other=0.0)                                  # (BLOCK_M, BLOCK_N)
+    b = tl.load(b_ptr + slot.to(tl.int64) * stride_bs + offs_r[:, None] * stride_br + b_col + offs_n[None, :],
+                mask=(offs_r[:, None] < R) & mask_n[None, :], other=0.0)       # (BLOCK_R, BLOCK_N)
     offs_s = tl.arange(0, SPLIT_K)
     xa_ptrs = (xa_ptr + j * R + offs_s[:, None, None] * stride_xas + tokens[None, :, None] * stride_xan
                + offs_r[None, None, :])
     mask_mr = mask_m[:, None] & (offs_r[None, :] < R)
-    xa = tl.sum(tl.load(xa_ptrs, mask=mask_mr[None, :, :], other=0.0), axis=0)  # (SPLIT_K, BLOCK_M, BLOCK_R) -> (BLOCK_M, BLOCK_R)
-    # -- delta = xa @ B tile (BLOCK_R, BLOCK_N), in B's dtype as a half-precision model computes it --
-    b = tl.load(b_ptr + slot.to(tl.int64) * stride_bs + offs_r[:, None] * stride_br + b_col + offs_n[None, :],
-                mask=(offs_r[:, None] < R) & mask_n[None, :], other=0.0)
+    # projection j's R columns of the shrink's SPLIT_K partial sums, added: (SPLIT_K, BLOCK_M, BLOCK_R) -> (BLOCK_M, BLOCK_R)
+    xa = tl.sum(tl.load(xa_ptrs, mask=mask_mr[None, :, :], other=0.0), axis=0)
+    # -- delta = xa @ B tile, in B's dtype as a half-precision model computes it --
     delta = tl.dot(xa.to(b.dtype), b, input_precision=DOT_PRECISION)  # (BLOCK_M, BLOCK_N) float32
     # -- y += delta (each token belongs to one slot: no other program writes these rows) --
-    y_ptrs = y_ptr + tokens[:, None] * stride_yn + offs_n[None, :]
-    mask = mask_m[:, None] & mask_n[None, :]
-    y = tl.load(y_ptrs, mask=mask, other=0.0)
     tl.store(y_ptrs, (y.to(tl.float32) + delta).to(y_ptr.dtype.element_ty), mask=mask)
 
 
@@ -614,8 +619,9 @@ def _config(N: int, K: int, OUT: int, rows: int, R: int, device) -> dict:
     # have tiles enough: 4 splits. A power of two, as expand loads all splits as one block.
     want = K // (2 * block_k) if block_m == 16 else 4
     split_k = 1 << (max(1, min(want, 32)).bit_length() - 1)  # round down to a power of two
-    # Every expand program re-reads its tokens' partial sums: wide outputs take wide tiles. A 64-token
-    # tile of 256 float32 columns needs 8 warps: on 4 it spills registers (ptxas -v, sm_90).
+    # Every expand program re-reads its tokens' partial sums: wide outputs take wide tiles. 64-token
+    # tiles (prefill) run on 8 warps: a 64 x 256 tile on 4 takes ~210 registers a thread (ptxas,
+    # sm_90), so only 2 programs (8 warps) fit an SM, too few loads in flight for a memory-bound kernel.
     block_n = (256 if OUT >= 4096 else 128) if cuda else 32
     expand_warps = 8 if block_m * block_n >= 64 * 128 else 4
     shrink_warps = 8 if block_m * shrink_block_r >= 64 * 128 else 4

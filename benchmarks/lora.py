@@ -137,24 +137,47 @@ def layer_breakdown(cfg: dict, N: int, num_adapters: int, rank: int, max_loras: 
     for name, (projs, inp) in stacks.items():  # the LoRA kernels alone (y += in place, repeatedly: fine for timing)
         ys = [proj(inp) for proj in projs]
         r["lora " + name] = device_us(lambda: lora.add_stacked(ys, inp, projs, batch), reps)
+    # the LoRA kernels' memory traffic: x read, y read and written, the float32 partial sums written and
+    # read once, the slots' weights; over the card's copy bandwidth it is their floor at this N
+    nbytes = 0
+    for projs, inp in stacks.values():
+        G, (K, width) = len(projs), (inp.shape[1], sum(p.out_features for p in projs))
+        split_k = lora._config(N, K, max(p.out_features for p in projs), G * rank, rank, inp.device)["split_k"]
+        nbytes += (N * K + 2 * N * width + max_loras * rank * (G * K + width)) * inp.element_size() + 2 * split_k * N * G * rank * 4
+    r["bytes"] = nbytes
     group = lora.group_tokens if lora.use_kernels(slots) else lora.group_tokens_ref
     r["grouping"] = device_us(lambda: group(slots, max_loras, batch.block_m), reps)
     r["grouping, PyTorch"] = device_us(lambda: lora.group_tokens_ref(slots, max_loras, batch.block_m), reps)
     return r
 
 
-def print_breakdown(rows: list, dry_run: bool):
+def copy_bandwidth() -> float:
+    """Bytes/s of a device-to-device copy of 512 MiB (read + write), the floor's yardstick."""
+    if not torch.cuda.is_available():
+        return 0.0
+    src = torch.empty(2**29, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    ms = triton.testing.do_bench(lambda: dst.copy_(src), return_mode="median")
+    return 2 * src.numel() / (ms / 1000)
+
+
+def print_breakdown(rows: list, dry_run: bool, bandwidth: float):
     unit = "wall µs, interpreter: NOT a timing" if dry_run else "device µs"
     print(f"\none layer, 7 projections ({unit}); LoRA launches per layer: 14 per projection, 8 stacked")
-    print(f"{'':<26} {'base':>8} {'per proj':>9} {'stacked':>8} {'overhead':>9} {'q/k/v':>7} {'o':>6} {'gate/up':>8} "
-          f"{'down':>6} {'grouping (per step)':>20}")
+    print(f"{'':<29} {'base':>8} {'per proj':>9} {'stacked':>8} {'overhead':>9} {'q/k/v':>7} {'o':>6} {'gate/up':>8} "
+          f"{'down':>6} {'LoRA sum':>8} {'floor':>6}  grouping, per step")
     for label, r in rows:
-        print(f"{label:<26} {r['base']:>8.1f} {r['per projection']:>9.1f} {r['stacked']:>8.1f} "
+        lora_sum = sum(r["lora " + n] for n in ("q/k/v", "o", "gate/up", "down"))
+        floor = f"{r['bytes'] / bandwidth * 1e6:>6.1f}" if bandwidth else f"{'-':>6}"
+        print(f"{label:<29} {r['base']:>8.1f} {r['per projection']:>9.1f} {r['stacked']:>8.1f} "
               f"{r['stacked'] / r['base'] - 1:>8.0%} {r['lora q/k/v']:>7.1f} {r['lora o']:>6.1f} {r['lora gate/up']:>8.1f} "
-              f"{r['lora down']:>6.1f} {r['grouping']:>7.1f} (torch {r['grouping, PyTorch']:.1f})", flush=True)
+              f"{r['lora down']:>6.1f} {lora_sum:>8.1f} {floor}  {r['grouping']:.1f} (PyTorch: {r['grouping, PyTorch']:.1f})",
+              flush=True)
     print("  base: the seven projections without LoRA; per proj / stacked: with LoRA, 14 / 8 kernel launches;"
-          "\n  overhead: stacked vs base; q/k/v .. down: the LoRA kernels of each stack alone (shrink + expand);"
-          "\n  grouping: the tiles of tokens by adapter, one kernel (the PyTorch version: ~35 small kernels)")
+          "\n  overhead: stacked vs base; q/k/v .. down: each stack's LoRA kernels alone (shrink + expand);"
+          "\n  floor: the LoRA kernels' bytes over the copy bandwidth" +
+          (f" ({bandwidth / 1e12:.2f} TB/s)" if bandwidth else "") +
+          "; grouping: tokens into tiles, one kernel (in PyTorch ~35)")
 
 
 # ---- 2. workload (b) through the engine ------------------------------------------------------
@@ -238,6 +261,7 @@ def main():
     if not dry and not torch.cuda.is_available():
         raise SystemExit("no GPU: run with --dry-run to check the script on the CPU")
     dev, dt = ("cpu", torch.float32) if dry else ("cuda", torch.bfloat16)
+    engine_use_kernels = lora.use_kernels
     if dry:
         lora.use_kernels = lambda t: True  # the layer breakdown runs the Triton kernels in the interpreter
     tmp = tempfile.mkdtemp()
@@ -251,7 +275,7 @@ def main():
         name = "CPU (dry run)" if dry else torch.cuda.get_device_name()
         print(f"device: {name}  torch {torch.__version__}  triton {triton.__version__}  "
               f"rank {args.rank} on all seven projections", flush=True)
-        breakdown = []
+        breakdown, bandwidth = [], 0.0
         if not args.no_layers:
             cases = ((256, 4, 4), (256, 16, 16), (8192, 4, 4)) if not dry else ((40, 4, 4), (1100, 4, 4))
             for N, k, S in cases:
@@ -263,13 +287,19 @@ def main():
                 gc.collect()
                 if not dry:
                     torch.cuda.empty_cache()
-            print_breakdown(breakdown, dry)
-        lora.use_kernels = lambda t: t.is_cuda  # the engine as it runs: the kernels on the GPU only
+            try:
+                bandwidth = copy_bandwidth()
+            except Exception:
+                print(f"copy bandwidth failed:\n{traceback.format_exc()}", flush=True)
+            print_breakdown(breakdown, dry, bandwidth)
+        lora.use_kernels = engine_use_kernels  # the engine as it runs: the kernels on the GPU only
+        if not dry:
+            torch.cuda.reset_peak_memory_stats()  # the engines size their KV cache from the peak
         results = engine_rows(model, cfg, [r for r in args.rows.split(",") if r], args.rank, tmp, dry) if args.rows else {}
         print(f"\ndevice: {name}  torch {torch.__version__}  triton {triton.__version__}  "
               f"rank {args.rank} on all seven projections")
         if breakdown:
-            print_breakdown(breakdown, dry)
+            print_breakdown(breakdown, dry, bandwidth)
         print_rows(results)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
