@@ -30,6 +30,9 @@ def tiny(tmp_path_factory):
     return folder, hf
 
 
+SMALL = dict(block_size=4, num_gpu_blocks_override=256)  # 1 GiB of cache would be a million tiny blocks
+
+
 def token_prompts(prompts):
     return [{"prompt_token_ids": p} for p in prompts]
 
@@ -54,7 +57,7 @@ def test_prefix_caching_shares_a_system_prefix_and_changes_nothing(tiny):
     prefix = random_prompts([40], seed=5)[0]
     prompts = [prefix + s for s in random_prompts([3, 5, 7, 9, 4, 6], seed=6)]
     sp = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
-    on, off = LLM(folder, block_size=4), LLM(folder, block_size=4, enable_prefix_caching=False)
+    on, off = LLM(folder, **SMALL), LLM(folder, **SMALL, enable_prefix_caching=False)
     want = [o.outputs[0].token_ids for o in off.generate(token_prompts(prompts), sp, use_tqdm=False)]
     first = on.generate(token_prompts(prompts), sp, use_tqdm=False)
     # the first prompt computes the prefix; the others, scheduled in the same step, take its 10 blocks
@@ -134,11 +137,11 @@ def test_logprobs_and_prompt_logprobs_match_hf(tiny):
 
 
 def reference_penalties(logits, prompt, output, presence, frequency, repetition):
-    """vLLM's formulas, one token at a time: repetition over prompt and output tokens, the others over output."""
+    """vLLM's formulas, one token at a time: repetition over prompt and output tokens, the others over output
+    (tokens in neither are left as they are)."""
     logits = logits.clone()
-    for t in range(logits.shape[0]):
-        if t in prompt or t in output:
-            logits[t] = logits[t] / repetition if logits[t] > 0 else logits[t] * repetition
+    for t in set(prompt) | set(output):
+        logits[t] = logits[t] / repetition if logits[t] > 0 else logits[t] * repetition
         logits[t] -= frequency * output.count(t) + presence * (t in output)
     return logits
 
@@ -162,7 +165,7 @@ def test_apply_penalties_matches_reference():
 
 def test_penalized_greedy_generation_matches_hf_with_reference_penalties(tiny):
     folder, hf = tiny
-    llm = LLM(folder, block_size=4)
+    llm = LLM(folder, **SMALL)
     prompts = random_prompts([12, 7], seed=11)
     params = [SamplingParams(temperature=0, max_tokens=10, ignore_eos=True, presence_penalty=0.4, frequency_penalty=0.3),
               SamplingParams(temperature=0, max_tokens=10, ignore_eos=True, repetition_penalty=1.8)]
@@ -172,7 +175,7 @@ def test_penalized_greedy_generation_matches_hf_with_reference_penalties(tiny):
         output = []
         for _ in range(10):
             with torch.no_grad():
-                logits = hf(torch.tensor([prompt + output])).logits[0, -1].float()
+                logits = hf(torch.tensor([prompt + output]), logits_to_keep=1).logits[0, -1].float()
             logits = reference_penalties(logits, prompt, output, sp.presence_penalty, sp.frequency_penalty,
                                          sp.repetition_penalty)
             output.append(int(logits.argmax()))
@@ -187,7 +190,7 @@ def test_n_completions_share_blocks_differ_and_reproduce(tiny):
     folder, _ = tiny
     prompt = token_prompts(random_prompts([37], seed=12))
     sp = SamplingParams(n=4, temperature=1.0, seed=11, max_tokens=8, ignore_eos=True)
-    shared, separate = LLM(folder, block_size=4), LLM(folder, block_size=4, enable_prefix_caching=False)
+    shared, separate = LLM(folder, **SMALL), LLM(folder, **SMALL, enable_prefix_caching=False)
     peak_shared, peak_separate = peak_blocks_in_use(shared), peak_blocks_in_use(separate)
     out = shared.generate(prompt, sp, use_tqdm=False)[0]
     separate.generate(prompt, sp, use_tqdm=False)
@@ -217,7 +220,7 @@ CONVERSATIONS = [
 def test_chat_template_renders_as_transformers_does(tiny):
     from transformers import AutoTokenizer
     folder, _ = tiny
-    llm = LLM(folder)
+    llm = LLM(folder, num_gpu_blocks_override=64)
     hf_tok = AutoTokenizer.from_pretrained(folder)
     for conversation in CONVERSATIONS:
         for gen in (True, False):
@@ -280,5 +283,5 @@ def test_a_waiting_request_preempts_worse_running_ones(tiny):
         finished += llm.step()
     order = [s.seq_id for s in finished]
     assert order.index(3) < order.index(1) and order.index(3) < order.index(2)
-    alone = LLM(folder, enable_prefix_caching=False).generate(token_prompts(prompts), sp, use_tqdm=False)
+    alone = LLM(folder, **SMALL).generate(token_prompts(prompts), sp, use_tqdm=False)
     assert [s.output_token_ids for s in (low0, low1, late, urgent)] == [o.outputs[0].token_ids for o in alone]
