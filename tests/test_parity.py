@@ -217,6 +217,10 @@ CONVERSATIONS = [
 ]
 
 
+def hf_ids(hf_tok, conversation):
+    return hf_tok.apply_chat_template(conversation, tokenize=True, add_generation_prompt=True, return_dict=False)
+
+
 def test_chat_template_renders_as_transformers_does(tiny):
     from transformers import AutoTokenizer
     folder, _ = tiny
@@ -226,12 +230,11 @@ def test_chat_template_renders_as_transformers_does(tiny):
         for gen in (True, False):
             want = hf_tok.apply_chat_template(conversation, tokenize=False, add_generation_prompt=gen)
             assert llm.get_tokenizer().apply_chat_template(conversation, add_generation_prompt=gen) == want
-        want_ids = hf_tok.apply_chat_template(conversation, tokenize=True, add_generation_prompt=True)["input_ids"]
+        want_ids = hf_ids(hf_tok, conversation)
         assert llm.get_tokenizer().apply_chat_template(conversation, tokenize=True) == want_ids
         assert want_ids.count(llm.tokenizer.bos_id) == 1  # the template's BOS, no second one
     outs = llm.chat(CONVERSATIONS, SamplingParams(max_tokens=3), use_tqdm=False)
-    assert [o.prompt_token_ids for o in outs] == [
-        hf_tok.apply_chat_template(c, add_generation_prompt=True)["input_ids"] for c in CONVERSATIONS]
+    assert [o.prompt_token_ids for o in outs] == [hf_ids(hf_tok, c) for c in CONVERSATIONS]
     assert len(llm.chat(CONVERSATIONS[0], SamplingParams(max_tokens=3), use_tqdm=False)) == 1  # one conversation
     with pytest.raises(ValueError, match="conversation 1: unknown role: robot"):
         llm.chat([CONVERSATIONS[0], [{"role": "robot", "content": "beep"}]], use_tqdm=False)
@@ -246,8 +249,7 @@ def test_default_model_chat_template_from_gguf_matches_transformers():
     for conversation in CONVERSATIONS:
         assert ours.apply_chat_template(conversation) == hf_tok.apply_chat_template(
             conversation, tokenize=False, add_generation_prompt=True)
-        assert ours.apply_chat_template(conversation, tokenize=True) == hf_tok.apply_chat_template(
-            conversation, add_generation_prompt=True)["input_ids"]
+        assert ours.apply_chat_template(conversation, tokenize=True) == hf_ids(hf_tok, conversation)
 
 
 def test_cli_chat_answers_on_the_default_model(tmp_path):
