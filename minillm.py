@@ -9,7 +9,8 @@ What happens inside, in the order this file is written:
   1. configs        ModelConfig (the checkpoint's shape), SamplingParams, the output classes
   2. loading        HF folders (config.json + safetensors) and GGUF files, straight to device
   3. tokenizer      every tokenizer becomes a tiktoken Encoding; incremental detokenization
-  4. model          Llama: RMSNorm, RoPE, grouped-query attention over a paged KV cache, SwiGLU
+  4. model          Llama: RMSNorm, RoPE, grouped-query attention over a paged KV cache, SwiGLU;
+                   each projection adds its token's LoRA delta when the step uses adapters (lora.py)
   5. KV cache       blocks of `block_size` token slots, a BlockManager with prefix caching, block tables
   6. sampler        penalties, greedy / temperature / top-k / top-p / min-p, logprobs; batched on the device
   7. scheduler      continuous batching with chunked prefill and preemption by recompute
@@ -38,6 +39,7 @@ import codecs
 import glob
 import hashlib
 import importlib.util
+import itertools
 import json
 import math
 import os
@@ -53,7 +55,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
+import lora
 import paged_attention as pa
+from lora import LoRARequest
 
 # ----------------------------------------------------------------------------------------------
 # 1. Configs
@@ -560,16 +564,36 @@ def load_tokenizer(path: str) -> Tokenizer:
 # 4. Model: Llama
 
 
+# Three chains of elementwise ops. Eagerly, each op is a kernel launch and a pass over memory; on the
+# GPU torch.compile fuses each chain into one Triton kernel (compiled on first use, any N).
+def rms_norm(x, weight, eps):  # (N, C) -> (N, C); the statistics in float32, as HF does
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+def apply_rope(x, cos, sin):
+    """x (N, heads, D); cos, sin (N, D/2). Rotates the pairs (x[i], x[i + D/2]), HF's layout."""
+    x1, x2 = x.float().chunk(2, dim=-1)          # (N, heads, D/2) each
+    cos, sin = cos[:, None, :], sin[:, None, :]  # (N, 1, D/2)
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
+
+
+def silu_and_mul(gate, up):  # SwiGLU's activation: (N, F), (N, F) -> (N, F)
+    return F.silu(gate) * up
+
+
+rms_norm_fused, apply_rope_fused, silu_and_mul_fused = (torch.compile(f, dynamic=True) for f in (rms_norm, apply_rope, silu_and_mul))
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
-    def forward(self, x):  # (N, C) -> (N, C); the statistics in float32, as the reference does
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+    def forward(self, x):
+        return (rms_norm_fused if x.is_cuda else rms_norm)(x, self.weight, self.eps)
 
 
 def rope_tables(cfg: ModelConfig, max_len: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -591,23 +615,23 @@ def rope_tables(cfg: ModelConfig, max_len: int, device) -> tuple[torch.Tensor, t
     return freqs.cos().to(device), freqs.sin().to(device)
 
 
-def apply_rope(x, cos, sin):
-    """x (N, heads, D); cos, sin (N, D/2). Rotates the pairs (x[i], x[i + D/2]), HF's layout."""
-    x1, x2 = x.float().chunk(2, dim=-1)          # (N, heads, D/2) each
-    cos, sin = cos[:, None, :], sin[:, None, :]  # (N, 1, D/2)
-    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
-
-
 @dataclass
 class AttentionMetadata:
-    """Everything attention needs to find the batch's tokens in the paged KV cache. Built once per step
-    by the engine and passed down explicitly (no global state)."""
+    """Everything attention needs to find the batch's tokens in the paged KV cache, and the LoRA slot of each
+    token for the linear layers. Built once per step by the engine and passed down explicitly (no global state)."""
     slot_mapping: torch.Tensor     # (N,) cache slot (block * block_size + offset) of each new token; -1 = padding
     block_tables: torch.Tensor     # (B, max_blocks) physical block of each sequence's logical block
     seq_lens: torch.Tensor         # (B,) tokens in each sequence after this step (cached + new)
     query_start_loc: torch.Tensor  # (B+1,) where each sequence's new tokens start in the packed batch
     max_query_len: int             # the longest run of new tokens (1 = a pure decode step)
     max_seq_len: int
+    lora: Optional[lora.LoRABatch] = None  # each token's adapter slot (lora.py); None: base model only
+
+
+def linear(proj: nn.Linear, x, lora_batch: Optional[lora.LoRABatch]) -> torch.Tensor:
+    """proj(x), plus each token's LoRA delta when the step uses adapters (their weights hang on proj)."""
+    y = proj(x)
+    return y if lora_batch is None else lora.add(y, x, proj.lora_a, proj.lora_b, lora_batch)
 
 
 class Attention(nn.Module):
@@ -621,16 +645,17 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, meta: AttentionMetadata, k_cache, v_cache):
         N = x.shape[0]
-        q = self.q_proj(x).view(N, self.H, self.D)    # (N, C) @ (C, H*D) -> (N, H, D)
-        k = self.k_proj(x).view(N, self.KVH, self.D)  # (N, KVH, D)
-        v = self.v_proj(x).view(N, self.KVH, self.D)  # (N, KVH, D)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q = linear(self.q_proj, x, meta.lora).view(N, self.H, self.D)    # (N, C) @ (C, H*D) -> (N, H, D)
+        k = linear(self.k_proj, x, meta.lora).view(N, self.KVH, self.D)  # (N, KVH, D)
+        v = linear(self.v_proj, x, meta.lora).view(N, self.KVH, self.D)  # (N, KVH, D)
+        rope = apply_rope_fused if x.is_cuda else apply_rope
+        q, k = rope(q, cos, sin), rope(k, cos, sin)
         # The Triton kernels on the GPU; on the CPU the plain-PyTorch reference (same contract).
         write_kv, attend = (pa.write_kv_cache, pa.paged_attention) if x.is_cuda else (pa.write_kv_cache_ref, pa.paged_attention_ref)
         write_kv(k, v, k_cache, v_cache, meta.slot_mapping)  # the new tokens' K/V into their slots
         o = attend(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc,
                    self.D ** -0.5, meta.max_query_len, meta.max_seq_len)  # (N, H, D)
-        return self.o_proj(o.view(N, self.H * self.D))  # (N, H*D) @ (H*D, C) -> (N, C)
+        return linear(self.o_proj, o.view(N, self.H * self.D), meta.lora)  # (N, H*D) @ (H*D, C) -> (N, C)
 
 
 class MLP(nn.Module):
@@ -640,8 +665,9 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
-    def forward(self, x):  # SwiGLU: (N, C) -> (N, F) -> (N, C)
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+    def forward(self, x, lora_batch=None):  # SwiGLU: (N, C) -> (N, F) -> (N, C)
+        act = silu_and_mul_fused if x.is_cuda else silu_and_mul
+        return linear(self.down_proj, act(linear(self.gate_proj, x, lora_batch), linear(self.up_proj, x, lora_batch)), lora_batch)
 
 
 class DecoderLayer(nn.Module):
@@ -654,7 +680,7 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x, cos, sin, meta, k_cache, v_cache):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, meta, k_cache, v_cache)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        return x + self.mlp(self.post_attention_layernorm(x), meta.lora)
 
 
 class Llama(nn.Module):
@@ -687,8 +713,9 @@ def load_model(path: str, device, dtype: str | torch.dtype, max_model_len: Optio
     if path.endswith(".gguf"):
         peek_dtype = None
     elif os.path.isdir(path):
-        peek_dtype = json.load(open(os.path.join(path, "config.json"))).get("torch_dtype") if os.path.exists(
-            os.path.join(path, "config.json")) else None
+        cfg_file = os.path.join(path, "config.json")
+        raw = json.load(open(cfg_file)) if os.path.exists(cfg_file) else {}
+        peek_dtype = raw.get("dtype") or raw.get("torch_dtype")
     else:
         raise FileNotFoundError(f"model {path!r}: expected a folder with config.json + safetensors, or a .gguf file")
     dtype = resolve_dtype(dtype, peek_dtype, device)
@@ -764,12 +791,15 @@ class BlockManager:
         return len(self.free_block_ids)
 
     def block_hashes(self, seq: "Sequence", num_tokens: int) -> list[bytes]:
-        """Hashes of seq's full blocks among its first num_tokens tokens (kept on seq: tokens never change)."""
-        bs = self.block_size
+        """Hashes of seq's full blocks among its first num_tokens tokens, up to one holding a token still on the
+        device (PENDING). Kept on seq: a token never changes once known."""
+        bs, lora_id = self.block_size, seq.lora_request.lora_int_id if seq.lora_request else None
         while len(seq.block_hashes) < num_tokens // bs:
             j = len(seq.block_hashes)
-            parent = seq.block_hashes[-1] if j else None
-            seq.block_hashes.append(hash_block(parent, seq.token_ids[j * bs:(j + 1) * bs], seq.lora_id))
+            tokens = seq.token_ids[j * bs:(j + 1) * bs]
+            if PENDING in tokens:
+                break
+            seq.block_hashes.append(hash_block(seq.block_hashes[-1] if j else None, tokens, lora_id))
         return seq.block_hashes[: num_tokens // bs]
 
     def find_cached_prefix(self, seq: "Sequence") -> list[int]:
@@ -804,6 +834,7 @@ class BlockManager:
             block.ref_count += 1
             seq.block_table.append(block_id)
         seq.num_computed_tokens += len(cached) * self.block_size
+        seq.num_cached_blocks += len(cached)
         for _ in range(self.blocks_needed(seq, num_new_tokens)):
             block_id = next(iter(self.free_block_ids))  # the least recently freed
             del self.free_block_ids[block_id]
@@ -813,14 +844,16 @@ class BlockManager:
                 block.hash = None
             block.ref_count = 1
             seq.block_table.append(block_id)
-        # Cache the blocks this step fills. Each layer writes the whole step's K/V before any attention
-        # reads it, so a sequence scheduled later in this same step can already share them.
+        # Cache the blocks this step fills (once their tokens are known: a block ending in a PENDING token
+        # waits for a later step). Each layer writes the whole step's K/V before any attention reads it,
+        # so a sequence scheduled later in this same step can already share them.
         if self.enable_prefix_caching:
             hashes = self.block_hashes(seq, seq.num_computed_tokens + num_new_tokens)
-            for j in range(seq.num_computed_tokens // self.block_size, len(hashes)):
+            for j in range(seq.num_cached_blocks, len(hashes)):
                 if hashes[j] not in self.cached:  # else an equal block is cached already; this one isn't shared
                     self.cached[hashes[j]] = seq.block_table[j]
                     self.blocks[seq.block_table[j]].hash = hashes[j]
+            seq.num_cached_blocks = len(hashes)
 
     def free(self, seq: "Sequence") -> None:
         # last block first: it is the least likely to be shared, so it should be evicted first
@@ -829,7 +862,7 @@ class BlockManager:
             block.ref_count -= 1
             if block.ref_count == 0:
                 self.free_block_ids[block_id] = None
-        seq.block_table = []
+        seq.block_table, seq.num_cached_blocks = [], 0
 
 
 def allocate_kv_cache(cfg: ModelConfig, num_blocks: int, block_size: int, dtype, device) -> list:
@@ -886,6 +919,13 @@ def apply_penalties(logits, prompt_mask, output_counts, presence, frequency, rep
     return logits - frequency[:, None] * output_counts - presence[:, None] * (output_counts > 0)
 
 
+def gumbel_argmax(logits, temperature, q):  # (B, V), (B,), (B, V) -> (B,)
+    return (logits / temperature[:, None] - q.log()).argmax(dim=-1)
+
+
+gumbel_argmax_fused = torch.compile(gumbel_argmax, dynamic=True)  # one pass over logits and q on the GPU
+
+
 def sample(logits: torch.Tensor, st: SamplingTensors, generator: torch.Generator) -> torch.Tensor:
     """logits (B, V) float32 -> token ids (B,). Everything stays on the device."""
     if st.penalties is not None:  # before temperature, and before greedy picks its token
@@ -893,17 +933,18 @@ def sample(logits: torch.Tensor, st: SamplingTensors, generator: torch.Generator
     greedy = logits.argmax(dim=-1)
     if st.all_greedy:
         return greedy
-    logits = logits / st.temperature.clamp(min=1e-5)[:, None]
-    logits = apply_top_k_top_p_min_p(logits, st.top_k if st.any_top_k_top_p else None,
-                                     st.top_p, st.min_p if st.any_min_p else None)
-    probs = logits.softmax(dim=-1)
-    # Sampling from probs = argmax of probs / q with q ~ Exponential(1) (the "exponential race").
-    # Each seeded request draws its row of q from its own generator, so its tokens do not depend on
-    # what else is in the batch.
-    q = torch.empty_like(probs).exponential_(generator=generator)
+    temperature = st.temperature.clamp(min=1e-5)  # (B,) greedy rows are replaced at the end
+    if st.any_top_k_top_p or st.any_min_p:
+        logits = apply_top_k_top_p_min_p(logits / temperature[:, None], st.top_k if st.any_top_k_top_p else None,
+                                         st.top_p, st.min_p if st.any_min_p else None)
+        temperature = torch.ones_like(temperature)
+    # The Gumbel-max trick: with q ~ Exponential(1), argmax(logits/T - log q) is a sample from
+    # softmax(logits/T), and needs no softmax. Each seeded request draws its row of q from its own
+    # generator, so its tokens do not depend on what else is in the batch.
+    q = torch.empty_like(logits).exponential_(generator=generator)
     for row, g in st.generators.items():
         q[row].exponential_(generator=g)
-    sampled = (probs / q).argmax(dim=-1)
+    sampled = (gumbel_argmax_fused if logits.is_cuda else gumbel_argmax)(logits, temperature, q)
     return torch.where(st.temperature == 0, greedy, sampled)
 
 
@@ -921,6 +962,9 @@ def gather_logprobs(logprobs: torch.Tensor, token_ids: torch.Tensor, k: int) -> 
 # 7. Sequences and the scheduler
 
 
+PENDING = -1  # a sampled token that is still on its way from the device (see LLM.step)
+
+
 class SequenceStatus(Enum):
     WAITING = "waiting"
     RUNNING = "running"
@@ -931,15 +975,18 @@ class Sequence:
     """One request on its way through the engine: its tokens, its blocks, its text so far."""
 
     def __init__(self, seq_id: int, prompt: Optional[str], prompt_token_ids: list[int], params: SamplingParams,
-                 priority: int, tokenizer: "Tokenizer", max_seq_len: int, device):
+                 priority: int, tokenizer: "Tokenizer", max_seq_len: int, device, lora_request=None):
         self.seq_id = seq_id
+        self.lora_request: Optional[LoRARequest] = lora_request  # None: the base model. (Prefix caching: KV
+        # blocks computed under one adapter must never be shared with another; hash lora_int_id with the tokens.)
         self.prompt, self.prompt_token_ids = prompt, prompt_token_ids
         self.token_ids = list(prompt_token_ids)  # prompt + output so far
         self.num_computed_tokens = 0             # leading tokens whose K/V are in the cache
         self.num_cached_tokens: Optional[int] = None  # of those, found in the prefix cache when first scheduled
         self.block_table: list[int] = []
-        self.block_hashes: list[bytes] = []     # prefix-cache hashes of the full blocks so far
-        self.lora_id: Optional[int] = None       # the LoRA adapter: part of the prefix-cache key
+        self.block_hashes: list[bytes] = []     # prefix-cache hashes of its full blocks of known tokens
+        self.num_cached_blocks = 0               # leading blocks of block_table the prefix cache has seen
+        self.pending_row = -1                    # if the last token is PENDING: its row in the step that sampled it
         self.params = params
         self.sort_key = (priority, seq_id)       # lower runs first; arrival breaks ties
         self.status = SequenceStatus.WAITING
@@ -953,10 +1000,15 @@ class Sequence:
         self.logprobs = [] if params.logprobs is not None else None  # per output token {token_id: Logprob}
         self.cumulative_logprob = 0.0
         self.prompt_logprobs = [None] if params.prompt_logprobs is not None else None  # the first token has none
+        self.num_prompt_logprobs = 1  # entries made or on their way from the device
 
     @property
     def num_tokens(self) -> int:
         return len(self.token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - len(self.prompt_token_ids)
 
     @property
     def output_token_ids(self) -> list[int]:
@@ -980,8 +1032,9 @@ class Scheduler:
     waiting queue, to be recomputed from its tokens later (recompute, not swap). Under "priority" a
     waiting sequence that outranks running ones takes their blocks the same way when it can't fit."""
 
-    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int):
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int, max_loras: int = 0):
         self.block_manager = block_manager
+        self.max_loras = max_loras  # most distinct LoRA adapters among running sequences; 0 = LoRA off
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: list[Sequence] = []
@@ -1024,15 +1077,22 @@ class Scheduler:
             budget -= n
             i += 1
         # 2. waiting sequences, while the budgets and the free blocks allow (none after a preemption:
-        #    the cache is full, and a preempted sequence must not be overtaken by a worse one)
+        #    the cache is full, and a preempted sequence must not be overtaken by a worse one). A sequence
+        #    whose adapter would be one more than the max_loras slots waits and lets the others pass.
         #    A waiting sequence starts from its longest cached prefix and computes only the rest.
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not out.num_preempted:
-            seq = self.waiting[0]
+        loras, w = {s.lora_request.lora_int_id for s in self.running if s.lora_request}, 0
+        while w < len(self.waiting) and budget > 0 and len(self.running) < self.max_num_seqs and not out.num_preempted:
+            seq = self.waiting[w]
+            if seq.lora_request and seq.lora_request.lora_int_id not in loras and len(loras) >= self.max_loras:
+                w += 1
+                continue
             cached = self.block_manager.find_cached_prefix(seq)
             n = min(seq.num_tokens - len(cached) * self.block_manager.block_size, budget)
             if not self.block_manager.can_allocate(seq, n, cached):
                 break
-            self.waiting.pop(0)
+            self.waiting.pop(w)
+            if seq.lora_request:
+                loras.add(seq.lora_request.lora_int_id)
             self.block_manager.allocate(seq, n, cached)
             if seq.num_cached_tokens is None:
                 seq.num_cached_tokens = seq.num_computed_tokens
@@ -1052,7 +1112,7 @@ class Scheduler:
         insert_sorted(self.waiting, seq)
 
     def finish(self, seq: Sequence) -> None:
-        self.running.remove(seq)
+        (self.running if seq.status is SequenceStatus.RUNNING else self.waiting).remove(seq)
         self.block_manager.free(seq)  # at once: the next step can use the blocks
         seq.status = SequenceStatus.FINISHED
 
@@ -1079,7 +1139,8 @@ class LLM:
                  seed: int = 0, max_model_len: Optional[int] = None, max_num_seqs: int = 256,
                  max_num_batched_tokens: int = 8192, block_size: int = 16, gpu_memory_utilization: float = 0.9,
                  num_gpu_blocks_override: Optional[int] = None, scheduling_policy: str = "fcfs",
-                 enforce_eager: bool = False, enable_prefix_caching: bool = True, **unknown):
+                 enforce_eager: bool = False, enable_prefix_caching: bool = True, enable_lora: bool = False,
+                 max_loras: int = 4, max_lora_rank: int = 64, **unknown):
         if unknown:
             raise TypeError(f"LLM() got an unexpected keyword argument {next(iter(unknown))!r}")
         if scheduling_policy not in ("fcfs", "priority"):
@@ -1096,6 +1157,8 @@ class LLM:
         self.model, self.cfg, gguf_tokenizer = load_model(model_path, self.device, dtype, max_model_len)
         self.tokenizer = load_tokenizer(tokenizer or model_path) if (tokenizer or not gguf_tokenizer) else gguf_tokenizer
         self.eos_ids = set(self.cfg.eos_token_ids) | self.tokenizer.eos_ids
+        # LoRA: adapter slots on the device, before the KV cache takes what memory is left
+        self.lora = lora.LoRAManager(self.model, max_loras, max_lora_rank) if enable_lora else None
         self.max_model_len = max_model_len or self.cfg.max_position_embeddings
         self.max_num_seqs, self.block_size = max_num_seqs, block_size
         self.scheduling_policy = scheduling_policy
@@ -1112,9 +1175,10 @@ class LLM:
             raise ValueError("no memory is left for the KV cache; raise gpu_memory_utilization or use a smaller model")
         self.kv_cache = allocate_kv_cache(self.cfg, num_blocks, block_size, dtype, self.device)
         self.block_manager = BlockManager(num_blocks, block_size, enable_prefix_caching)
-        self.scheduler = Scheduler(self.block_manager, max_num_seqs, max_num_batched_tokens)
+        self.scheduler = Scheduler(self.block_manager, max_num_seqs, max_num_batched_tokens, max_loras if enable_lora else 0)
         self.max_seq_len = min(self.max_model_len, num_blocks * block_size)  # no sequence outgrows the cache
         self.next_request_id = 0
+        self.in_flight = None  # the last step's sampled tokens, on their way to the host (see step)
         self.graphs = {} if enforce_eager or self.device.type != "cuda" else self.capture_cuda_graphs()
 
     @torch.inference_mode()
@@ -1123,7 +1187,7 @@ class LLM:
         of `gpu_memory_utilization` of the card becomes KV cache."""
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-        n = min(max_num_batched_tokens, self.max_model_len)
+        n = max_num_batched_tokens
         dtype = self.model.embed_tokens.weight.dtype
         blocks = -(-n // self.block_size)
         cache = allocate_kv_cache(self.cfg, blocks, self.block_size, dtype, self.device)
@@ -1132,8 +1196,9 @@ class LLM:
                                  torch.tensor([n], dtype=torch.int32, device=self.device),
                                  torch.tensor([0, n], dtype=torch.int32, device=self.device), n, n)
         ids = torch.zeros(n, dtype=torch.long, device=self.device)
-        h = self.model(ids, torch.arange(n, device=self.device), meta, cache)
-        logits = self.model.compute_logits(h[: self.max_num_seqs].repeat(-(-self.max_num_seqs // n), 1)[: self.max_num_seqs])
+        positions = torch.arange(n, device=self.device) % self.max_model_len  # stay inside the RoPE tables
+        h = self.model(ids, positions, meta, cache)
+        logits = self.model.compute_logits(h[:1].expand(self.max_num_seqs, -1))  # (max_num_seqs, V)
         logits.sort(dim=-1)  # the sampler's largest temporary
         torch.cuda.synchronize()
         del cache, h, logits
@@ -1157,12 +1222,14 @@ class LLM:
         self.graph_inputs = g = dict(
             input_ids=torch.zeros(max_bs, **i64), positions=torch.zeros(max_bs, **i64),
             slot_mapping=torch.full((max_bs,), -1, **i64), block_tables=torch.zeros(max_bs, max_blocks, **i32),
-            seq_lens=torch.zeros(max_bs, **i32), query_start_loc=torch.arange(max_bs + 1, **i32))  # one token per row
+            seq_lens=torch.zeros(max_bs, **i32), query_start_loc=torch.arange(max_bs + 1, **i32),  # one token per row
+            lora_slots=torch.full((max_bs,), -1, **i64))  # each token's adapter slot; grouped inside the graph
         graphs, pool = {}, None
         for bs in reversed(sizes):  # largest first: the smaller graphs reuse its memory pool
-            meta = AttentionMetadata(g["slot_mapping"][:bs], g["block_tables"][:bs], g["seq_lens"][:bs],
-                                     g["query_start_loc"][: bs + 1], 1, self.max_seq_len)
-            run = lambda: self.model(g["input_ids"][:bs], g["positions"][:bs], meta, self.kv_cache)
+            lora_batch = lambda: lora.LoRABatch.build(g["lora_slots"][:bs], self.lora.max_loras) if self.lora else None
+            meta = lambda: AttentionMetadata(g["slot_mapping"][:bs], g["block_tables"][:bs], g["seq_lens"][:bs],
+                                             g["query_start_loc"][: bs + 1], 1, self.max_seq_len, lora_batch())
+            run = lambda: self.model(g["input_ids"][:bs], g["positions"][:bs], meta(), self.kv_cache)
             run()  # warm-up outside the capture: Triton compiles here
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
@@ -1186,6 +1253,9 @@ class LLM:
         g["seq_lens"][:N] = meta.seq_lens
         g["seq_lens"][N:bs] = 0
         g["block_tables"][:N, :width] = meta.block_tables
+        if self.lora is not None:
+            g["lora_slots"][:N] = meta.lora.token_slots if meta.lora is not None else -1
+            g["lora_slots"][N:bs] = -1
         graph, hidden = self.graphs[bs]
         graph.replay()
         return hidden[:N]
@@ -1198,8 +1268,6 @@ class LLM:
     def generate(self, prompts, sampling_params=None, *, use_tqdm: bool | Callable = True, lora_request=None,
                  priority: Optional[list[int]] = None) -> list[RequestOutput]:
         """Generate completions for `prompts`; one RequestOutput per prompt, in input order."""
-        if lora_request is not None:
-            raise NotImplementedError("lora_request is not supported yet (multi-LoRA arrives with lora.py)")
         # 1. validate everything before any work, naming the culprit
         prompts = [prompts] if isinstance(prompts, (str, dict)) else list(prompts)
         if isinstance(sampling_params, SamplingParams) or sampling_params is None:
@@ -1214,6 +1282,7 @@ class LLM:
             if len(priority) != len(prompts):
                 raise ValueError(f"the lengths of prompts ({len(prompts)}) and priority ({len(priority)}) must be the same")
         requests = [(*self.tokenize_prompt(i, p), sp) for i, (p, sp) in enumerate(zip(prompts, params))]
+        loras = lora.per_prompt(lora_request, len(prompts), self.lora)  # adapters loaded and checked
         # 2. queue them. n > 1 is n sequences (vLLM's child requests): they share the prompt's blocks through
         #    the prefix cache, and child i of a seeded request uses seed + i, as in vLLM. Prompt logprobs
         #    are the same for all, so only child 0 computes them (and the others can use the cache).
@@ -1225,7 +1294,7 @@ class LLM:
             groups.append([])
             for child in children:
                 seq = Sequence(self.next_request_id, text, token_ids, child, priority[i] if priority else 0,
-                               self.tokenizer, self.max_seq_len, self.device)
+                               self.tokenizer, self.max_seq_len, self.device, loras[i])
                 self.next_request_id += 1
                 self.scheduler.add(seq)
                 groups[-1].append(seq)
@@ -1236,11 +1305,11 @@ class LLM:
             bar = (use_tqdm if callable(use_tqdm) else tqdm)(total=len(seqs), desc="Processed prompts", dynamic_ncols=True)
         start, n_in, n_out = time.perf_counter(), 0, 0
         try:
-            while self.scheduler.has_unfinished():
+            while self.scheduler.has_unfinished() or self.in_flight is not None:
                 finished = self.step()
                 if bar is not None and finished:
                     n_in += sum(len(s.prompt_token_ids) for s in finished)
-                    n_out += sum(len(s.output_token_ids) for s in finished)
+                    n_out += sum(s.num_output_tokens for s in finished)
                     elapsed = time.perf_counter() - start
                     bar.set_postfix_str(f"est. speed input: {n_in / elapsed:.2f} toks/s, output: {n_out / elapsed:.2f} toks/s")
                     bar.update(len(finished))
@@ -1252,7 +1321,8 @@ class LLM:
                                                 None if s.logprobs is None else s.cumulative_logprob, s.logprobs,
                                                 s.finish_reason, s.stop_reason) for i, s in enumerate(g)],
                               finished=True, prompt_logprobs=g[0].prompt_logprobs,
-                              num_cached_tokens=max(s.num_cached_tokens or 0 for s in g)) for g in groups]
+                              num_cached_tokens=max(s.num_cached_tokens or 0 for s in g),
+                              lora_request=g[0].lora_request) for g in groups]
 
     def chat(self, messages, sampling_params=None, *, use_tqdm: bool | Callable = True, lora_request=None,
              chat_template: Optional[str] = None, add_generation_prompt: bool = True) -> list[RequestOutput]:
@@ -1294,73 +1364,121 @@ class LLM:
 
     @torch.inference_mode()
     def step(self) -> list[Sequence]:
-        """Schedule a batch, run the model on it, sample, and update the sequences. Returns those that finished."""
+        """Schedule a batch, run the model on it and sample; then read back the tokens of the previous
+        step and update those sequences. Returns the sequences that finished.
+
+        Why the previous step's tokens: reading tokens back waits for the GPU, and the host's work
+        (scheduling, preparing inputs, detokenizing, checking stops) would leave the GPU idle meanwhile.
+        So the tokens just sampled stay on the device, as the next step's input, and the host handles
+        them while the GPU runs that next step. Until then a sequence ends in a PENDING placeholder."""
         # 1. choose the batch
         batch = self.scheduler.schedule().scheduled
-        # 2. lay it out for the model: packed token ids, positions, and where each token's K/V go
-        input_ids, positions, slot_mapping, seq_lens, query_start_loc, logits_rows, sampled_seqs = [], [], [], [], [0], [], []
+        if not batch:
+            return self.process_in_flight(None, [])
+        # 2. lay it out for the model: the new tokens back to back with their positions, and each
+        #    sequence's block table padded to the longest; all of it goes to the device in one copy
+        width = max(len(seq.block_table) for seq, _ in batch)
+        input_ids, positions, query_lens, seq_lens, block_tables, logits_rows, sampled_seqs = [], [], [], [], [], [], []
+        pending_dst, pending_src = [], []  # PENDING tokens: where they go in input_ids, their row in the last step
         prompt_rows, prompt_targets, prompt_seqs = [], [], []  # prompt logprobs: the row, the prompt token it scores
         for seq, n in batch:
-            start, q0 = seq.num_computed_tokens, query_start_loc[-1]
+            start, q0 = seq.num_computed_tokens, len(input_ids)
             input_ids += seq.token_ids[start:start + n]
-            for pos in range(start, start + n):
-                slot_mapping.append(seq.block_table[pos // self.block_size] * self.block_size + pos % self.block_size)
             positions += range(start, start + n)
+            query_lens.append(n)
             seq_lens.append(start + n)
-            query_start_loc.append(q0 + n)
+            block_tables += seq.block_table + [0] * (width - len(seq.block_table))
             if start + n == seq.num_tokens:  # the chunk reaches the end: this sequence gets a new token
-                logits_rows.append(q0 + n - 1)
+                logits_rows.append(len(input_ids) - 1)
                 sampled_seqs.append(seq)
-            if seq.prompt_logprobs is not None:  # position p scores prompt token p + 1; a resumed sequence has some
-                for pos in range(max(start, len(seq.prompt_logprobs) - 1), min(start + n, len(seq.prompt_token_ids) - 1)):
-                    prompt_rows.append(q0 + pos - start)
-                    prompt_targets.append(seq.token_ids[pos + 1])
+                if seq.token_ids[-1] == PENDING:
+                    pending_dst.append(len(input_ids) - 1)
+                    pending_src.append(seq.pending_row)
+            if seq.prompt_logprobs is not None:  # position p scores prompt token p + 1 (once, also after a preemption)
+                for p in range(max(start, seq.num_prompt_logprobs - 1), min(start + n, len(seq.prompt_token_ids) - 1)):
+                    prompt_rows.append(q0 + p - start)
+                    prompt_targets.append(seq.token_ids[p + 1])
                     prompt_seqs.append(seq)
-        width = max(len(seq.block_table) for seq, _ in batch)
-        block_tables = [seq.block_table + [0] * (width - len(seq.block_table)) for seq, _ in batch]
-        dev = lambda x, dtype=torch.int32: self.upload(x, dtype)
-        meta = AttentionMetadata(dev(slot_mapping, torch.long), dev(block_tables), dev(seq_lens), dev(query_start_loc),
-                                 max(n for _, n in batch), max(seq_lens))
+                    seq.num_prompt_logprobs += 1
+        B, lp_rows = len(sampled_seqs), [row for row, seq in enumerate(sampled_seqs) if seq.logprobs is not None]
+        ids, pos, q_lens, s_lens, tables, rows, dst, src, scored_rows, targets = self.upload(
+            input_ids, positions, query_lens, seq_lens, block_tables, logits_rows + prompt_rows, pending_dst, pending_src,
+            lp_rows + list(range(B, B + len(prompt_rows))), prompt_targets)
+        if pending_dst:
+            ids[dst] = self.in_flight[0][src].int()  # last step's tokens, straight from the device
+        tables = tables.view(len(batch), width)                                # (B, width)
+        # each new token's cache slot: the physical block holding its position, times block_size, plus the offset
+        token_seq = torch.repeat_interleave(torch.arange(len(batch), device=self.device), q_lens, output_size=len(ids))  # (N,)
+        slot_mapping = tables[token_seq, pos // self.block_size].long() * self.block_size + pos % self.block_size  # (N,)
+        meta = AttentionMetadata(slot_mapping, tables, s_lens, F.pad(q_lens.cumsum(0), (1, 0)).int(), max(query_lens), max(seq_lens),
+                                 self.lora.prepare([(seq.lora_request, n) for seq, n in batch]) if self.lora else None)
         # 3. run the model; logits only where a token is sampled or a prompt token is scored
-        hidden = self.run_model(dev(input_ids, torch.long), dev(positions, torch.long), meta)  # (N, C)
+        hidden = self.run_model(ids, pos, meta)  # (N, C)
         for seq, n in batch:
             seq.num_computed_tokens += n
         if not sampled_seqs and not prompt_seqs:
-            return []
-        logits = self.model.compute_logits(hidden[dev(logits_rows + prompt_rows, torch.long)])  # (B + P, V)
-        B, V = len(sampled_seqs), logits.shape[-1]
+            return self.process_in_flight(None, [])
+        logits = self.model.compute_logits(hidden[rows])  # (B + P, V)
         # 4. logprobs, as vLLM reports them by default: of the raw logits, before penalties, temperature, top-k/p
-        lp_rows = [row for row, seq in enumerate(sampled_seqs) if seq.logprobs is not None]
-        scored = [sampled_seqs[row] for row in lp_rows] + prompt_seqs
+        scored = [(sampled_seqs[row], "logprobs") for row in lp_rows] + [(seq, "prompt_logprobs") for seq in prompt_seqs]
         if scored:
-            raw_logprobs = logits[dev(lp_rows + list(range(B, len(logits))), torch.long)].log_softmax(dim=-1)  # (R, V)
-        # 5. sample on the device
+            raw_logprobs = logits[scored_rows].log_softmax(dim=-1)  # (R, V)
+        # 5. sample on the device; the tokens start their copy to the host, nobody waits for it yet
         logits = logits[:B]
         self.mask_blocked_tokens(logits, sampled_seqs)
         tokens = logits.new_zeros(0, dtype=torch.long)  # (B,)
         if B:
-            tokens = sample(logits, self.sampling_tensors(sampled_seqs, V), self.generator)
-        # 6. one copy back to the host: the new token ids and, for the scored tokens, gather_logprobs' rows
-        results = tokens.double()
-        if scored:
-            want = [s.params.logprobs for s in scored[:len(lp_rows)]] + [s.params.prompt_logprobs for s in prompt_seqs]
-            k = V if -1 in want else min(V, max(want))
-            targets = torch.cat([tokens[dev(lp_rows, torch.long)], dev(prompt_targets, torch.long)])  # (R,)
-            results = torch.cat([results, gather_logprobs(raw_logprobs, targets, k).flatten()])
-        results = results.tolist()
-        new_tokens = [int(t) for t in results[:B]]
-        for i, seq in enumerate(scored):
-            row = results[B + i * (3 + 2 * k): B + (i + 1) * (3 + 2 * k)]
-            if i < len(lp_rows):
-                seq.logprobs.append(self.logprob_entry(row, want[i]))
-                seq.cumulative_logprob += row[1]
-            else:
-                seq.prompt_logprobs.append(self.logprob_entry(row, want[i]))
-        # 7. append, detokenize, check the stop conditions
-        finished = []
-        for seq, token in zip(sampled_seqs, new_tokens):
-            if self.append_token(seq, token):
+            tokens = sample(logits, self.sampling_tensors(sampled_seqs, logits.shape[-1]), self.generator)
+        for row, seq in enumerate(sampled_seqs):
+            seq.token_ids.append(PENDING)
+            seq.pending_row = row
+            if seq.num_tokens >= seq.max_len:  # its last token: nothing more to schedule
                 self.scheduler.finish(seq)
+        # 6. what vLLM reports about the scored tokens travels with the new tokens
+        report = None
+        if scored:
+            want = [getattr(seq.params, kind) for seq, kind in scored]
+            k = logits.shape[-1] if -1 in want else min(logits.shape[-1], max(want))
+            report = gather_logprobs(raw_logprobs, torch.cat([tokens[scored_rows[:len(lp_rows)]], targets.long()]), k)
+            scored = [(seq, kind, k_seq) for (seq, kind), k_seq in zip(scored, want)]
+        # 7. meanwhile, the host reads back the previous step's tokens and updates those sequences
+        return self.process_in_flight(tokens, sampled_seqs, report, scored)
+
+    def process_in_flight(self, tokens: Optional[torch.Tensor], seqs: list[Sequence], report=None, scored=()) -> list[Sequence]:
+        """Put `tokens` (just sampled, on the device) in flight, with the logprob `report` rows of the `scored`
+        tokens, and land the previous step's: replace each PENDING placeholder with its token, add the
+        logprobs, detokenize, check the stop conditions. Returns the finished."""
+        previous, self.in_flight = self.in_flight, None
+        if tokens is not None:
+            out = tokens if report is None else torch.cat([tokens.double(), report.flatten()])  # one copy
+            host = out.to("cpu", non_blocking=True)  # queued now, right behind the sampler
+            done = torch.cuda.Event() if tokens.is_cuda else None
+            if done is not None:
+                done.record()
+            self.in_flight = (tokens, host, done, [(seq, seq.num_tokens - 1) for seq in seqs], scored)
+        if previous is None:
+            return []
+        _, host, done, landing, scored = previous
+        if done is not None:
+            done.synchronize()  # waits for that step only, not for the one the GPU is running now
+        values = host.tolist()
+        new_tokens, rows = values[:len(landing)], values[len(landing):]
+        width = len(rows) // len(scored) if scored else 0
+        for r, (seq, kind, k) in enumerate(scored):
+            row = rows[r * width:(r + 1) * width]
+            if kind == "prompt_logprobs":
+                seq.prompt_logprobs.append(self.logprob_entry(row, k))
+            elif seq.finish_reason is None:  # (else its token is dropped below)
+                seq.logprobs.append(self.logprob_entry(row, k))
+                seq.cumulative_logprob += row[1]
+        finished = []
+        for (seq, i), token in zip(landing, new_tokens):
+            if seq.finish_reason is not None:
+                continue  # it finished on an earlier token; this one was computed in vain
+            seq.token_ids[i] = int(token)
+            if self.process_token(seq, i):
+                if seq.status is not SequenceStatus.FINISHED:
+                    self.scheduler.finish(seq)
                 finished.append(seq)
         return finished
 
@@ -1375,67 +1493,78 @@ class LLM:
             entry.setdefault(int(t), Logprob(logprob, rank, decode(int(t))))
         return entry
 
-    def upload(self, values: list, dtype) -> torch.Tensor:
-        """A host list -> a device tensor. On CUDA through pinned memory and asynchronously, so the host
-        goes on preparing while the copy runs (PyTorch keeps the pinned buffer alive until it is done)."""
-        t = torch.tensor(values, dtype=dtype)
-        return t.pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda" else t
+    def upload(self, *lists: list) -> list[torch.Tensor]:
+        """Host lists of ints -> int32 device tensors, in one copy. On CUDA through pinned memory and
+        asynchronously, so the host goes on while it runs (PyTorch keeps the buffer alive until it is done)."""
+        flat = torch.tensor(list(itertools.chain(*lists)), dtype=torch.int32)
+        if self.device.type == "cuda":
+            flat = flat.pin_memory().to(self.device, non_blocking=True)
+        return list(flat.split([len(x) for x in lists]))
 
     def mask_blocked_tokens(self, logits, seqs: list[Sequence]) -> None:
         """min_tokens: EOS and the stop token ids cannot be sampled until the output is that long."""
         for row, seq in enumerate(seqs):
-            if len(seq.output_token_ids) < seq.params.min_tokens:
+            if seq.num_output_tokens < seq.params.min_tokens:
                 blocked = set(seq.params.stop_token_ids) | (set() if seq.params.ignore_eos else self.eos_ids)
                 logits[row, sorted(t for t in blocked if t < logits.shape[-1])] = float("-inf")
 
     def sampling_tensors(self, seqs: list[Sequence], vocab_size: int) -> SamplingTensors:
         ps = [s.params for s in seqs]
-        dev = lambda x: self.upload(x, torch.float32 if isinstance(x[0], float) else torch.long)
         top_k = [p.top_k if p.top_k > 0 else vocab_size for p in ps]
+        rows = torch.tensor([[p.temperature for p in ps], [p.top_p for p in ps], [p.min_p for p in ps], top_k,
+                             [p.presence_penalty for p in ps], [p.frequency_penalty for p in ps],
+                             [p.repetition_penalty for p in ps]], dtype=torch.float32)  # (7, B): one copy to the device
+        if self.device.type == "cuda":
+            rows = rows.pin_memory().to(self.device, non_blocking=True)
         return SamplingTensors(
-            temperature=dev([float(p.temperature) for p in ps]), top_k=dev(top_k), top_p=dev([float(p.top_p) for p in ps]),
-            min_p=dev([float(p.min_p) for p in ps]),
+            temperature=rows[0], top_p=rows[1], min_p=rows[2], top_k=rows[3].long(),
             generators={row: s.generator for row, s in enumerate(seqs) if s.generator is not None and s.params.temperature > 0},
             all_greedy=all(p.temperature == 0 for p in ps),
             any_top_k_top_p=any(k < vocab_size for k in top_k) or any(p.top_p < 1 for p in ps),
             any_min_p=any(p.min_p > 0 for p in ps),
-            penalties=self.penalty_tensors(seqs, vocab_size) if any(p.has_penalties for p in ps) else None)
+            penalties=(*self.seen_tokens(seqs, vocab_size), *rows[4:]) if any(p.has_penalties for p in ps) else None)
 
-    def penalty_tensors(self, seqs: list[Sequence], vocab_size: int) -> tuple:
-        """apply_penalties' arguments. The token ids go up padded with id V, which lands in a spare column."""
-        def ids(lists):  # (B, L) token ids, padded with V
-            width = max(1, max(len(x) for x in lists))
-            return self.upload([x + [vocab_size] * (width - len(x)) for x in lists], torch.long)
-        prompt_ids, output_ids = ids([s.prompt_token_ids for s in seqs]), ids([s.output_token_ids for s in seqs])
+    def seen_tokens(self, seqs: list[Sequence], vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """For the penalties: which tokens each prompt holds, (B, V) bool, and how often each output holds them,
+        (B, V). The ids go up padded with id V, which lands in a spare column; an output token still in flight
+        (PENDING) is taken from the device, as in step."""
         B, V = len(seqs), vocab_size
-        f32 = lambda name: self.upload([float(getattr(s.params, name)) for s in seqs], torch.float32)
-        prompt_mask = torch.zeros(B, V + 1, dtype=torch.bool, device=self.device).scatter_(1, prompt_ids, True)  # (B, V+1)
+        prompts, outputs = [s.prompt_token_ids for s in seqs], [s.output_token_ids for s in seqs]
+        pw, ow = max(map(len, prompts)), max(1, max(map(len, outputs)))
+        prompt_ids = [t for x in prompts for t in x + [V] * (pw - len(x))]
+        output_ids = [t for x in outputs for t in x + [V] * (ow - len(x))]
+        pending = [i for i, t in enumerate(output_ids) if t == PENDING]
+        prompt_ids, output_ids, dst, src = self.upload(prompt_ids, output_ids, pending, [seqs[i // ow].pending_row for i in pending])
+        if pending:
+            output_ids[dst] = self.in_flight[0][src].int()
+        prompt_ids, output_ids = prompt_ids.view(B, pw).long(), output_ids.view(B, ow).long()
+        prompt_mask = torch.zeros(B, V + 1, dtype=torch.bool, device=self.device).scatter_(1, prompt_ids, True)
         ones = torch.ones(output_ids.shape, device=self.device)
         counts = torch.zeros(B, V + 1, device=self.device).scatter_add_(1, output_ids, ones)  # (B, V+1) occurrences
-        return prompt_mask[:, :V], counts[:, :V], f32("presence_penalty"), f32("frequency_penalty"), f32("repetition_penalty")
+        return prompt_mask[:, :V], counts[:, :V]
 
-    def append_token(self, seq: Sequence, token: int) -> bool:
-        """Add a sampled token to `seq`, extend its text, and decide whether it is finished."""
-        p = seq.params
-        seq.token_ids.append(token)
+    def process_token(self, seq: Sequence, i: int) -> bool:
+        """Token i of `seq` has landed: extend the text and decide whether the sequence is finished."""
+        p, token = seq.params, seq.token_ids[i]
         old_len = len(seq.text)
         seq.text += seq.detokenizer.add(token)
-        n_out = len(seq.output_token_ids)
-        if n_out >= p.min_tokens:
+        if i + 1 - len(seq.prompt_token_ids) >= p.min_tokens:
             if not p.ignore_eos and token in self.eos_ids:
                 seq.finish_reason = "stop"
             elif token in p.stop_token_ids:
                 seq.finish_reason, seq.stop_reason = "stop", token
             elif p.stop and self.find_stop_string(seq, old_len):
-                return True
-        if seq.finish_reason is None and seq.num_tokens >= seq.max_len:
+                pass
+        if seq.finish_reason is None and i + 1 >= seq.max_len:
             seq.finish_reason = "length"
-        if seq.finish_reason is not None:
+        if seq.finish_reason is None:
+            return False
+        del seq.token_ids[i + 1:]  # a token sampled after this one, still in flight, is dropped
+        if seq.stop_reason is None or isinstance(seq.stop_reason, int):
             seq.text += seq.detokenizer.finish()
             if p.stop:  # the flushed tail may complete a stop string
                 self.find_stop_string(seq, old_len)
-            return True
-        return False
+        return True
 
     @staticmethod
     def find_stop_string(seq: Sequence, old_len: int) -> bool:
@@ -1450,9 +1579,10 @@ class LLM:
         return False
 
     @torch.inference_mode()
-    def prompt_logits(self, token_ids: list[int]) -> torch.Tensor:
+    def prompt_logits(self, token_ids: list[int], lora_request: Optional[LoRARequest] = None) -> torch.Tensor:
         """Logits (T, V) at every position of one prompt, through the same paged path as generate."""
-        seq = Sequence(-1, None, token_ids, SamplingParams(), 0, self.tokenizer, self.max_seq_len, self.device)
+        lora_request = lora.per_prompt(lora_request, 1, self.lora)[0]
+        seq = Sequence(-1, None, token_ids, SamplingParams(), 0, self.tokenizer, self.max_seq_len, self.device, lora_request)
         if not self.block_manager.can_allocate(seq, len(token_ids)):
             raise ValueError("the KV cache has no room for this prompt now")
         self.block_manager.allocate(seq, len(token_ids))
@@ -1460,7 +1590,8 @@ class LLM:
             T, bs = len(token_ids), self.block_size
             slots = [seq.block_table[p // bs] * bs + p % bs for p in range(T)]
             i32 = lambda x: torch.tensor(x, dtype=torch.int32, device=self.device)
-            meta = AttentionMetadata(torch.tensor(slots, device=self.device), i32([seq.block_table]), i32([T]), i32([0, T]), T, T)
+            meta = AttentionMetadata(torch.tensor(slots, device=self.device), i32([seq.block_table]), i32([T]), i32([0, T]), T, T,
+                                     self.lora.prepare([(lora_request, T)]) if self.lora else None)
             pos = torch.arange(T, device=self.device)
             return self.model.compute_logits(self.model(torch.tensor(token_ids, device=self.device), pos, meta, self.kv_cache))
         finally:
@@ -1473,12 +1604,12 @@ class LLM:
 _engines: dict = {}  # (model, kwargs) -> LLM: a script that calls generate() twice loads the model once
 
 
-def generate(prompts, sampling_params=None, *, model: Optional[str] = None, use_tqdm=True, **llm_kwargs):
+def generate(prompts, sampling_params=None, *, model: Optional[str] = None, use_tqdm=True, lora_request=None, **llm_kwargs):
     """One-call generation: `generate("Hello", SamplingParams(max_tokens=20))`. Keeps the engine for next time."""
     key = (model, tuple(sorted(llm_kwargs.items())))
     if key not in _engines:
         _engines[key] = LLM(model, **llm_kwargs)
-    return _engines[key].generate(prompts, sampling_params, use_tqdm=use_tqdm)
+    return _engines[key].generate(prompts, sampling_params, use_tqdm=use_tqdm, lora_request=lora_request)
 
 
 def main(argv=None) -> int:
@@ -1493,6 +1624,7 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=None, help="seed for each prompt's sampling stream (reproducible runs)")
     ap.add_argument("--output", default=None, help="write one JSON object per prompt here (prompt, text, token_ids, finish_reason)")
     ap.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    ap.add_argument("--lora", default=None, metavar="PATH", help="a PEFT LoRA adapter folder applied to every prompt")
     args = ap.parse_args(argv)
     try:
         src = sys.stdin if args.prompts == "-" else open(args.prompts, encoding="utf-8")
@@ -1502,11 +1634,15 @@ def main(argv=None) -> int:
             raise ValueError(f"{args.prompts}: no prompts (one per line)")
         params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
                                 max_tokens=args.max_tokens)
-        llm = LLM(args.model, device=args.device)
+        adapter, lora_kwargs = None, {}
+        if args.lora:  # one adapter for every prompt: one slot, of exactly its rank
+            adapter = LoRARequest(os.path.basename(os.path.normpath(args.lora)), 1, args.lora)
+            lora_kwargs = dict(enable_lora=True, max_loras=1, max_lora_rank=lora.read_adapter_config(adapter)["r"])
+        llm = LLM(args.model, device=args.device, **lora_kwargs)
         if args.chat:
-            outputs = llm.chat([[{"role": "user", "content": p}] for p in prompts], params)
+            outputs = llm.chat([[{"role": "user", "content": p}] for p in prompts], params, lora_request=adapter)
         else:
-            outputs = llm.generate(prompts, params)
+            outputs = llm.generate(prompts, params, lora_request=adapter)
     except (ValueError, TypeError, OSError, NotImplementedError) as e:
         print(f"minillm: error: {e}", file=sys.stderr)
         return 1

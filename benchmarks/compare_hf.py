@@ -48,7 +48,7 @@ def hf_generate(model, prompts, new_tokens):
 def hf_generate_batch(model, prompts, new_tokens):
     from transformers.generation import GenerationConfig
     cfg = GenerationConfig(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=True, temperature=0.6,
-                           top_k=0, eos_token_id=-1, pad_token_id=0)
+                           top_k=0, pad_token_id=0)
     results = model.generate_batch(inputs=prompts, generation_config=cfg, progress_bar=False)
     return sum(len(r.generated_tokens) for r in results.values())
 

@@ -65,11 +65,11 @@ def workload(kind: str, vocab_size: int, n: int = 256, seed: int = 0):
     return prompts, outs
 
 
-def run_minillm(llm, prompts, out_lens):
+def run_minillm(llm, prompts, out_lens, lora_request=None):
     params = [minillm.SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=m) for m in out_lens]
     torch.cuda.synchronize()
     t = time.perf_counter()
-    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False, lora_request=lora_request)
     torch.cuda.synchronize()
     dt = time.perf_counter() - t
     n_out = sum(len(o.outputs[0].token_ids) for o in outs)

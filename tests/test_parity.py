@@ -208,6 +208,26 @@ def test_n_completions_share_blocks_differ_and_reproduce(tiny):
     assert len({tuple(c.token_ids) for c in unseeded[0].outputs}) == 3
 
 
+def test_n_completions_under_preemption_are_the_same_with_caching_off(tiny):
+    # children of one request share blocks and sample different tokens; preempted and resumed, each must
+    # find only blocks of its own tokens (a block holding a token still on its way from the device has no
+    # hash yet)
+    folder, _ = tiny
+    kw = dict(block_size=4, num_gpu_blocks_override=20, max_num_batched_tokens=16)
+    prompts = token_prompts(random_prompts([15, 23], seed=14))  # the first output token ends a block
+    # (a random tiny model's distributions are nearly flat: its sampled tokens hardly depend on the K/V, but
+    # their logprobs do)
+    sp = SamplingParams(n=3, temperature=1.0, seed=5, max_tokens=12, ignore_eos=True, logprobs=0)
+    on, off = LLM(folder, **kw), LLM(folder, **kw, enable_prefix_caching=False)
+    got, want = on.generate(prompts, sp, use_tqdm=False), off.generate(prompts, sp, use_tqdm=False)
+    assert on.scheduler.num_preemptions > 0 and off.scheduler.num_preemptions > 0
+    for o, w in zip(got, want):
+        assert [c.token_ids for c in o.outputs] == [c.token_ids for c in w.outputs]
+        for c, d in zip(o.outputs, w.outputs):
+            assert torch.allclose(torch.tensor([next(iter(e.values())).logprob for e in c.logprobs]),
+                                  torch.tensor([next(iter(e.values())).logprob for e in d.logprobs]), atol=1e-4)
+
+
 # ---- chat ------------------------------------------------------------------------------------
 
 CONVERSATIONS = [
@@ -281,7 +301,7 @@ def test_a_waiting_request_preempts_worse_running_ones(tiny):
     llm.scheduler.add(urgent)  # outranks both: the worse of the two ties, the later arrival, gives way
     finished += llm.step()
     assert urgent.status is RUNNING and low1.status is WAITING and low0.status is RUNNING
-    while llm.scheduler.has_unfinished():
+    while llm.scheduler.has_unfinished() or llm.in_flight:
         finished += llm.step()
     order = [s.seq_id for s in finished]
     assert order.index(3) < order.index(1) and order.index(3) < order.index(2)

@@ -1,0 +1,75 @@
+"""Where a decode step's time goes: GPU kernels vs launch and host overhead (run on a GPU).
+
+    python benchmarks/profile_step.py [--batch 256] [--prompt-len 512]
+
+Fills the engine with `--batch` requests on the Llama-3.2-1B-shaped random model, lets every prompt
+finish prefill, then times 30 decode steps with the host clock and with torch.profiler. Prints the
+wall time per step, the GPU kernel time per step, their ratio, and the kernels that take the most time.
+"""
+import argparse
+import os
+import sys
+import tempfile
+import time
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from throughput import build_random_checkpoint  # noqa: E402
+
+import minillm  # noqa: E402
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--batch", type=int, default=256)
+    ap.add_argument("--prompt-len", type=int, default=512)
+    ap.add_argument("--enforce-eager", action="store_true")
+    args = ap.parse_args()
+    llm = minillm.LLM(build_random_checkpoint(tempfile.mkdtemp()), max_model_len=4096, enforce_eager=args.enforce_eager)
+    sp = minillm.SamplingParams(temperature=0.6, max_tokens=1000, ignore_eos=True)
+    for i in range(args.batch):
+        ids = torch.randint(0, 128000, (args.prompt_len,)).tolist()
+        llm.scheduler.add(minillm.Sequence(i, None, ids, sp, 0, llm.tokenizer, llm.max_seq_len, llm.device))
+    while any(s.num_computed_tokens < s.num_tokens - 1 for s in llm.scheduler.waiting + llm.scheduler.running):
+        llm.step()  # prefill
+    for _ in range(10):
+        llm.step()  # warm-up decode
+    torch.cuda.synchronize()
+    n = 30
+    t = time.perf_counter()
+    for _ in range(n):
+        llm.step()
+    torch.cuda.synchronize()
+    wall = (time.perf_counter() - t) / n
+    # host time in the scheduler and in the per-token bookkeeping (detokenize, stop checks)
+    spent = {"schedule": 0.0, "process_token": 0.0}
+    for obj, name in ((llm.scheduler, "schedule"), (llm, "process_token")):
+        def timed(*a, _f=getattr(obj, name), _n=name):
+            t0 = time.perf_counter()
+            r = _f(*a)
+            spent[_n] += time.perf_counter() - t0
+            return r
+        setattr(obj, name, timed)
+    for _ in range(n):
+        llm.step()
+    host = {k: v / n for k, v in spent.items()}
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(n):
+            llm.step()
+        torch.cuda.synchronize()
+    kernels = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+    gpu = sum(e.self_device_time_total for e in kernels) / n / 1e6  # seconds per step
+    print(f"\ndevice: {torch.cuda.get_device_name()}  torch {torch.__version__}  batch {args.batch}  "
+          f"context ~{args.prompt_len + 20}  cuda graphs: {not args.enforce_eager}")
+    print(f"decode step: wall {wall * 1e3:.2f} ms, GPU kernels {gpu * 1e3:.2f} ms ({100 * gpu / wall:.0f}% of the step), "
+          f"{args.batch / wall:.0f} tokens/s")
+    print("host: " + ", ".join(f"{k} {v * 1e3:.2f} ms" for k, v in host.items()) + " per step")
+    print(f"{'kernel':<70} {'us/step':>8} {'calls/step':>10}")
+    for e in sorted(kernels, key=lambda e: -e.self_device_time_total)[:14]:
+        print(f"{e.key[:70]:<70} {e.self_device_time_total / n:>8.0f} {e.count / n:>10.1f}")
+
+
+if __name__ == "__main__":
+    main()
