@@ -11,10 +11,10 @@ What happens inside, in the order this file is written:
   3. tokenizer      every tokenizer becomes a tiktoken Encoding; incremental detokenization
   4. model          Llama: RMSNorm, RoPE, grouped-query attention over a paged KV cache, SwiGLU;
                    each projection adds its token's LoRA delta when the step uses adapters (lora.py)
-  5. KV cache       blocks of `block_size` token slots, a BlockManager, per-sequence block tables
-  6. sampler        greedy / temperature / top-k / top-p / min-p, batched on the device
+  5. KV cache       blocks of `block_size` token slots, a BlockManager with prefix caching, block tables
+  6. sampler        penalties, greedy / temperature / top-k / top-p / min-p, logprobs; batched on the device
   7. scheduler      continuous batching with chunked prefill and preemption by recompute
-  8. engine         LLM: validate, schedule, run one step, sample, detokenize, repeat
+  8. engine         LLM: validate, schedule, run one step, sample, detokenize, repeat; chat templates
   9. generate, CLI  `python minillm.py --prompts file.txt`
 
 Dimension legend used in shape comments:
@@ -37,6 +37,7 @@ import argparse
 import base64
 import codecs
 import glob
+import hashlib
 import importlib.util
 import itertools
 import json
@@ -44,8 +45,7 @@ import math
 import os
 import sys
 import time
-from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from enum import Enum
 from typing import Any, Callable, Optional
 
@@ -129,11 +129,11 @@ class SamplingParams:
     ignore_eos: bool = False
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
-    logprobs: Optional[int] = None
-    prompt_logprobs: Optional[int] = None
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    repetition_penalty: float = 1.0
+    logprobs: Optional[int] = None   # report each output token's logprob and the top-k (-1 = all)
+    prompt_logprobs: Optional[int] = None  # the same for the prompt tokens
+    presence_penalty: float = 0.0    # subtracted from the logit of every token already in the output
+    frequency_penalty: float = 0.0   # subtracted once per occurrence in the output
+    repetition_penalty: float = 1.0  # divides positive / multiplies negative logits of prompt and output tokens
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -162,20 +162,36 @@ class SamplingParams:
             raise ValueError(f"stop_token_ids must be non-negative integers, got {self.stop_token_ids}.")
         if self.seed is not None and not isinstance(self.seed, int):
             raise ValueError(f"seed must be an integer, got {self.seed!r}.")
-        # Not built yet: refuse loudly rather than silently ignore.
-        for name, off in (("n", 1), ("logprobs", None), ("prompt_logprobs", None), ("presence_penalty", 0.0),
-                          ("frequency_penalty", 0.0), ("repetition_penalty", 1.0)):
-            if getattr(self, name) != off:
-                raise NotImplementedError(f"SamplingParams.{name}={getattr(self, name)!r} is not supported yet")
+        for name in ("logprobs", "prompt_logprobs"):
+            k = getattr(self, name)
+            if k is not None and (not isinstance(k, int) or k < -1):
+                raise ValueError(f"{name} must be non-negative or -1 (all), got {k!r}.")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2.0 <= getattr(self, name) <= 2.0:
+                raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)}.")
+        if self.repetition_penalty <= 0.0:
+            raise ValueError(f"repetition_penalty must be greater than zero, got {self.repetition_penalty}.")
+
+    @property
+    def has_penalties(self) -> bool:
+        return self.presence_penalty != 0 or self.frequency_penalty != 0 or self.repetition_penalty != 1
+
+
+@dataclass
+class Logprob:
+    """A token's log-probability under the model's raw logits (before penalties, temperature, top-k/p)."""
+    logprob: float
+    rank: Optional[int] = None           # 1 = the most likely token
+    decoded_token: Optional[str] = None
 
 
 @dataclass
 class CompletionOutput:
-    index: int
+    index: int                               # which of the request's n completions
     text: str
     token_ids: list[int]
-    cumulative_logprob: Optional[float] = None
-    logprobs: Optional[list] = None
+    cumulative_logprob: Optional[float] = None   # the sum of the tokens' logprobs; with `logprobs` only
+    logprobs: Optional[list] = None          # per token {token_id: Logprob}: the token itself and the top-k
     finish_reason: Optional[str] = None      # "stop" (EOS, stop string or stop token) or "length"
     stop_reason: Any = None                  # the stop string or stop token id that ended it; None for EOS
 
@@ -187,8 +203,8 @@ class RequestOutput:
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput]
     finished: bool
-    prompt_logprobs: Optional[list] = None
-    num_cached_tokens: int = 0
+    prompt_logprobs: Optional[list] = None   # per prompt token as CompletionOutput.logprobs; the first is None
+    num_cached_tokens: int = 0               # prompt tokens whose K/V came from the prefix cache
     lora_request: Any = None
 
 
@@ -354,13 +370,17 @@ class Tokenizer:
         self.add_bos = add_bos and bos_id is not None
         self.extra = extra or {}       # {id: bytes} for ids the Encoding can't decode
         self.unknown = set(unknown)    # ids standing for bytes the vocabulary lacks: dropped
+        # for chat templates: the jinja2 source, and the texts of BOS and EOS it may use
+        self.chat_template: Optional[str] = None
+        self.bos_token = self.decode([bos_id], False) if bos_id is not None else ""
+        self.eos_token = self.decode([min(eos_ids)], False) if eos_ids else ""
 
-    def encode(self, text: str) -> list[int]:
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         # special tokens written in the prompt (e.g. by a chat template) are special tokens, as in HF
         ids = self.enc.encode(text, allowed_special="all")
         if self.unknown:
             ids = [i for i in ids if i not in self.unknown]
-        return [self.bos_id] + ids if self.add_bos else ids
+        return [self.bos_id] + ids if self.add_bos and add_special_tokens else ids
 
     def token_bytes(self, i: int) -> bytes:
         try:
@@ -371,6 +391,27 @@ class Tokenizer:
     def decode(self, ids, skip_special_tokens=True) -> str:
         b = b"".join(self.token_bytes(i) for i in ids if not (skip_special_tokens and i in self.special_ids))
         return b.decode("utf-8", errors="replace")
+
+    def apply_chat_template(self, conversation: list[dict], chat_template: Optional[str] = None,
+                            add_generation_prompt: bool = True, tokenize: bool = False):
+        """Render a conversation ([{"role", "content"}, ...]) with the model's jinja2 chat template, as HF
+        transformers does; with tokenize=True its token ids. The template writes BOS itself when the model
+        wants one, so none is added."""
+        import jinja2.sandbox
+        template = chat_template or self.chat_template
+        if template is None:
+            raise ValueError("this model's tokenizer has no chat template; pass chat_template=")
+
+        def raise_exception(message):  # templates call it to reject a conversation
+            raise jinja2.exceptions.TemplateError(message)
+        # HF's environment: blocks don't leave their newlines behind; tojson keeps non-ASCII text as is
+        env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                                           extensions=["jinja2.ext.loopcontrols"])
+        env.filters["tojson"] = lambda x, indent=None, **kw: json.dumps(x, ensure_ascii=False, indent=indent, **kw)
+        env.globals.update(raise_exception=raise_exception, strftime_now=lambda f: time.strftime(f))
+        text = env.from_string(template).render(messages=conversation, add_generation_prompt=add_generation_prompt,
+                                                bos_token=self.bos_token, eos_token=self.eos_token)
+        return self.encode(text, add_special_tokens=False) if tokenize else text
 
 
 class Detokenizer:
@@ -457,6 +498,13 @@ def _apply_tokenizer_config(tok: Tokenizer, cfg: dict):
         tok.add_bos = cfg["add_bos_token"] and tok.bos_id is not None
     if token_id(cfg.get("eos_token")) is not None:
         tok.eos_ids = {token_id(cfg["eos_token"])}
+    for name in ("bos_token", "eos_token"):
+        if cfg.get(name):
+            setattr(tok, name, cfg[name].get("content") if isinstance(cfg[name], dict) else cfg[name])
+    template = cfg.get("chat_template")
+    if isinstance(template, list):  # several named templates: the default one
+        template = next((t["template"] for t in template if t.get("name") == "default"), None)
+    tok.chat_template = template or tok.chat_template
 
 
 def tokenizer_from_gguf(reader) -> Tokenizer:
@@ -481,7 +529,11 @@ def tokenizer_from_gguf(reader) -> Tokenizer:
     eos_ids = {get("tokenizer.ggml.eos_token_id"), get("tokenizer.ggml.eot_token_id")} - {None}
     add_bos = get("tokenizer.ggml.add_bos_token", pats[pre] is LLAMA3_PAT)
     enc, extra, unknown = _bpe_encoding(f"gguf-{pre}", pats[pre], vocab, added)
-    return Tokenizer(enc, special_ids, get("tokenizer.ggml.bos_token_id"), eos_ids, add_bos, extra, unknown)
+    tok = Tokenizer(enc, special_ids, get("tokenizer.ggml.bos_token_id"), eos_ids, add_bos, extra, unknown)
+    tok.chat_template = get("tokenizer.chat_template")
+    if get("tokenizer.ggml.eos_token_id") is not None:
+        tok.eos_token = tok.decode([get("tokenizer.ggml.eos_token_id")], skip_special_tokens=False)
+    return tok
 
 
 def load_tokenizer(path: str) -> Tokenizer:
@@ -502,6 +554,9 @@ def load_tokenizer(path: str) -> Tokenizer:
     if os.path.exists(cfg := os.path.join(folder, "tokenizer_config.json")):
         with open(cfg, encoding="utf-8") as f:
             _apply_tokenizer_config(tok, json.load(f))
+    if os.path.exists(template := os.path.join(folder, "chat_template.jinja")):  # where transformers 5 saves it
+        with open(template, encoding="utf-8") as f:
+            tok.chat_template = f.read()
     return tok
 
 
@@ -705,45 +760,116 @@ def resolve_dtype(dtype, checkpoint_dtype, device) -> torch.dtype:
 # The cache is one pair of tensors per layer, k_cache and v_cache, each (num_blocks, block_size, KVH, D).
 # A sequence owns a list of block ids, its block_table: logical block j (positions j*block_size ...
 # (j+1)*block_size - 1) lives in physical block block_table[j]. Blocks need not be contiguous, so a
-# sequence grows one block at a time and a finished one hands its blocks straight to others.
+# sequence grows one block at a time and a finished one hands its blocks straight to others. A block
+# can be in several block tables at once (its ref_count says how many): requests that start with the
+# same tokens share the blocks of that prefix, computed once (prefix caching; n > 1 shares this way too).
 
 
 @dataclass
 class Block:
     block_id: int
-    ref_count: int = 0  # how many sequences use this block (sharing comes with prefix caching and n > 1)
+    ref_count: int = 0             # how many sequences use this block (shared through the prefix cache)
+    hash: Optional[bytes] = None   # set while the block is in the prefix cache (BlockManager.cached)
+
+
+def hash_block(parent: Optional[bytes], token_ids: list[int], lora_id: Optional[int] = None) -> bytes:
+    """The identity of a full block's K/V: its tokens, everything before them (the previous block's hash,
+    None for the first block) and the LoRA adapter that computed them (other weights, other K/V)."""
+    return hashlib.sha256(repr((parent, lora_id, token_ids)).encode()).digest()
 
 
 class BlockManager:
-    def __init__(self, num_blocks: int, block_size: int):
+    """Hands out KV cache blocks and, with prefix caching, finds blocks whose K/V are already computed.
+
+    Prefix caching: a block gets a hash (hash_block) once it is full, and `cached` maps hash -> block.
+    A new or resumed sequence starts with the cached blocks of its longest cached prefix instead of
+    computing them. A freed block keeps its K/V and its hash; it stays findable until the allocator
+    needs it. `free_block_ids` is ordered for eviction: blocks are taken from the front and freed ones
+    join the back, so the least recently freed block is overwritten first."""
+
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
         self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
         self.blocks = [Block(i) for i in range(num_blocks)]
-        self.free_block_ids: deque[int] = deque(range(num_blocks))
+        self.free_block_ids: dict[int, None] = dict.fromkeys(range(num_blocks))  # an ordered set
+        self.cached: dict[bytes, int] = {}
 
     def num_free_blocks(self) -> int:
         return len(self.free_block_ids)
+
+    def block_hashes(self, seq: "Sequence", num_tokens: int) -> list[bytes]:
+        """Hashes of seq's full blocks among its first num_tokens tokens, up to one holding a token still on the
+        device (PENDING). Kept on seq: a token never changes once known."""
+        bs, lora_id = self.block_size, seq.lora_request.lora_int_id if seq.lora_request else None
+        while len(seq.block_hashes) < num_tokens // bs:
+            j = len(seq.block_hashes)
+            tokens = seq.token_ids[j * bs:(j + 1) * bs]
+            if PENDING in tokens:
+                break
+            seq.block_hashes.append(hash_block(seq.block_hashes[-1] if j else None, tokens, lora_id))
+        return seq.block_hashes[: num_tokens // bs]
+
+    def find_cached_prefix(self, seq: "Sequence") -> list[int]:
+        """The cached blocks that hold seq's longest cached prefix. The last token is always computed (its
+        logits give the next token), and prompt_logprobs need every prompt position computed (as vLLM)."""
+        if not self.enable_prefix_caching or seq.params.prompt_logprobs is not None:
+            return []
+        found = []
+        for h in self.block_hashes(seq, seq.num_tokens - 1):
+            if h not in self.cached:
+                break
+            found.append(self.cached[h])
+        return found
 
     def blocks_needed(self, seq: "Sequence", num_new_tokens: int) -> int:
         """Blocks `seq` must gain to hold the K/V of its next `num_new_tokens` tokens."""
         total = seq.num_computed_tokens + num_new_tokens
         return max(0, -(-total // self.block_size) - len(seq.block_table))
 
-    def can_allocate(self, seq: "Sequence", num_new_tokens: int) -> bool:
-        return self.blocks_needed(seq, num_new_tokens) <= len(self.free_block_ids)
+    def can_allocate(self, seq: "Sequence", num_new_tokens: int, cached: list[int] = ()) -> bool:
+        # cached blocks cover their tokens, but those no one holds leave the free list too
+        new = self.blocks_needed(seq, len(cached) * self.block_size + num_new_tokens) - len(cached)
+        return new + sum(self.blocks[b].ref_count == 0 for b in cached) <= len(self.free_block_ids)
 
-    def allocate(self, seq: "Sequence", num_new_tokens: int) -> None:
+    def allocate(self, seq: "Sequence", num_new_tokens: int, cached: list[int] = ()) -> None:
+        """Give seq its `cached` prefix blocks (their tokens count as computed), then fresh blocks for its next
+        num_new_tokens tokens."""
+        for block_id in cached:
+            block = self.blocks[block_id]
+            if block.ref_count == 0:
+                del self.free_block_ids[block_id]
+            block.ref_count += 1
+            seq.block_table.append(block_id)
+        seq.num_computed_tokens += len(cached) * self.block_size
+        seq.num_cached_blocks += len(cached)
         for _ in range(self.blocks_needed(seq, num_new_tokens)):
-            block = self.blocks[self.free_block_ids.popleft()]
+            block_id = next(iter(self.free_block_ids))  # the least recently freed
+            del self.free_block_ids[block_id]
+            block = self.blocks[block_id]
+            if block.hash is not None:  # evict its old contents from the cache
+                del self.cached[block.hash]
+                block.hash = None
             block.ref_count = 1
-            seq.block_table.append(block.block_id)
+            seq.block_table.append(block_id)
+        # Cache the blocks this step fills (once their tokens are known: a block ending in a PENDING token
+        # waits for a later step). Each layer writes the whole step's K/V before any attention reads it,
+        # so a sequence scheduled later in this same step can already share them.
+        if self.enable_prefix_caching:
+            hashes = self.block_hashes(seq, seq.num_computed_tokens + num_new_tokens)
+            for j in range(seq.num_cached_blocks, len(hashes)):
+                if hashes[j] not in self.cached:  # else an equal block is cached already; this one isn't shared
+                    self.cached[hashes[j]] = seq.block_table[j]
+                    self.blocks[seq.block_table[j]].hash = hashes[j]
+            seq.num_cached_blocks = len(hashes)
 
     def free(self, seq: "Sequence") -> None:
+        # last block first: it is the least likely to be shared, so it should be evicted first
         for block_id in reversed(seq.block_table):
             block = self.blocks[block_id]
             block.ref_count -= 1
             if block.ref_count == 0:
-                self.free_block_ids.append(block_id)
-        seq.block_table = []
+                self.free_block_ids[block_id] = None
+        seq.block_table, seq.num_cached_blocks = [], 0
 
 
 def allocate_kv_cache(cfg: ModelConfig, num_blocks: int, block_size: int, dtype, device) -> list:
@@ -771,6 +897,7 @@ class SamplingTensors:
     all_greedy: bool
     any_top_k_top_p: bool
     any_min_p: bool
+    penalties: Optional[tuple] = None  # (prompt_mask, output_counts, presence, frequency, repetition) if any row has one
 
 
 def apply_top_k_top_p_min_p(logits, top_k, top_p, min_p):
@@ -790,6 +917,15 @@ def apply_top_k_top_p_min_p(logits, top_k, top_p, min_p):
     return torch.full_like(logits, float("-inf")).scatter(1, order, sorted_logits)
 
 
+def apply_penalties(logits, prompt_mask, output_counts, presence, frequency, repetition):
+    """vLLM's (and OpenAI's) penalties. logits, output_counts (B, V); prompt_mask (B, V) bool; the rest (B,).
+    repetition_penalty counts prompt and output tokens, the other two only output tokens."""
+    seen = prompt_mask | (output_counts > 0)
+    r = repetition[:, None]
+    logits = torch.where(seen, torch.where(logits > 0, logits / r, logits * r), logits)
+    return logits - frequency[:, None] * output_counts - presence[:, None] * (output_counts > 0)
+
+
 def gumbel_argmax(logits, temperature, q):  # (B, V), (B,), (B, V) -> (B,)
     return (logits / temperature[:, None] - q.log()).argmax(dim=-1)
 
@@ -799,6 +935,8 @@ gumbel_argmax_fused = torch.compile(gumbel_argmax, dynamic=True)  # one pass ove
 
 def sample(logits: torch.Tensor, st: SamplingTensors, generator: torch.Generator) -> torch.Tensor:
     """logits (B, V) float32 -> token ids (B,). Everything stays on the device."""
+    if st.penalties is not None:  # before temperature, and before greedy picks its token
+        logits = apply_penalties(logits, *st.penalties)
     greedy = logits.argmax(dim=-1)
     if st.all_greedy:
         return greedy
@@ -815,6 +953,16 @@ def sample(logits: torch.Tensor, st: SamplingTensors, generator: torch.Generator
         q[row].exponential_(generator=g)
     sampled = (gumbel_argmax_fused if logits.is_cuda else gumbel_argmax)(logits, temperature, q)
     return torch.where(st.temperature == 0, greedy, sampled)
+
+
+def gather_logprobs(logprobs: torch.Tensor, token_ids: torch.Tensor, k: int) -> torch.Tensor:
+    """What vLLM reports about a token: logprobs (R, V) and token_ids (R,) -> (R, 3 + 2k) float64 rows
+    [token id, its logprob, its rank (1 = most likely), the top-k ids, their logprobs], to copy back at once
+    (float64 holds the ids exactly)."""
+    token_logprob = logprobs.gather(1, token_ids[:, None])      # (R, 1)
+    rank = (logprobs >= token_logprob).sum(dim=-1, keepdim=True)  # (R, 1)
+    top_logprobs, top_ids = logprobs.topk(k, dim=-1)            # (R, k) each
+    return torch.cat([x.double() for x in (token_ids[:, None], token_logprob, rank, top_ids, top_logprobs)], dim=1)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -841,7 +989,10 @@ class Sequence:
         self.prompt, self.prompt_token_ids = prompt, prompt_token_ids
         self.token_ids = list(prompt_token_ids)  # prompt + output so far
         self.num_computed_tokens = 0             # leading tokens whose K/V are in the cache
+        self.num_cached_tokens: Optional[int] = None  # of those, found in the prefix cache when first scheduled
         self.block_table: list[int] = []
+        self.block_hashes: list[bytes] = []     # prefix-cache hashes of its full blocks of known tokens
+        self.num_cached_blocks = 0               # leading blocks of block_table the prefix cache has seen
         self.pending_row = -1                    # if the last token is PENDING: its row in the step that sampled it
         self.params = params
         self.sort_key = (priority, seq_id)       # lower runs first; arrival breaks ties
@@ -853,6 +1004,10 @@ class Sequence:
         self.stop_reason = None
         self.detokenizer = Detokenizer(tokenizer, skip_special_tokens=params.skip_special_tokens)
         self.generator = None if params.seed is None else torch.Generator(device=device).manual_seed(params.seed)
+        self.logprobs = [] if params.logprobs is not None else None  # per output token {token_id: Logprob}
+        self.cumulative_logprob = 0.0
+        self.prompt_logprobs = [None] if params.prompt_logprobs is not None else None  # the first token has none
+        self.num_prompt_logprobs = 1  # entries made or on their way from the device
 
     @property
     def num_tokens(self) -> int:
@@ -881,7 +1036,8 @@ class Scheduler:
     Both queues are kept sorted by `sort_key` = (priority, arrival): under "fcfs" every priority is 0,
     so this is arrival order. When the cache has no free block for a running sequence, the last running
     one (the newest, or the lowest priority) is preempted: its blocks are freed and it goes back to the
-    waiting queue, to be recomputed from its tokens later (recompute, not swap)."""
+    waiting queue, to be recomputed from its tokens later (recompute, not swap). Under "priority" a
+    waiting sequence that outranks running ones takes their blocks the same way when it can't fit."""
 
     def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int, max_loras: int = 0):
         self.block_manager = block_manager
@@ -900,6 +1056,16 @@ class Scheduler:
 
     def schedule(self) -> SchedulerOutput:
         budget, out = self.max_num_batched_tokens, SchedulerOutput([])
+        # 0. a waiting sequence that outranks the worst running one preempts it while it can't get its
+        #    blocks (vLLM's priority preemption). Under "fcfs" this never fires: a preempted sequence was
+        #    the newest running one, and nothing newer runs before it is back.
+        while self.waiting and self.running and self.waiting[0].sort_key < self.running[-1].sort_key:
+            seq = self.waiting[0]
+            cached = self.block_manager.find_cached_prefix(seq)
+            n = min(seq.num_tokens - len(cached) * self.block_manager.block_size, budget)
+            if self.block_manager.can_allocate(seq, n, cached):
+                break
+            self.preempt(self.running[-1])
         # 1. running sequences, best first; preempt from the back when blocks run out
         i = 0
         while i < len(self.running) and budget > 0:
@@ -920,19 +1086,23 @@ class Scheduler:
         # 2. waiting sequences, while the budgets and the free blocks allow (none after a preemption:
         #    the cache is full, and a preempted sequence must not be overtaken by a worse one). A sequence
         #    whose adapter would be one more than the max_loras slots waits and lets the others pass.
+        #    A waiting sequence starts from its longest cached prefix and computes only the rest.
         loras, w = {s.lora_request.lora_int_id for s in self.running if s.lora_request}, 0
         while w < len(self.waiting) and budget > 0 and len(self.running) < self.max_num_seqs and not out.num_preempted:
             seq = self.waiting[w]
             if seq.lora_request and seq.lora_request.lora_int_id not in loras and len(loras) >= self.max_loras:
                 w += 1
                 continue
-            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
-            if not self.block_manager.can_allocate(seq, n):
+            cached = self.block_manager.find_cached_prefix(seq)
+            n = min(seq.num_tokens - len(cached) * self.block_manager.block_size, budget)
+            if not self.block_manager.can_allocate(seq, n, cached):
                 break
             self.waiting.pop(w)
             if seq.lora_request:
                 loras.add(seq.lora_request.lora_int_id)
-            self.block_manager.allocate(seq, n)
+            self.block_manager.allocate(seq, n, cached)
+            if seq.num_cached_tokens is None:
+                seq.num_cached_tokens = seq.num_computed_tokens
             seq.status = SequenceStatus.RUNNING
             insert_sorted(self.running, seq)
             out.scheduled.append((seq, n))
@@ -976,8 +1146,8 @@ class LLM:
                  seed: int = 0, max_model_len: Optional[int] = None, max_num_seqs: int = 256,
                  max_num_batched_tokens: int = 8192, block_size: int = 16, gpu_memory_utilization: float = 0.9,
                  num_gpu_blocks_override: Optional[int] = None, scheduling_policy: str = "fcfs",
-                 enforce_eager: bool = False, enable_lora: bool = False, max_loras: int = 4, max_lora_rank: int = 64,
-                 **unknown):
+                 enforce_eager: bool = False, enable_prefix_caching: bool = True, enable_lora: bool = False,
+                 max_loras: int = 4, max_lora_rank: int = 64, **unknown):
         if unknown:
             raise TypeError(f"LLM() got an unexpected keyword argument {next(iter(unknown))!r}")
         if scheduling_policy not in ("fcfs", "priority"):
@@ -1011,7 +1181,7 @@ class LLM:
         if num_blocks < 1:
             raise ValueError("no memory is left for the KV cache; raise gpu_memory_utilization or use a smaller model")
         self.kv_cache = allocate_kv_cache(self.cfg, num_blocks, block_size, dtype, self.device)
-        self.block_manager = BlockManager(num_blocks, block_size)
+        self.block_manager = BlockManager(num_blocks, block_size, enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, max_num_seqs, max_num_batched_tokens, max_loras if enable_lora else 0)
         self.max_seq_len = min(self.max_model_len, num_blocks * block_size)  # no sequence outgrows the cache
         self.next_request_id = 0
@@ -1122,14 +1292,22 @@ class LLM:
                 raise ValueError(f"the lengths of prompts ({len(prompts)}) and priority ({len(priority)}) must be the same")
         requests = [(*self.tokenize_prompt(i, p), sp) for i, (p, sp) in enumerate(zip(prompts, params))]
         loras = lora.per_prompt(lora_request, len(prompts), self.lora)  # adapters loaded and checked
-        # 2. queue them
-        seqs = []
+        # 2. queue them. n > 1 is n sequences (vLLM's child requests): they share the prompt's blocks through
+        #    the prefix cache, and child i of a seeded request uses seed + i, as in vLLM. Prompt logprobs
+        #    are the same for all, so only child 0 computes them (and the others can use the cache).
+        groups, seqs = [], []
         for i, (text, token_ids, sp) in enumerate(requests):
-            seq = Sequence(self.next_request_id, text, token_ids, sp, priority[i] if priority else 0, self.tokenizer,
-                           self.max_seq_len, self.device, loras[i])
-            self.next_request_id += 1
-            self.scheduler.add(seq)
-            seqs.append(seq)
+            children = [sp] if sp.n == 1 else [
+                replace(sp, n=1, seed=None if sp.seed is None else sp.seed + c,
+                        prompt_logprobs=sp.prompt_logprobs if c == 0 else None) for c in range(sp.n)]
+            groups.append([])
+            for child in children:
+                seq = Sequence(self.next_request_id, text, token_ids, child, priority[i] if priority else 0,
+                               self.tokenizer, self.max_seq_len, self.device, loras[i])
+                self.next_request_id += 1
+                self.scheduler.add(seq)
+                groups[-1].append(seq)
+                seqs.append(seq)
         # 3. step until every sequence is finished
         bar = None
         if use_tqdm:
@@ -1147,9 +1325,28 @@ class LLM:
         finally:
             if bar is not None:
                 bar.close()
-        return [RequestOutput(str(s.seq_id), s.prompt, s.prompt_token_ids,
-                              [CompletionOutput(0, s.text, s.output_token_ids, None, None, s.finish_reason, s.stop_reason)],
-                              finished=True, lora_request=s.lora_request) for s in seqs]
+        return [RequestOutput(str(g[0].seq_id), g[0].prompt, g[0].prompt_token_ids,
+                              [CompletionOutput(i, s.text, s.output_token_ids,
+                                                None if s.logprobs is None else s.cumulative_logprob, s.logprobs,
+                                                s.finish_reason, s.stop_reason) for i, s in enumerate(g)],
+                              finished=True, prompt_logprobs=g[0].prompt_logprobs,
+                              num_cached_tokens=max(s.num_cached_tokens or 0 for s in g),
+                              lora_request=g[0].lora_request) for g in groups]
+
+    def chat(self, messages, sampling_params=None, *, use_tqdm: bool | Callable = True, lora_request=None,
+             chat_template: Optional[str] = None, add_generation_prompt: bool = True) -> list[RequestOutput]:
+        """Generate the next message of one conversation ([{"role", "content"}, ...]) or of a list of them,
+        rendered with the model's chat template (or `chat_template`); one RequestOutput per conversation."""
+        import jinja2
+        conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
+        prompts = []
+        for i, conversation in enumerate(conversations):
+            try:
+                text = self.tokenizer.apply_chat_template(conversation, chat_template, add_generation_prompt)
+            except jinja2.TemplateError as e:  # the template rejected it (raise_exception), or a field is missing
+                raise ValueError(f"conversation {i}: {e}") from e
+            prompts.append({"prompt": text, "prompt_token_ids": self.tokenizer.encode(text, add_special_tokens=False)})
+        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm, lora_request=lora_request)
 
     def tokenize_prompt(self, i: int, prompt) -> tuple[Optional[str], list[int]]:
         """A prompt in any of vLLM's forms -> (text or None, token ids); ValueError/TypeError naming prompt i."""
@@ -1192,8 +1389,9 @@ class LLM:
         width = max(len(seq.block_table) for seq, _ in batch)
         input_ids, positions, query_lens, seq_lens, block_tables, logits_rows, sampled_seqs = [], [], [], [], [], [], []
         pending_dst, pending_src = [], []  # PENDING tokens: where they go in input_ids, their row in the last step
+        prompt_rows, prompt_targets, prompt_seqs = [], [], []  # prompt logprobs: the row, the prompt token it scores
         for seq, n in batch:
-            start = seq.num_computed_tokens
+            start, q0 = seq.num_computed_tokens, len(input_ids)
             input_ids += seq.token_ids[start:start + n]
             positions += range(start, start + n)
             query_lens.append(n)
@@ -1205,8 +1403,16 @@ class LLM:
                 if seq.token_ids[-1] == PENDING:
                     pending_dst.append(len(input_ids) - 1)
                     pending_src.append(seq.pending_row)
-        ids, pos, q_lens, s_lens, tables, rows, dst, src = self.upload(
-            input_ids, positions, query_lens, seq_lens, block_tables, logits_rows, pending_dst, pending_src)
+            if seq.prompt_logprobs is not None:  # position p scores prompt token p + 1 (once, also after a preemption)
+                for p in range(max(start, seq.num_prompt_logprobs - 1), min(start + n, len(seq.prompt_token_ids) - 1)):
+                    prompt_rows.append(q0 + p - start)
+                    prompt_targets.append(seq.token_ids[p + 1])
+                    prompt_seqs.append(seq)
+                    seq.num_prompt_logprobs += 1
+        B, lp_rows = len(sampled_seqs), [row for row, seq in enumerate(sampled_seqs) if seq.logprobs is not None]
+        ids, pos, q_lens, s_lens, tables, rows, dst, src, scored_rows, targets = self.upload(
+            input_ids, positions, query_lens, seq_lens, block_tables, logits_rows + prompt_rows, pending_dst, pending_src,
+            lp_rows + list(range(B, B + len(prompt_rows))), prompt_targets)
         if pending_dst:
             ids[dst] = self.in_flight[0][src].int()  # last step's tokens, straight from the device
         tables = tables.view(len(batch), width)                                # (B, width)
@@ -1215,49 +1421,86 @@ class LLM:
         slot_mapping = tables[token_seq, pos // self.block_size].long() * self.block_size + pos % self.block_size  # (N,)
         meta = AttentionMetadata(slot_mapping, tables, s_lens, F.pad(q_lens.cumsum(0), (1, 0)).int(), max(query_lens), max(seq_lens),
                                  self.lora.prepare([(seq.lora_request, n) for seq, n in batch]) if self.lora else None)
-        # 3. run the model; logits only where a token is sampled
+        # 3. run the model; logits only where a token is sampled or a prompt token is scored
         hidden = self.run_model(ids, pos, meta)  # (N, C)
         for seq, n in batch:
             seq.num_computed_tokens += n
-        if not sampled_seqs:
+        if not sampled_seqs and not prompt_seqs:
             return self.process_in_flight(None, [])
-        logits = self.model.compute_logits(hidden[rows[: len(sampled_seqs)]])  # (B, V)
-        # 4. sample on the device; the tokens start their copy to the host, nobody waits for it yet
+        logits = self.model.compute_logits(hidden[rows])  # (B + P, V)
+        # 4. logprobs, as vLLM reports them by default: of the raw logits, before penalties, temperature, top-k/p
+        scored = [(sampled_seqs[row], "logprobs") for row in lp_rows] + [(seq, "prompt_logprobs") for seq in prompt_seqs]
+        if scored:
+            raw_logprobs = logits[scored_rows].log_softmax(dim=-1)  # (R, V)
+        # 5. sample on the device; the tokens start their copy to the host, nobody waits for it yet
+        logits = logits[:B]
         self.mask_blocked_tokens(logits, sampled_seqs)
-        tokens = sample(logits, self.sampling_tensors(sampled_seqs, logits.shape[-1]), self.generator)  # (B,)
+        tokens = logits.new_zeros(0, dtype=torch.long)  # (B,)
+        if B:
+            tokens = sample(logits, self.sampling_tensors(sampled_seqs, logits.shape[-1]), self.generator)
         for row, seq in enumerate(sampled_seqs):
             seq.token_ids.append(PENDING)
             seq.pending_row = row
             if seq.num_tokens >= seq.max_len:  # its last token: nothing more to schedule
                 self.scheduler.finish(seq)
-        # 5. meanwhile, the host reads back the previous step's tokens and updates those sequences
-        return self.process_in_flight(tokens, sampled_seqs)
+        # 6. what vLLM reports about the scored tokens travels with the new tokens
+        report = None
+        if scored:
+            want = [getattr(seq.params, kind) for seq, kind in scored]
+            k = logits.shape[-1] if -1 in want else min(logits.shape[-1], max(want))
+            report = gather_logprobs(raw_logprobs, torch.cat([tokens[scored_rows[:len(lp_rows)]], targets.long()]), k)
+            scored = [(seq, kind, k_seq) for (seq, kind), k_seq in zip(scored, want)]
+        # 7. meanwhile, the host reads back the previous step's tokens and updates those sequences
+        return self.process_in_flight(tokens, sampled_seqs, report, scored)
 
-    def process_in_flight(self, tokens: Optional[torch.Tensor], seqs: list[Sequence]) -> list[Sequence]:
-        """Put `tokens` (just sampled, on the device) in flight, and land the previous step's: replace each
-        PENDING placeholder with its token, detokenize, check the stop conditions. Returns the finished."""
+    def process_in_flight(self, tokens: Optional[torch.Tensor], seqs: list[Sequence], report=None, scored=()) -> list[Sequence]:
+        """Put `tokens` (just sampled, on the device) in flight, with the logprob `report` rows of the `scored`
+        tokens, and land the previous step's: replace each PENDING placeholder with its token, add the
+        logprobs, detokenize, check the stop conditions. Returns the finished."""
         previous, self.in_flight = self.in_flight, None
         if tokens is not None:
-            host = tokens.to("cpu", non_blocking=True)  # queued now, right behind the sampler
+            out = tokens if report is None else torch.cat([tokens.double(), report.flatten()])  # one copy
+            host = out.to("cpu", non_blocking=True)  # queued now, right behind the sampler
             done = torch.cuda.Event() if tokens.is_cuda else None
             if done is not None:
                 done.record()
-            self.in_flight = (tokens, host, done, [(seq, seq.num_tokens - 1) for seq in seqs])
+            self.in_flight = (tokens, host, done, [(seq, seq.num_tokens - 1) for seq in seqs], scored)
         if previous is None:
             return []
-        _, host, done, landing = previous
+        _, host, done, landing, scored = previous
         if done is not None:
             done.synchronize()  # waits for that step only, not for the one the GPU is running now
+        values = host.tolist()
+        new_tokens, rows = values[:len(landing)], values[len(landing):]
+        width = len(rows) // len(scored) if scored else 0
+        for r, (seq, kind, k) in enumerate(scored):
+            row = rows[r * width:(r + 1) * width]
+            if kind == "prompt_logprobs":
+                seq.prompt_logprobs.append(self.logprob_entry(row, k))
+            elif seq.finish_reason is None:  # (else its token is dropped below)
+                seq.logprobs.append(self.logprob_entry(row, k))
+                seq.cumulative_logprob += row[1]
         finished = []
-        for (seq, i), token in zip(landing, host.tolist()):
+        for (seq, i), token in zip(landing, new_tokens):
             if seq.finish_reason is not None:
                 continue  # it finished on an earlier token; this one was computed in vain
-            seq.token_ids[i] = token
+            seq.token_ids[i] = int(token)
             if self.process_token(seq, i):
                 if seq.status is not SequenceStatus.FINISHED:
                     self.scheduler.finish(seq)
                 finished.append(seq)
         return finished
+
+    def logprob_entry(self, row: list[float], k: int) -> dict:
+        """A row of gather_logprobs -> vLLM's {token_id: Logprob}: the scored token, then the top k (-1: all)."""
+        width = (len(row) - 3) // 2
+        k = width if k < 0 else k
+        decode = lambda t: self.tokenizer.decode([t], skip_special_tokens=False)
+        token = int(row[0])
+        entry = {token: Logprob(row[1], int(row[2]), decode(token))}
+        for rank, (t, logprob) in enumerate(zip(row[3:3 + k], row[3 + width:3 + width + k]), start=1):
+            entry.setdefault(int(t), Logprob(logprob, rank, decode(int(t))))
+        return entry
 
     def upload(self, *lists: list) -> list[torch.Tensor]:
         """Host lists of ints -> int32 device tensors, in one copy. On CUDA through pinned memory and
@@ -1277,8 +1520,9 @@ class LLM:
     def sampling_tensors(self, seqs: list[Sequence], vocab_size: int) -> SamplingTensors:
         ps = [s.params for s in seqs]
         top_k = [p.top_k if p.top_k > 0 else vocab_size for p in ps]
-        rows = torch.tensor([[p.temperature for p in ps], [p.top_p for p in ps], [p.min_p for p in ps], top_k],
-                            dtype=torch.float32)  # (4, B): one copy to the device
+        rows = torch.tensor([[p.temperature for p in ps], [p.top_p for p in ps], [p.min_p for p in ps], top_k,
+                             [p.presence_penalty for p in ps], [p.frequency_penalty for p in ps],
+                             [p.repetition_penalty for p in ps]], dtype=torch.float32)  # (7, B): one copy to the device
         if self.device.type == "cuda":
             rows = rows.pin_memory().to(self.device, non_blocking=True)
         return SamplingTensors(
@@ -1286,7 +1530,27 @@ class LLM:
             generators={row: s.generator for row, s in enumerate(seqs) if s.generator is not None and s.params.temperature > 0},
             all_greedy=all(p.temperature == 0 for p in ps),
             any_top_k_top_p=any(k < vocab_size for k in top_k) or any(p.top_p < 1 for p in ps),
-            any_min_p=any(p.min_p > 0 for p in ps))
+            any_min_p=any(p.min_p > 0 for p in ps),
+            penalties=(*self.seen_tokens(seqs, vocab_size), *rows[4:]) if any(p.has_penalties for p in ps) else None)
+
+    def seen_tokens(self, seqs: list[Sequence], vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """For the penalties: which tokens each prompt holds, (B, V) bool, and how often each output holds them,
+        (B, V). The ids go up padded with id V, which lands in a spare column; an output token still in flight
+        (PENDING) is taken from the device, as in step."""
+        B, V = len(seqs), vocab_size
+        prompts, outputs = [s.prompt_token_ids for s in seqs], [s.output_token_ids for s in seqs]
+        pw, ow = max(map(len, prompts)), max(1, max(map(len, outputs)))
+        prompt_ids = [t for x in prompts for t in x + [V] * (pw - len(x))]
+        output_ids = [t for x in outputs for t in x + [V] * (ow - len(x))]
+        pending = [i for i, t in enumerate(output_ids) if t == PENDING]
+        prompt_ids, output_ids, dst, src = self.upload(prompt_ids, output_ids, pending, [seqs[i // ow].pending_row for i in pending])
+        if pending:
+            output_ids[dst] = self.in_flight[0][src].int()
+        prompt_ids, output_ids = prompt_ids.view(B, pw).long(), output_ids.view(B, ow).long()
+        prompt_mask = torch.zeros(B, V + 1, dtype=torch.bool, device=self.device).scatter_(1, prompt_ids, True)
+        ones = torch.ones(output_ids.shape, device=self.device)
+        counts = torch.zeros(B, V + 1, device=self.device).scatter_add_(1, output_ids, ones)  # (B, V+1) occurrences
+        return prompt_mask[:, :V], counts[:, :V]
 
     def process_token(self, seq: Sequence, i: int) -> bool:
         """Token i of `seq` has landed: extend the text and decide whether the sequence is finished."""
@@ -1327,7 +1591,7 @@ class LLM:
     def prompt_logits(self, token_ids: list[int], lora_request: Optional[LoRARequest] = None) -> torch.Tensor:
         """Logits (T, V) at every position of one prompt, through the same paged path as generate."""
         lora_request = lora.per_prompt(lora_request, 1, self.lora)[0]
-        seq = Sequence(-1, None, token_ids, SamplingParams(), 0, self.tokenizer, self.max_seq_len, self.device)
+        seq = Sequence(-1, None, token_ids, SamplingParams(), 0, self.tokenizer, self.max_seq_len, self.device, lora_request)
         if not self.block_manager.can_allocate(seq, len(token_ids)):
             raise ValueError("the KV cache has no room for this prompt now")
         self.block_manager.allocate(seq, len(token_ids))
@@ -1360,6 +1624,7 @@ def generate(prompts, sampling_params=None, *, model: Optional[str] = None, use_
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="minillm", description="Offline batch generation with a Llama-family model.")
     ap.add_argument("--prompts", required=True, help="text file with one prompt per line (blank lines skipped); - reads stdin")
+    ap.add_argument("--chat", action="store_true", help="send each line as a user message through the model's chat template")
     ap.add_argument("--model", default=None, help="HF checkpoint folder or .gguf file (default: the built-in SmolLM2-135M-Instruct)")
     ap.add_argument("--max-tokens", type=int, default=64, help="most tokens to generate per prompt (default 64)")
     ap.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (the default); higher is more random")
@@ -1383,20 +1648,23 @@ def main(argv=None) -> int:
             adapter = LoRARequest(os.path.basename(os.path.normpath(args.lora)), 1, args.lora)
             lora_kwargs = dict(enable_lora=True, max_loras=1, max_lora_rank=lora.read_adapter_config(adapter)["r"])
         llm = LLM(args.model, device=args.device, **lora_kwargs)
-        outputs = llm.generate(prompts, params, lora_request=adapter)
+        if args.chat:
+            outputs = llm.chat([[{"role": "user", "content": p}] for p in prompts], params, lora_request=adapter)
+        else:
+            outputs = llm.generate(prompts, params, lora_request=adapter)
     except (ValueError, TypeError, OSError, NotImplementedError) as e:
         print(f"minillm: error: {e}", file=sys.stderr)
         return 1
     if args.output:
         with open(args.output, "w", encoding="utf-8") as f:
-            for o in outputs:
+            for p, o in zip(prompts, outputs):
                 c = o.outputs[0]
-                f.write(json.dumps({"prompt": o.prompt, "text": c.text, "token_ids": c.token_ids,
+                f.write(json.dumps({"prompt": p, "text": c.text, "token_ids": c.token_ids,
                                     "finish_reason": c.finish_reason}, ensure_ascii=False) + "\n")
         print(f"wrote {len(outputs)} completions to {args.output}", file=sys.stderr)
     else:
-        for o in outputs:
-            print(f"--- {o.prompt}\n{o.outputs[0].text}\n")
+        for p, o in zip(prompts, outputs):
+            print(f"--- {p}\n{o.outputs[0].text}\n")
     return 0
 
 

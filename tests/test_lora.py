@@ -150,6 +150,22 @@ def test_more_adapters_than_slots(setup, expected):
     assert llm.lora.num_loads > 3  # adapters were evicted and loaded again
 
 
+def test_prefix_cache_keeps_adapters_apart(setup):
+    # one prompt under the base model and each adapter: K/V computed under one adapter must never be
+    # shared with another, however equal the tokens (the adapter is part of each block's hash)
+    folder, base, adapters = setup
+    llm = cpu_llm(folder, block_size=4, enable_lora=True, max_loras=4, max_lora_rank=16)
+    prompt = random_prompts([30], seed=2)[0]
+    models = [base] + [peft_model for _, peft_model in adapters.values()]
+    reqs = [None] + [req for req, _ in adapters.values()]
+    want = [greedy(m, prompt, 8) for m in models]
+    sp = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    for cached in (0, 28):  # the second time, each finds its own blocks (all but the last token's)
+        outs = llm.generate([{"prompt_token_ids": prompt}] * 4, sp, lora_request=reqs, use_tqdm=False)
+        assert [o.outputs[0].token_ids for o in outs] == want
+        assert [o.num_cached_tokens for o in outs] == [cached] * 4
+
+
 @pytest.mark.skipif(not INTERPRET, reason="needs TRITON_INTERPRET=1")
 def test_engine_through_the_triton_kernels(setup, expected, monkeypatch):
     # the CPU engine normally takes the reference; here every projection goes through the kernels
