@@ -54,6 +54,16 @@ def main():
     rows.append(("fp32 greedy: CUDA graphs == eager", f"{sum(a == b for a, b in zip(graphs, eager))}/{len(prompts)}", graphs == eager))
     cpu = run(minillm.LLM(folder, dtype="float32", max_model_len=2048, device="cpu"))
     rows.append(("fp32 greedy: GPU kernels == CPU reference", f"{sum(a == b for a, b in zip(graphs, cpu))}/{len(prompts)}", graphs == cpu))
+    # prefix caching: prompts sharing a 300-token prefix reuse its blocks and give the same tokens
+    prefix = torch.randint(0, 128000, (300,), generator=g).tolist()
+    shared = [{"prompt_token_ids": prefix + torch.randint(0, 128000, (n,), generator=g).tolist()} for n in (5, 40, 77, 130)]
+    on = llm.generate(shared, sp, use_tqdm=False)
+    off = minillm.LLM(folder, dtype="float32", max_model_len=2048, num_gpu_blocks_override=2048,
+                      enable_prefix_caching=False).generate(shared, sp, use_tqdm=False)
+    same = sum(a.outputs[0].token_ids == b.outputs[0].token_ids for a, b in zip(on, off))
+    cached = sum(o.num_cached_tokens for o in on)
+    rows.append(("fp32 greedy: prefix caching on == off", f"{same}/{len(shared)}", same == len(shared) and cached >= 3 * 288))
+    rows.append(("   prompt tokens served from the cache", f"{cached}", cached >= 3 * 288))
     del llm
     torch.cuda.empty_cache()
     bf_graph = run(minillm.LLM(folder, dtype="bfloat16", max_model_len=2048, num_gpu_blocks_override=2048))
