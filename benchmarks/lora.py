@@ -218,9 +218,10 @@ def engine_rows(model: str, cfg: dict, rows: list, rank: int, tmp: str, dry_run:
             continue
         try:
             t = time.perf_counter()
-            llm = minillm.LLM(model, max_model_len=4096, max_lora_rank=rank, **size, **kwargs)
+            # the rows repeat one workload on one engine: no prefix cache, or later rows would skip the prefill
+            llm = minillm.LLM(model, max_model_len=4096, max_lora_rank=rank, enable_prefix_caching=False, **size, **kwargs)
             startup = time.perf_counter() - t
-            warm = workload("b", cfg["vocab_size"], n=16 if not dry_run else 2)
+            warm = workload("b", cfg["vocab_size"], n=16 if not dry_run else 2, seed=99)
             run_engine(llm, warm[0], [8] * len(warm[0]) if dry_run else warm[1],
                        lora_request=adapters[:len(warm[0])] if kwargs else None)  # Triton compiles, allocator settles
             for row in engine_rows:
