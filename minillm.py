@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import base64
 import codecs
-import glob
 import hashlib
 import importlib.util
 import itertools

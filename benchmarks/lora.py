@@ -29,7 +29,6 @@ if "--dry-run" in sys.argv:  # before anything imports triton: the interpreter r
 
 import argparse  # noqa: E402
 import gc  # noqa: E402
-import importlib.util  # noqa: E402
 import json  # noqa: E402
 import shutil  # noqa: E402
 import tempfile  # noqa: E402

@@ -14,7 +14,7 @@ import pytest
 import tokenizers
 from tokenizers import pre_tokenizers
 
-from minillm import Detokenizer, Tokenizer, load_tokenizer, tokenizer_from_gguf
+from minillm import Detokenizer, load_tokenizer, tokenizer_from_gguf
 
 
 def package_file(package, name, pip_name):
