@@ -430,10 +430,19 @@ def test_gpu_engine_matches_peft_and_graphs_match_eager(tmp_path):
         logits = logits[len(p) - 1: -1]  # (24, V): the prediction of each output token
         gap = logits.max(-1).values - logits.gather(1, torch.tensor(got, device="cuda")[:, None])[:, 0]
         assert (gap <= 1e-4 * logits.abs().max()).all(), (w, gap.max().item())
-    # bf16 at the same sizes: CUDA graphs == eager, with three adapters in two slots
+    # bf16 at the same sizes, three adapters in two slots: CUDA graphs vs eager. Their padded batches and
+    # split counts round differently in bf16, so on a random model a near-tie can flip a greedy token (seen
+    # once on an H100: one sequence of 12, at its 14th token). Where the two part, the two tokens must be a
+    # near-tie for the fp32 PEFT model on the prefix they share; a wrong adapter or row is far from that.
     bf = lambda **kw: run(LLM(str(tmp_path / "base"), dtype="bfloat16", enable_lora=True, max_loras=2, max_lora_rank=16,
                               num_gpu_blocks_override=512, max_num_seqs=16, **kw))
-    assert bf() == bf(enforce_eager=True)
+    for p, w, a, b in zip(prompts, which, bf(), bf(enforce_eager=True)):
+        if a == b:
+            continue
+        j = next(i for i in range(len(a)) if a[i] != b[i])
+        with torch.no_grad():
+            logits = (peft_models[w] if w is not None else base)(torch.tensor([p + a[:j]], device="cuda")).logits[0, -1]
+        assert (logits[a[j]] - logits[b[j]]).abs() <= 1e-2 * logits.abs().max(), (w, j)
 
 
 @pytest.mark.skipif(not GPU, reason="needs a GPU and TRITON_INTERPRET=0")
