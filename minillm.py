@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import base64
 import codecs
+import functools
 import hashlib
 import importlib.util
 import itertools
@@ -582,7 +583,11 @@ def silu_and_mul(gate, up):  # SwiGLU's activation: (N, F), (N, F) -> (N, F)
     return F.silu(gate) * up
 
 
-rms_norm_fused, apply_rope_fused, silu_and_mul_fused = (torch.compile(f, dynamic=True) for f in (rms_norm, apply_rope, silu_and_mul))
+@functools.cache
+def fused(fn):
+    """fn through torch.compile: on the GPU one Triton kernel for the whole chain, compiled at the first
+    call for any N. Made on first use, since importing the compiler alone takes seconds."""
+    return torch.compile(fn, dynamic=True)
 
 
 class RMSNorm(nn.Module):
@@ -592,7 +597,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        return (rms_norm_fused if x.is_cuda else rms_norm)(x, self.weight, self.eps)
+        return (fused(rms_norm) if x.is_cuda else rms_norm)(x, self.weight, self.eps)
 
 
 def rope_tables(cfg: ModelConfig, max_len: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -653,7 +658,7 @@ class Attention(nn.Module):
         N = x.shape[0]
         q, k, v = linear_stacked((self.q_proj, self.k_proj, self.v_proj), x, meta.lora)  # (N, C) -> (N, H*D), (N, KVH*D) x2
         q, k, v = q.view(N, self.H, self.D), k.view(N, self.KVH, self.D), v.view(N, self.KVH, self.D)
-        rope = apply_rope_fused if x.is_cuda else apply_rope
+        rope = fused(apply_rope) if x.is_cuda else apply_rope
         q, k = rope(q, cos, sin), rope(k, cos, sin)
         # The Triton kernels on the GPU; on the CPU the plain-PyTorch reference (same contract).
         write_kv, attend = (pa.write_kv_cache, pa.paged_attention) if x.is_cuda else (pa.write_kv_cache_ref, pa.paged_attention_ref)
@@ -671,7 +676,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x, lora_batch=None):  # SwiGLU: (N, C) -> (N, F) -> (N, C)
-        act = silu_and_mul_fused if x.is_cuda else silu_and_mul
+        act = fused(silu_and_mul) if x.is_cuda else silu_and_mul
         gate, up = linear_stacked((self.gate_proj, self.up_proj), x, lora_batch)
         return linear(self.down_proj, act(gate, up), lora_batch)
 
@@ -929,9 +934,6 @@ def gumbel_argmax(logits, temperature, q):  # (B, V), (B,), (B, V) -> (B,)
     return (logits / temperature[:, None] - q.log()).argmax(dim=-1)
 
 
-gumbel_argmax_fused = torch.compile(gumbel_argmax, dynamic=True)  # one pass over logits and q on the GPU
-
-
 def sample(logits: torch.Tensor, st: SamplingTensors, generator: torch.Generator) -> torch.Tensor:
     """logits (B, V) float32 -> token ids (B,). Everything stays on the device."""
     if st.penalties is not None:  # before temperature, and before greedy picks its token
@@ -950,7 +952,7 @@ def sample(logits: torch.Tensor, st: SamplingTensors, generator: torch.Generator
     q = torch.empty_like(logits).exponential_(generator=generator)
     for row, g in st.generators.items():
         q[row].exponential_(generator=g)
-    sampled = (gumbel_argmax_fused if logits.is_cuda else gumbel_argmax)(logits, temperature, q)
+    sampled = (fused(gumbel_argmax) if logits.is_cuda else gumbel_argmax)(logits, temperature, q)  # one pass on the GPU
     return torch.where(st.temperature == 0, greedy, sampled)
 
 
