@@ -1563,14 +1563,14 @@ class LLM:
                 seq.finish_reason = "stop"
             elif token in p.stop_token_ids:
                 seq.finish_reason, seq.stop_reason = "stop", token
-            elif p.stop and self.find_stop_string(seq, old_len):
-                pass
+            elif p.stop:
+                self.find_stop_string(seq, old_len)  # sets the finish reason when one matched
         if seq.finish_reason is None and i + 1 >= seq.max_len:
             seq.finish_reason = "length"
         if seq.finish_reason is None:
             return False
         del seq.token_ids[i + 1:]  # a token sampled after this one, still in flight, is dropped
-        if seq.stop_reason is None or isinstance(seq.stop_reason, int):
+        if not isinstance(seq.stop_reason, str):  # (a stop string already cut the text)
             seq.text += seq.detokenizer.finish()
             if p.stop:  # the flushed tail may complete a stop string
                 self.find_stop_string(seq, old_len)
