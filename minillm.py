@@ -1575,12 +1575,13 @@ class LLMEngine:
             launched = self.launch(batch) if batch else None              # 2, 3, 4
             previous, self.in_flight = self.in_flight, launched
             progressed = self.land(*previous) if previous else {}         # 5
+            outputs = self.collect_outputs(progressed)                    # 6
             if not self.requests:
                 self.in_flight = None  # tokens sampled past the end of finished sequences: nobody needs them
+            return outputs
         except BaseException:
             self.recover()
             raise
-        return self.collect_outputs(progressed)                           # 6
 
     def launch(self, batch: list[tuple[Sequence, int]]):
         step, sampled, scored = self.prepare_step(batch)
