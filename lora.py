@@ -613,10 +613,11 @@ def _config(N: int, K: int, OUT: int, rows: int, R: int, device) -> dict:
     block_k = 128 if cuda else 32
     # tl.dot needs every side >= 16; extra lanes are masked
     shrink_block_r, expand_block_r = max(16, triton.next_power_of_2(rows)), max(16, triton.next_power_of_2(R))
-    # Split K by K alone, never by N: a token's result then does not depend on the batch size (CUDA
-    # graphs pad it), and no new variant compiles when N changes. Decode-sized steps have few tiles
-    # and each program is a chain of memory round trips: 2 K-tiles per split. Prefill-sized steps
-    # have tiles enough: 4 splits. A power of two, as expand loads all splits as one block.
+    # The split depends on K and on the tile height (block_m, which N picks: 16 or 64), not on N
+    # itself: between two tile heights a token's result does not depend on the batch size (CUDA graphs
+    # pad it), and no new variant compiles as N changes. Decode-sized steps (16-token tiles) have few
+    # tiles and each program is a chain of memory round trips: 2 K-tiles per split. Prefill-sized
+    # steps have tiles enough: 4 splits. A power of two, as expand loads all splits as one block.
     want = K // (2 * block_k) if block_m == 16 else 4
     split_k = 1 << (max(1, min(want, 32)).bit_length() - 1)  # round down to a power of two
     # Every expand program re-reads its tokens' partial sums: wide outputs take wide tiles. 64-token
