@@ -1342,14 +1342,19 @@ class ModelRunner:
             flat = flat.pin_memory().to(self.device, non_blocking=True)
         return list(flat.split([len(x) for x in lists]))
 
-    def prepare(self, step: StepInput) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
-        """A StepInput -> the model's (N,) input_ids and positions and the step's AttentionMetadata."""
-        width = max(map(len, step.block_tables))
+    def prepare(self, step: StepInput) -> tuple:
+        """A StepInput -> the model's (N,) input_ids and positions, the step's AttentionMetadata, and on the
+        device: the (S + P,) rows whose logits are needed, the (R,) rows of those whose logprobs are reported,
+        the (P,) prompt tokens scored. All in one upload: a second copy from unpinned memory would make the
+        host wait for the GPU, and the host must run ahead of it."""
+        width, S = max(map(len, step.block_tables)), len(step.sample_rows)
         tables = [t for table in step.block_tables for t in table + [0] * (width - len(table))]
         seq_lens = [step.positions[end - 1] + 1 for end in itertools.accumulate(step.query_lens)]  # (B,) after this step
         dst, src = [d for d, _ in step.pending], [s for _, s in step.pending]
-        ids, pos, q_lens, s_lens, tables, dst, src = self.upload(step.input_ids, step.positions, step.query_lens,
-                                                                 seq_lens, tables, dst, src)
+        scored = step.logprob_rows + list(range(S, S + len(step.prompt_rows)))
+        ids, pos, q_lens, s_lens, tables, dst, src, rows, scored, targets = self.upload(
+            step.input_ids, step.positions, step.query_lens, seq_lens, tables, dst, src,
+            step.sample_rows + step.prompt_rows, scored, step.prompt_targets)
         if step.pending:
             ids[dst] = self.last_sampled[src].int()  # the last step's tokens, straight from the device
         tables = tables.view(len(step.query_lens), width)  # (B, width)
@@ -1359,27 +1364,24 @@ class ModelRunner:
         slot_mapping = tables[token_seq, pos // self.block_size].long() * self.block_size + pos % self.block_size  # (N,)
         meta = AttentionMetadata(slot_mapping, tables, s_lens, starts, max(step.query_lens), max(seq_lens),
                                  self.lora.prepare(step.lora) if self.lora else None)
-        return ids, pos, meta
+        return ids, pos, meta, (rows.long(), scored.long(), targets.long())
 
     @torch.inference_mode()
     def execute(self, step: StepInput) -> Optional[SampledTokens]:
         """Run one step: the forward pass, then logits where a token is sampled or a prompt token scored,
         logprobs, and sampling. The tokens stay on the device as the next step's PENDING inputs."""
-        ids, pos, meta = self.prepare(step)
+        ids, pos, meta, (rows, scored, targets) = self.prepare(step)
         hidden = self.run_model(ids, pos, meta)  # (N, C)
         S = len(step.sample_rows)
         if not S and not step.prompt_rows:
             return None
-        rows = torch.tensor(step.sample_rows + step.prompt_rows, device=self.device)
         logits = self.model.compute_logits(hidden[rows])  # (S + P, V)
         report = None
-        if step.logprob_rows or step.prompt_rows:  # as vLLM by default: of the raw logits, before any processing
-            scored = torch.tensor(step.logprob_rows + list(range(S, S + len(step.prompt_rows))), device=self.device)
+        if len(scored):  # as vLLM by default: logprobs of the raw logits, before any processing
             raw_logprobs = logits[scored].log_softmax(dim=-1)  # (R, V)
         tokens = self.sample(logits[:S], step, ids[rows[:S]]) if S else ids.new_zeros(0)  # (S,)
-        if step.logprob_rows or step.prompt_rows:
-            targets = torch.tensor(step.prompt_targets, dtype=torch.long, device=self.device)
-            scored_ids = torch.cat([tokens[torch.tensor(step.logprob_rows, dtype=torch.long, device=self.device)], targets])
+        if len(scored):
+            scored_ids = torch.cat([tokens[scored[:len(step.logprob_rows)]], targets])  # (R,)
             report = gather_logprobs(raw_logprobs, scored_ids, min(step.num_logprobs, logits.shape[-1]))
         self.last_sampled = tokens
         return SampledTokens(tokens, report)
@@ -1425,7 +1427,7 @@ class ModelRunner:
         """Logits (T, V) at every position of one prompt whose blocks are given, through the same paged path."""
         T = len(token_ids)
         step = StepInput(token_ids, list(range(T)), [T], [block_table], [(lora_request, T)])
-        ids, pos, meta = self.prepare(step)
+        ids, pos, meta, _ = self.prepare(step)
         return self.model.compute_logits(self.model(ids, pos, meta, self.kv_cache))
 
 
