@@ -329,6 +329,7 @@ def _byte_level_chars() -> dict[str, int]:
 
 
 UNBYTE = _byte_level_chars()
+BYTE_CHARS = {b: c for c, b in UNBYTE.items()}
 
 
 def _bpe_encoding(name, pat, vocab, added):
@@ -357,23 +358,39 @@ def _bpe_encoding(name, pat, vocab, added):
     return enc, extra, set(unknown.values())
 
 
+class BatchEncoding(dict):
+    """What calling a tokenizer returns, as in HF: a dict of `input_ids` and `attention_mask`, also
+    readable as attributes (`enc.input_ids`)."""
+
+    def __getattr__(self, name):
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+
 class Tokenizer:
-    """The tiktoken Encoding plus the few facts the engine needs."""
+    """The tiktoken Encoding plus the few facts the engine needs, and the part of HF's tokenizer API that
+    offline scripts call, with transformers' defaults and return types (`tok(text).input_ids`, `decode`,
+    `batch_decode`, `eos_token_id`, `convert_tokens_to_ids`, `apply_chat_template`, ...)."""
     enc: tiktoken.Encoding
     bos_id: int | None
     eos_ids: set[int]      # from the tokenizer's own config; generation_config.json is the engine's
     add_bos: bool
     special_ids: set[int]  # what skip_special_tokens skips
 
-    def __init__(self, enc, special_ids, bos_id=None, eos_ids=(), add_bos=False, extra=None, unknown=()):
+    def __init__(self, enc, special_ids, bos_id=None, eos_ids=(), add_bos=False, extra=None, unknown=(), vocab_size=None):
         self.enc, self.special_ids, self.bos_id, self.eos_ids = enc, set(special_ids), bos_id, set(eos_ids)
         self.add_bos = add_bos and bos_id is not None
         self.extra = extra or {}       # {id: bytes} for ids the Encoding can't decode
         self.unknown = set(unknown)    # ids standing for bytes the vocabulary lacks: dropped
-        # for chat templates: the jinja2 source, and the texts of BOS and EOS it may use
-        self.chat_template: Optional[str] = None
-        self.bos_token = self.decode([bos_id], False) if bos_id is not None else ""
-        self.eos_token = self.decode([min(eos_ids)], False) if eos_ids else ""
+        self.vocab_size = vocab_size or enc.n_vocab  # as HF: the model's vocabulary, without added tokens
+        self.chat_template: Optional[str] = None     # the jinja2 source
+        # HF's named special tokens (texts, None if the tokenizer has none); tokenizer_config.json may rename them
+        self.bos_token = self.decode([bos_id]) if bos_id is not None else None
+        self.eos_token = self.decode([min(eos_ids)]) if eos_ids else None
+        self.unk_token = self.pad_token = None
+        self.additional_special_tokens: list[str] = []
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         # special tokens written in the prompt (e.g. by a chat template) are special tokens, as in HF
@@ -382,36 +399,169 @@ class Tokenizer:
             ids = [i for i in ids if i not in self.unknown]
         return [self.bos_id] + ids if self.add_bos and add_special_tokens else ids
 
+    def __call__(self, text: str | list[str], add_special_tokens: bool = True) -> BatchEncoding:
+        ids = self.encode(text, add_special_tokens) if isinstance(text, str) else [self.encode(t, add_special_tokens) for t in text]
+        mask = [1] * len(ids) if isinstance(text, str) else [[1] * len(x) for x in ids]
+        return BatchEncoding(input_ids=ids, attention_mask=mask)
+
     def token_bytes(self, i: int) -> bytes:
         try:
             return self.enc.decode_single_token_bytes(i)
         except KeyError:  # see extra; or an id past the vocabulary (padded embedding rows): nothing
             return self.extra.get(i, b"")
 
-    def decode(self, ids, skip_special_tokens=True) -> str:
+    def decode(self, ids, skip_special_tokens: bool = False) -> str:
+        # (no clean_up_tokenization_spaces: transformers 5 ignores it for BPE, where it would eat real spaces)
+        ids = [ids] if isinstance(ids, int) else ids
         b = b"".join(self.token_bytes(i) for i in ids if not (skip_special_tokens and i in self.special_ids))
         return b.decode("utf-8", errors="replace")
 
-    def apply_chat_template(self, conversation: list[dict], chat_template: Optional[str] = None,
-                            add_generation_prompt: bool = True, tokenize: bool = False):
+    def batch_decode(self, sequences, skip_special_tokens: bool = False) -> list[str]:
+        return [self.decode(ids, skip_special_tokens) for ids in sequences]
+
+    # -- token strings, as HF spells them: byte-level characters ("Ġworld"), added tokens as written --
+
+    @functools.cached_property
+    def _id_to_token(self) -> dict[int, str]:
+        added = {self.enc.encode_single_token(s): s for s in self.enc.special_tokens_set}
+        tokens = {}
+        for i in range(self.enc.n_vocab):
+            text = self.extra[i].decode(errors="replace") if i in self.extra else ""
+            if i in added:
+                tokens[i] = added[i]
+            elif any(c not in UNBYTE for c in text):
+                tokens[i] = text  # a vocabulary string that is not byte-level kept its text (see _bpe_encoding)
+            elif i in self.extra or (i not in self.unknown and self.token_bytes(i)):  # (b"": no such id)
+                tokens[i] = "".join(BYTE_CHARS[b] for b in self.token_bytes(i))
+        return tokens
+
+    @functools.cached_property
+    def _token_to_id(self) -> dict[str, int]:
+        return {s: i for i, s in self._id_to_token.items()}
+
+    def get_vocab(self) -> dict[str, int]:
+        return dict(self._token_to_id)
+
+    def __len__(self) -> int:  # HF: the vocabulary with the added tokens
+        return len(self._id_to_token)
+
+    def convert_ids_to_tokens(self, ids):
+        return self._id_to_token.get(ids) if isinstance(ids, int) else [self._id_to_token.get(i) for i in ids]
+
+    def convert_tokens_to_ids(self, tokens):
+        if isinstance(tokens, str):  # a string that is no token: the unknown token's id, None without one
+            return self._token_to_id.get(tokens, self._token_to_id.get(self.unk_token))
+        return [self.convert_tokens_to_ids(t) for t in tokens]
+
+    bos_token_id = property(lambda self: self.convert_tokens_to_ids(self.bos_token) if self.bos_token else None)
+    eos_token_id = property(lambda self: self.convert_tokens_to_ids(self.eos_token) if self.eos_token else None)
+    unk_token_id = property(lambda self: self.convert_tokens_to_ids(self.unk_token) if self.unk_token else None)
+    pad_token_id = property(lambda self: self.convert_tokens_to_ids(self.pad_token) if self.pad_token else None)
+
+    @property
+    def all_special_tokens(self) -> list[str]:  # HF: the named ones (bos, eos, unk, pad, additional), not every added token
+        named = [self.bos_token, self.eos_token, self.unk_token, self.pad_token, *self.additional_special_tokens]
+        return list(dict.fromkeys(t for t in named if t))
+
+    @property
+    def all_special_ids(self) -> list[int]:
+        return self.convert_tokens_to_ids(self.all_special_tokens)
+
+    # -- chat templates --
+
+    def apply_chat_template(self, conversation: list[dict], tools: Optional[list[dict]] = None,
+                            documents: Optional[list[dict]] = None, chat_template: Optional[str] = None,
+                            add_generation_prompt: bool = False, continue_final_message: bool = False,
+                            tokenize: bool = True, return_dict: bool = False, **template_kwargs):
         """Render a conversation ([{"role", "content"}, ...]) with the model's jinja2 chat template, as HF
-        transformers does; with tokenize=True its token ids. The template writes BOS itself when the model
-        wants one, so none is added."""
-        import jinja2.sandbox
+        transformers 4 does, with its defaults: token ids (no BOS added: the template writes it), or the text
+        with tokenize=False, or a BatchEncoding with return_dict=True. A list of conversations gives a list.
+        `tools`, `documents` and any other keyword (vLLM's chat_template_kwargs) are template variables.
+        continue_final_message: end the text with the last message's content, left open for the model to go on."""
+        if conversation and isinstance(conversation[0], (list, tuple)):
+            return [self.apply_chat_template(c, tools, documents, chat_template, add_generation_prompt,
+                                             continue_final_message, tokenize, return_dict, **template_kwargs)
+                    for c in conversation]
+        if add_generation_prompt and continue_final_message:
+            raise ValueError("add_generation_prompt and continue_final_message cannot both be set: one opens a new "
+                             "assistant message, the other continues the last one")
         template = chat_template or self.chat_template
         if template is None:
             raise ValueError("this model's tokenizer has no chat template; pass chat_template=")
+        conversation = text_content(conversation, template)
+        text = render_chat_template(template, conversation, tools=tools, documents=documents,
+                                    add_generation_prompt=add_generation_prompt, **template_kwargs,
+                                    bos_token=self.bos_token or "", eos_token=self.eos_token or "",
+                                    unk_token=self.unk_token or "", pad_token=self.pad_token or "")
+        if continue_final_message:
+            text = cut_after_final_message(text, conversation[-1]["content"])
+        if not tokenize:
+            return text
+        ids = self.encode(text, add_special_tokens=False)
+        return BatchEncoding(input_ids=ids, attention_mask=[1] * len(ids)) if return_dict else ids
 
-        def raise_exception(message):  # templates call it to reject a conversation
-            raise jinja2.exceptions.TemplateError(message)
-        # HF's environment: blocks don't leave their newlines behind; tojson keeps non-ASCII text as is
-        env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                                           extensions=["jinja2.ext.loopcontrols"])
-        env.filters["tojson"] = lambda x, indent=None, **kw: json.dumps(x, ensure_ascii=False, indent=indent, **kw)
-        env.globals.update(raise_exception=raise_exception, strftime_now=lambda f: time.strftime(f))
-        text = env.from_string(template).render(messages=conversation, add_generation_prompt=add_generation_prompt,
-                                                bos_token=self.bos_token, eos_token=self.eos_token)
-        return self.encode(text, add_special_tokens=False) if tokenize else text
+
+def render_chat_template(template: str, messages: list[dict], **variables) -> str:
+    import jinja2.sandbox
+
+    def raise_exception(message):  # templates call it to reject a conversation
+        raise jinja2.exceptions.TemplateError(message)
+    # HF's environment: blocks don't leave their newlines behind; tojson keeps non-ASCII text as is
+    env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                                       extensions=["jinja2.ext.loopcontrols"])
+    env.filters["tojson"] = lambda x, indent=None, **kw: json.dumps(x, ensure_ascii=False, indent=indent, **kw)
+    env.globals.update(raise_exception=raise_exception, strftime_now=lambda f: time.strftime(f))
+    return env.from_string(template).render(messages=messages, **variables)
+
+
+def text_content(conversation: list[dict], template: str) -> list[dict]:
+    """OpenAI-style content parts ([{"type": "text", "text": ...}, ...]) as vLLM's chat() passes them: kept as a
+    list for a template that loops over a message's content, joined with newlines for one that prints it.
+    Text is all our models read: any other part is refused."""
+    if not any(isinstance(m.get("content"), list) for m in conversation):
+        return conversation
+    out = []
+    for i, m in enumerate(conversation):
+        parts = m.get("content")
+        if isinstance(parts, list):
+            for p in parts:
+                if not isinstance(p, dict) or p.get("type") != "text":
+                    kind = p.get("type") if isinstance(p, dict) else type(p).__name__
+                    raise ValueError(f"message {i}: content part of type {kind!r} is not supported (text only)")
+            if not template_loops_over_content(template):
+                m = {**m, "content": "\n".join(p["text"] for p in parts)}
+        out.append(m)
+    return out
+
+
+@functools.lru_cache(maxsize=16)
+def template_loops_over_content(template: str) -> bool:
+    """Whether the template has a `{% for ... in <x>.content %}` (or x['content'], or a variable named content)."""
+    import jinja2.nodes
+    import jinja2.sandbox
+    ast = jinja2.sandbox.ImmutableSandboxedEnvironment(extensions=["jinja2.ext.loopcontrols"]).parse(template)
+    for loop in ast.find_all(jinja2.nodes.For):
+        it = loop.iter
+        if (isinstance(it, jinja2.nodes.Getitem) and isinstance(it.arg, jinja2.nodes.Const) and it.arg.value == "content") \
+                or (isinstance(it, jinja2.nodes.Getattr) and it.attr == "content") \
+                or (isinstance(it, jinja2.nodes.Name) and it.name == "content"):
+            return True
+    return False
+
+
+def cut_after_final_message(text: str, content) -> str:
+    """continue_final_message: cut the rendered conversation right after the final message's text, so that
+    whatever the template writes to close the message (end-of-turn token, newline) is gone."""
+    if isinstance(content, list):  # content parts: the last text part is what continues
+        content = next((p["text"] for p in reversed(content) if "text" in p), None)
+    if not content or content.strip() not in text:
+        raise ValueError("continue_final_message: the final message's text does not appear in the rendered chat "
+                         "(a template that rewrites or drops it cannot be continued)")
+    start = text.rindex(content.strip())
+    # the template may have trimmed the message's surrounding whitespace: keep its trailing space only if rendered
+    kept = content.lstrip()
+    end = start + (len(kept) if text[start:start + len(kept)] == kept else len(content.strip()))
+    return text[:end]
 
 
 class Detokenizer:
@@ -444,7 +594,7 @@ def _from_tiktoken_model(path) -> Tokenizer:
     enc = tiktoken.Encoding(os.path.basename(path), pat_str=LLAMA3_PAT, mergeable_ranks=ranks, special_tokens=specials)
     # as Meta's reference code: always start with BOS, stop at either of its two stop tokens
     return Tokenizer(enc, specials.values(), bos_id=specials["<|begin_of_text|>"], add_bos=True,
-                     eos_ids={specials["<|end_of_text|>"], specials["<|eot_id|>"]})
+                     eos_ids={specials["<|end_of_text|>"], specials["<|eot_id|>"]}, vocab_size=len(ranks))
 
 
 def _hf_pattern(pre: dict) -> str:
@@ -484,7 +634,7 @@ def _from_hf_json(path) -> Tokenizer:
             bos_id = added.get(first["SpecialToken"]["id"])
     vocab = sorted(model["vocab"].items(), key=lambda kv: kv[1])
     enc, extra, unknown = _bpe_encoding(os.path.basename(path), _hf_pattern(pre), vocab, added)
-    return Tokenizer(enc, special_ids, bos_id, (), bos_id is not None, extra, unknown)
+    return Tokenizer(enc, special_ids, bos_id, (), bos_id is not None, extra, unknown, len(model["vocab"]))
 
 
 def _apply_tokenizer_config(tok: Tokenizer, cfg: dict):
@@ -498,9 +648,12 @@ def _apply_tokenizer_config(tok: Tokenizer, cfg: dict):
         tok.add_bos = cfg["add_bos_token"] and tok.bos_id is not None
     if token_id(cfg.get("eos_token")) is not None:
         tok.eos_ids = {token_id(cfg["eos_token"])}
-    for name in ("bos_token", "eos_token"):
+    for name in ("bos_token", "eos_token", "unk_token", "pad_token"):
         if cfg.get(name):
             setattr(tok, name, cfg[name].get("content") if isinstance(cfg[name], dict) else cfg[name])
+    extra = cfg.get("additional_special_tokens") or cfg.get("extra_special_tokens") or []  # (transformers 5's name)
+    extra = extra.values() if isinstance(extra, dict) else extra
+    tok.additional_special_tokens = [t.get("content") if isinstance(t, dict) else t for t in extra]
     template = cfg.get("chat_template")
     if isinstance(template, list):  # several named templates: the default one
         template = next((t["template"] for t in template if t.get("name") == "default"), None)
@@ -529,10 +682,12 @@ def tokenizer_from_gguf(reader) -> Tokenizer:
     eos_ids = {get("tokenizer.ggml.eos_token_id"), get("tokenizer.ggml.eot_token_id")} - {None}
     add_bos = get("tokenizer.ggml.add_bos_token", pats[pre] is LLAMA3_PAT)
     enc, extra, unknown = _bpe_encoding(f"gguf-{pre}", pats[pre], vocab, added)
-    tok = Tokenizer(enc, special_ids, get("tokenizer.ggml.bos_token_id"), eos_ids, add_bos, extra, unknown)
+    tok = Tokenizer(enc, special_ids, get("tokenizer.ggml.bos_token_id"), eos_ids, add_bos, extra, unknown, len(tokens))
     tok.chat_template = get("tokenizer.chat_template")
-    if get("tokenizer.ggml.eos_token_id") is not None:
-        tok.eos_token = tok.decode([get("tokenizer.ggml.eos_token_id")], skip_special_tokens=False)
+    keys = {"eos_token": "eos_token_id", "unk_token": "unknown_token_id", "pad_token": "padding_token_id"}
+    for name, key in keys.items():  # the named special tokens, as transformers reads them from a GGUF
+        if (i := get(f"tokenizer.ggml.{key}")) is not None:
+            setattr(tok, name, tokens[i])
     return tok
 
 
@@ -1343,7 +1498,8 @@ class LLM:
         prompts = []
         for i, conversation in enumerate(conversations):
             try:
-                text = self.tokenizer.apply_chat_template(conversation, chat_template, add_generation_prompt)
+                text = self.tokenizer.apply_chat_template(conversation, chat_template=chat_template, tokenize=False,
+                                                          add_generation_prompt=add_generation_prompt)
             except jinja2.TemplateError as e:  # the template rejected it (raise_exception), or a field is missing
                 raise ValueError(f"conversation {i}: {e}") from e
             prompts.append({"prompt": text, "prompt_token_ids": self.tokenizer.encode(text, add_special_tokens=False)})
