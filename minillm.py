@@ -6,9 +6,11 @@ of prompts and returns one `RequestOutput` per prompt, in input order. Code writ
 `from vllm import LLM, SamplingParams` runs here with only the import changed.
 
 What happens inside, in the order this file is written:
-  1. configs        ModelConfig (the checkpoint's shape), SamplingParams, the output classes
-  2. loading        HF folders (config.json + safetensors) and GGUF files, straight to device
-  3. tokenizer      every tokenizer becomes a tiktoken Encoding; incremental detokenization
+  1. configs        ModelConfig (the checkpoint's shape), SamplingParams, the output classes, EngineArgs
+  2. loading        hub ids to local folders; HF folders (config.json + safetensors) and GGUF files, straight
+                   to device; generation_config.json's default SamplingParams
+  3. tokenizer      every tokenizer becomes a tiktoken Encoding, with HF's tokenizer API on top; chat
+                   templates; incremental detokenization
   4. model          Llama: RMSNorm, RoPE, grouped-query attention over a paged KV cache, SwiGLU;
                    each projection adds its token's LoRA delta when the step uses adapters (lora.py)
   5. KV cache       blocks of `block_size` token slots, a BlockManager with prefix caching, block tables
@@ -243,7 +245,7 @@ class EngineArgs:
     enable_lora: bool = False
     max_loras: int = 1                   # adapters in one step
     max_lora_rank: int = 16
-    max_cpu_loras: Optional[int] = None  # (accepted, no effect: adapters are read from disk when first used)
+    max_cpu_loras: Optional[int] = None  # (accepted, no effect: minillm keeps every adapter it has read on the host)
     # accepted at the values in ONLY: what vLLM can do and minillm cannot, or what does not apply to it
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
