@@ -226,8 +226,8 @@ class EngineArgs:
     dtype: str = "auto"                  # "auto", "float16"/"half", "bfloat16", "float32"/"float"
     seed: int = 0                        # the engine's sampling stream (requests with a seed have their own)
     max_model_len: Optional[int] = None  # prompt + output; None: the checkpoint's max_position_embeddings
-    hf_overrides: Any = None             # dict merged into config.json, or a function of the config (see load_hf_checkpoint)
-    generation_config: str = "auto"      # "auto": generation_config.json gives the default SamplingParams; "vllm": none; or a folder
+    hf_overrides: Any = None             # a dict merged into config.json, or a function of the config
+    generation_config: str = "auto"      # the default SamplingParams: "auto" generation_config.json's, "vllm" none, or a folder's
     override_generation_config: Optional[dict] = None  # merged over those defaults
     max_logprobs: int = 20               # the most logprobs / prompt_logprobs a request may ask for; -1: no cap
     device: str = "auto"                 # "auto" (cuda when available), "cuda" or "cpu"
@@ -289,7 +289,8 @@ class EngineArgs:
                 enable_prompt_embeds=[False], enable_chunked_prefill=[None, True], enable_sleep_mode=[False],
                 logprobs_mode=["raw_logprobs"], logits_processors=[None], speculative_config=[None],
                 device=["auto", "cuda", "cpu"], scheduling_policy=["fcfs", "priority"],
-                dtype=["auto", "float16", "half", "bfloat16", "float32", "float", torch.float16, torch.bfloat16, torch.float32])
+                dtype=["auto", "float16", "half", "bfloat16", "float32", "float",
+                       torch.float16, torch.bfloat16, torch.float32])
 
     def __post_init__(self):
         for name, ok in self.ONLY.items():
@@ -331,7 +332,8 @@ class EngineArgs:
                 group.add_argument(*flags, action=argparse.BooleanOptionalAction, default=f.default, help=only[2:] or None)
             else:
                 kind = types.get(f.name) or (str if f.default is None else type(f.default))
-                group.add_argument(*flags, type=optional(kind), default=f.default, metavar="JSON" if kind is json.loads else kind.__name__.upper(),
+                metavar = "JSON" if kind is json.loads else kind.__name__.upper()
+                group.add_argument(*flags, type=optional(kind), default=f.default, metavar=metavar,
                                    nargs="+" if f.name == "logits_processors" else None, help=f"default: {f.default}{only}")
         return parser
 
@@ -383,10 +385,12 @@ HUB_FILES = ["*.json", "*.safetensors", "tokenizer.model", "*.jinja"]  # what mi
 
 
 def hf_hub_cache() -> str:
-    """Where huggingface_hub keeps its downloads: $HF_HUB_CACHE, else $HF_HOME/hub, else ~/.cache/huggingface/hub."""
+    """Where huggingface_hub keeps its downloads: $HF_HUB_CACHE, else $HF_HOME/hub, else
+    ~/.cache/huggingface/hub (~/.cache: $XDG_CACHE_HOME when set)."""
     if os.environ.get("HF_HUB_CACHE"):
         return os.environ["HF_HUB_CACHE"]
-    home = os.environ.get("HF_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "huggingface")
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
+    home = os.environ.get("HF_HOME") or os.path.join(cache, "huggingface")
     return os.path.join(home, "hub")
 
 
@@ -641,9 +645,11 @@ class Tokenizer:
         return [self.bos_id] + ids if self.add_bos and add_special_tokens else ids
 
     def __call__(self, text: str | list[str], add_special_tokens: bool = True) -> BatchEncoding:
-        ids = self.encode(text, add_special_tokens) if isinstance(text, str) else [self.encode(t, add_special_tokens) for t in text]
-        mask = [1] * len(ids) if isinstance(text, str) else [[1] * len(x) for x in ids]
-        return BatchEncoding(input_ids=ids, attention_mask=mask)
+        if isinstance(text, str):
+            ids = self.encode(text, add_special_tokens)
+            return BatchEncoding(input_ids=ids, attention_mask=[1] * len(ids))
+        ids = [self.encode(t, add_special_tokens) for t in text]
+        return BatchEncoding(input_ids=ids, attention_mask=[[1] * len(x) for x in ids])
 
     def token_bytes(self, i: int) -> bytes:
         try:
