@@ -230,7 +230,7 @@ class EngineArgs:
     generation_config: str = "auto"      # the default SamplingParams: "auto" generation_config.json's, "vllm" none, or a folder's
     override_generation_config: Optional[dict] = None  # merged over those defaults
     max_logprobs: int = 20               # the most logprobs / prompt_logprobs a request may ask for; -1: no cap
-    device: str = "auto"                 # "auto" (cuda when available), "cuda" or "cpu"
+    device: Optional[str] = "auto"       # "auto" or None (cuda when available), "cuda" or "cpu"
     # KV cache and scheduler
     block_size: Optional[int] = None     # token slots per KV cache block; None: 16
     gpu_memory_utilization: float = 0.9  # the share of the GPU's memory for weights, activations and KV cache
@@ -288,7 +288,7 @@ class EngineArgs:
                 convert=["auto", "none"], model_impl=["auto", "vllm"], skip_tokenizer_init=[False],
                 enable_prompt_embeds=[False], enable_chunked_prefill=[None, True], enable_sleep_mode=[False],
                 logprobs_mode=["raw_logprobs"], logits_processors=[None], speculative_config=[None],
-                device=["auto", "cuda", "cpu"], scheduling_policy=["fcfs", "priority"],
+                device=["auto", None, "cuda", "cpu"], scheduling_policy=["fcfs", "priority"],
                 dtype=["auto", "float16", "half", "bfloat16", "float32", "float",
                        torch.float16, torch.bfloat16, torch.float32])
 

@@ -220,6 +220,7 @@ def test_engine_args_have_vllms_names_and_defaults():
                tokenizer_mode="auto", load_format="safetensors", config_format="auto", trust_remote_code=True,
                disable_log_stats=True, max_cpu_loras=8, compilation_config={"level": 3},
                distributed_executor_backend="mp", quantization=None, cpu_offload_gb=0, logits_processors=[])
+    EngineArgs(device=None)  # minillm's own spelling of "auto" (its command line passes it)
     with pytest.raises(TypeError, match="unexpected keyword argument 'max_tokens'"):  # a name vLLM does not have
         EngineArgs(max_tokens=16)
 
