@@ -249,9 +249,9 @@ def test_chat_template_renders_as_transformers_does(tiny):
     for conversation in CONVERSATIONS:
         for gen in (True, False):
             want = hf_tok.apply_chat_template(conversation, tokenize=False, add_generation_prompt=gen)
-            assert llm.get_tokenizer().apply_chat_template(conversation, add_generation_prompt=gen) == want
+            assert llm.get_tokenizer().apply_chat_template(conversation, add_generation_prompt=gen, tokenize=False) == want
         want_ids = hf_ids(hf_tok, conversation)
-        assert llm.get_tokenizer().apply_chat_template(conversation, tokenize=True) == want_ids
+        assert llm.get_tokenizer().apply_chat_template(conversation, add_generation_prompt=True) == want_ids
         assert want_ids.count(llm.get_tokenizer().bos_id) == 1  # the template's BOS, no second one
     outs = llm.chat(CONVERSATIONS, SamplingParams(max_tokens=3), use_tqdm=False)
     assert [o.prompt_token_ids for o in outs] == [hf_ids(hf_tok, c) for c in CONVERSATIONS]
@@ -267,9 +267,9 @@ def test_default_model_chat_template_from_gguf_matches_transformers():
     ours = minillm.load_tokenizer(path)
     hf_tok = AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))
     for conversation in CONVERSATIONS:
-        assert ours.apply_chat_template(conversation) == hf_tok.apply_chat_template(
+        assert ours.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False) == hf_tok.apply_chat_template(
             conversation, tokenize=False, add_generation_prompt=True)
-        assert ours.apply_chat_template(conversation, tokenize=True) == hf_ids(hf_tok, conversation)
+        assert ours.apply_chat_template(conversation, add_generation_prompt=True) == hf_ids(hf_tok, conversation)
 
 
 def test_cli_chat_answers_on_the_default_model(tmp_path):
