@@ -1,0 +1,394 @@
+"""
+The vLLM and Hugging Face API surface that offline scripts call and the engine does not need: vLLM's engine
+arguments (`EngineArgs`, `FlexibleArgumentParser`), models by hub id (`resolve_model`), a checkpoint's
+generation_config.json as the default SamplingParams, and the HF tokenizer calls (`tok(text).input_ids`,
+`batch_decode`, `eos_token_id`, `convert_tokens_to_ids`, OpenAI content parts in chat templates, ...).
+
+It lives beside minillm.py so that the engine reads top to bottom without it; minillm imports every name
+here, so `from minillm import EngineArgs` works as `from vllm import EngineArgs` does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import sys
+from dataclasses import dataclass, fields
+from typing import Any, Callable, Optional
+
+import torch
+
+# ----------------------------------------------------------------------------------------------
+# Engine arguments
+
+
+@dataclass
+class EngineArgs:
+    """The engine's settings, under vLLM's names and with vLLM's defaults: what `LLM(model, **kwargs)` and
+    `LLMEngine.from_engine_args` take, and what `add_cli_args` puts on a command line. An argument vLLM has but
+    minillm cannot honour is accepted at the values listed in ONLY and is a ValueError at any other; a name
+    vLLM does not have is a TypeError, as for any dataclass."""
+    # the model
+    model: Optional[str] = None          # HF folder, .gguf file or hub id "org/name"; None: the built-in SmolLM2
+    tokenizer: Optional[str] = None      # the same kinds; None: the model's
+    revision: Optional[str] = None       # hub branch, tag or commit of the model ...
+    tokenizer_revision: Optional[str] = None  # ... and of the tokenizer
+    download_dir: Optional[str] = None   # a Hugging Face cache to use instead of the default one
+    hf_token: Optional[str] = None       # for gated hub repositories
+    dtype: str = "auto"                  # "auto", "float16"/"half", "bfloat16", "float32"/"float"
+    seed: int = 0                        # the engine's sampling stream (requests with a seed have their own)
+    max_model_len: Optional[int] = None  # prompt + output; None: the checkpoint's max_position_embeddings
+    hf_overrides: Any = None             # a dict merged into config.json, or a function of the config
+    generation_config: str = "auto"      # the default SamplingParams: "auto" generation_config.json's, "vllm" none, or a folder's
+    override_generation_config: Optional[dict] = None  # merged over those defaults
+    max_logprobs: int = 20               # the most logprobs / prompt_logprobs a request may ask for; -1: no cap
+    device: Optional[str] = "auto"       # "auto" or None (cuda when available), "cuda" or "cpu"
+    # KV cache and scheduler
+    block_size: Optional[int] = None     # token slots per KV cache block; None: 16
+    gpu_memory_utilization: float = 0.9  # the share of the GPU's memory for weights, activations and KV cache
+    kv_cache_memory_bytes: Optional[int] = None   # the KV cache's size, instead of gpu_memory_utilization
+    num_gpu_blocks_override: Optional[int] = None  # the KV cache's size in blocks
+    enable_prefix_caching: Optional[bool] = None  # None: on
+    max_num_seqs: Optional[int] = None   # sequences in one step; None: 256
+    max_num_batched_tokens: Optional[int] = None  # tokens in one step; None: 8192
+    scheduling_policy: str = "fcfs"      # "fcfs" or "priority"
+    enforce_eager: bool = False          # no CUDA graphs
+    # LoRA
+    enable_lora: bool = False
+    max_loras: int = 1                   # adapters in one step
+    max_lora_rank: int = 16
+    max_cpu_loras: Optional[int] = None  # (accepted, no effect: minillm keeps every adapter it has read on the host)
+    # accepted at the values in ONLY: what vLLM can do and minillm cannot, or what does not apply to it
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+    data_parallel_size: int = 1
+    distributed_executor_backend: Optional[str] = None
+    quantization: Optional[str] = None   # "gguf" for a .gguf model, whose tensors are dequantized on loading
+    kv_cache_dtype: str = "auto"
+    cpu_offload_gb: float = 0.0
+    load_format: str = "auto"
+    config_format: str = "auto"
+    tokenizer_mode: str = "auto"         # "hf" and "slow" give the same ids for byte-level BPE, all minillm reads
+    task: Optional[str] = None
+    runner: str = "auto"
+    convert: str = "auto"
+    model_impl: str = "auto"
+    skip_tokenizer_init: bool = False
+    enable_prompt_embeds: bool = False
+    enable_chunked_prefill: Optional[bool] = None  # minillm always chunks long prompts
+    enable_sleep_mode: bool = False
+    logprobs_mode: str = "raw_logprobs"  # logprobs of the model's logits, before penalties, temperature, top-k/p
+    logits_processors: Optional[list] = None
+    speculative_config: Optional[dict] = None
+    # accepted, no effect: minillm runs no remote code, has no swap space, logs no stats, compiles what it
+    # compiles and overlaps host and device work by itself
+    trust_remote_code: bool = False
+    code_revision: Optional[str] = None
+    served_model_name: Optional[str] = None
+    swap_space: float = 4.0
+    disable_log_stats: bool = False
+    disable_sliding_window: bool = False
+    disable_custom_all_reduce: bool = False
+    compilation_config: Any = None
+    async_scheduling: bool = False
+    max_parallel_loading_workers: Optional[int] = None
+
+    ONLY = dict(tensor_parallel_size=[1], pipeline_parallel_size=[1], data_parallel_size=[1],
+                distributed_executor_backend=[None, "uni", "mp"], quantization=[None, "gguf"], kv_cache_dtype=["auto"],
+                cpu_offload_gb=[0.0], load_format=["auto", "safetensors", "gguf"], config_format=["auto", "hf"],
+                tokenizer_mode=["auto", "hf", "slow"], task=[None, "auto", "generate"], runner=["auto", "generate"],
+                convert=["auto", "none"], model_impl=["auto", "vllm"], skip_tokenizer_init=[False],
+                enable_prompt_embeds=[False], enable_chunked_prefill=[None, True], enable_sleep_mode=[False],
+                logprobs_mode=["raw_logprobs"], logits_processors=[None], speculative_config=[None],
+                device=["auto", None, "cuda", "cpu"], scheduling_policy=["fcfs", "priority"],
+                dtype=["auto", "float16", "half", "bfloat16", "float32", "float",
+                       torch.float16, torch.bfloat16, torch.float32])
+
+    def __post_init__(self):
+        for name, ok in self.ONLY.items():
+            value = getattr(self, name)
+            value = None if value in ([], {}) else value  # an empty list of logits processors is none
+            if value not in ok:
+                raise ValueError(f"{name}={getattr(self, name)!r} is not supported; minillm takes "
+                                 f"{' or '.join(map(repr, ok))}")
+        if self.block_size is not None and (self.block_size < 1 or self.block_size & (self.block_size - 1)):
+            raise ValueError(f"block_size must be a power of two, got {self.block_size}")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len", "num_gpu_blocks_override",
+                     "kv_cache_memory_bytes", "max_loras", "max_lora_rank"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.max_logprobs < -1:
+            raise ValueError(f"max_logprobs must be -1 (no cap) or at least 0, got {self.max_logprobs}")
+        if self.generation_config not in ("auto", "vllm") and not os.path.isdir(self.generation_config):
+            raise ValueError(f"generation_config must be 'auto', 'vllm' or a folder, got {self.generation_config!r}")
+        if self.hf_overrides is not None and not (isinstance(self.hf_overrides, dict) or callable(self.hf_overrides)):
+            raise ValueError(f"hf_overrides must be a dict or a function of the config, got {self.hf_overrides!r}")
+
+    @staticmethod
+    def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        """Every field as a flag spelled as vLLM spells it: `--max-model-len`, `--enforce-eager` / `--no-enforce-eager`,
+        `-tp`; JSON for the dicts (`--hf-overrides '{"rope_theta": 1e6}'`); "None" for an optional value's None."""
+        types = dict(hf_overrides=json.loads, override_generation_config=json.loads, speculative_config=json.loads,
+                     compilation_config=json.loads, **dict.fromkeys(
+                         ["max_model_len", "block_size", "kv_cache_memory_bytes", "num_gpu_blocks_override", "max_num_seqs",
+                          "max_num_batched_tokens", "max_cpu_loras", "max_parallel_loading_workers"], int))
+        short = dict(tensor_parallel_size="-tp", pipeline_parallel_size="-pp", data_parallel_size="-dp",
+                     quantization="-q", compilation_config="-O")
+        group = parser.add_argument_group("engine arguments", "as vLLM names them; see minillm.EngineArgs")
+        for f in fields(EngineArgs):
+            flags = [f"--{f.name.replace('_', '-')}"] + ([short[f.name]] if f.name in short else [])
+            only = f"; minillm takes only {EngineArgs.ONLY[f.name]}" if f.name in EngineArgs.ONLY else ""
+            if isinstance(f.default, bool) or f.name in ("enable_prefix_caching", "enable_chunked_prefill"):
+                group.add_argument(*flags, action=argparse.BooleanOptionalAction, default=f.default, help=only[2:] or None)
+            else:
+                kind = types.get(f.name) or (str if f.default is None else type(f.default))
+                metavar = "JSON" if kind is json.loads else kind.__name__.upper()
+                group.add_argument(*flags, type=optional(kind), default=f.default, metavar=metavar,
+                                   nargs="+" if f.name == "logits_processors" else None, help=f"default: {f.default}{only}")
+        return parser
+
+    @classmethod
+    def from_cli_args(cls, args: argparse.Namespace) -> "EngineArgs":
+        return cls(**{f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)})
+
+
+def optional(kind: Callable) -> Callable:  # a command-line value of type `kind`, where "None" means None
+    return lambda text: None if text in ("", "None") else kind(text)
+
+
+class FlexibleArgumentParser(argparse.ArgumentParser):
+    """vLLM's parser: a flag may be written with underscores too (`--max_model_len 512`)."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        args = sys.argv[1:] if args is None else list(args)
+        return super().parse_known_args([dashed(a) for a in args], namespace)
+
+
+def dashed(arg: str) -> str:  # "--max_model_len=8" -> "--max-model-len=8": the flag's name, never its value
+    if not arg.startswith("--"):
+        return arg
+    flag, eq, value = arg.partition("=")
+    return flag.replace("_", "-") + eq + value
+
+
+
+# ----------------------------------------------------------------------------------------------
+# Hub ids and generation_config.json
+
+
+HUB_FILES = ["*.json", "*.safetensors", "tokenizer.model", "*.jinja"]  # what minillm reads from an HF repository
+
+
+def hf_hub_cache() -> str:
+    """Where huggingface_hub keeps its downloads: $HF_HUB_CACHE, else $HF_HOME/hub, else
+    ~/.cache/huggingface/hub (~/.cache: $XDG_CACHE_HOME when set)."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return os.environ["HF_HUB_CACHE"]
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
+    home = os.environ.get("HF_HOME") or os.path.join(cache, "huggingface")
+    return os.path.join(home, "hub")
+
+
+def cached_snapshot(cache: str, repo_id: str, revision: Optional[str]) -> Optional[str]:
+    """The cache's folder for repo_id at revision, or None. The cache keeps models--{org}--{name}/snapshots/{commit}/,
+    and refs/{branch or tag} files holding a commit; a revision can also be the commit itself."""
+    repo = os.path.join(cache, "models--" + repo_id.replace("/", "--"))
+    ref = os.path.join(repo, "refs", revision or "main")
+    commit = open(ref).read().strip() if os.path.isfile(ref) else revision
+    snapshot = os.path.join(repo, "snapshots", commit or "")
+    return snapshot if commit and os.path.isdir(snapshot) else None
+
+
+def resolve_model(model: str, revision: Optional[str] = None, download_dir: Optional[str] = None, token=None) -> str:
+    """A model argument -> a local path. An existing file or folder is itself; a hub id "org/name" is its folder
+    in the Hugging Face cache (download_dir if given), else downloaded there with huggingface_hub when that is
+    installed and HF_HUB_OFFLINE is not set. A repository holding only a .gguf file gives that file."""
+    if os.path.exists(model):
+        return model
+    if model.count("/") != 1 or model.startswith((".", "/", "~")) or model.endswith(".gguf"):
+        raise FileNotFoundError(f"model {model!r}: no such file or folder (and not a Hugging Face hub id 'org/name')")
+    cache, at = download_dir or hf_hub_cache(), f" at revision {revision!r}" if revision else ""
+    path = cached_snapshot(cache, model, revision)
+    if path is None:
+        path = download_snapshot(model, revision, download_dir, token, f"{model!r}{at} is not in the Hugging Face cache {cache}")
+    ggufs = [f for f in sorted(os.listdir(path)) if f.endswith(".gguf")]
+    return os.path.join(path, ggufs[0]) if ggufs and not os.path.exists(os.path.join(path, "config.json")) else path
+
+
+def download_snapshot(model, revision, download_dir, token, missing: str) -> str:
+    if os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE"):
+        raise FileNotFoundError(f"{missing}, and HF_HUB_OFFLINE is set: download it first "
+                                f"(`hf download {model}`) or pass the model's folder")
+    try:
+        import huggingface_hub
+    except ImportError:
+        raise FileNotFoundError(f"{missing}; to download it, pip install huggingface_hub (or minillm[hub]), "
+                                f"or pass the model's folder") from None
+    try:
+        return huggingface_hub.snapshot_download(model, revision=revision, cache_dir=download_dir, token=token,
+                                                 allow_patterns=HUB_FILES)
+    except Exception as e:  # no network, no such repository or revision, a gated model: say so in one line
+        raise FileNotFoundError(f"{missing}, and downloading it failed: {type(e).__name__}: "
+                                f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}") from e
+
+
+# ---- the checkpoint's generation_config.json as the default SamplingParams ----
+
+# the keys vLLM takes (HF name -> SamplingParams name), and transformers 4's GenerationConfig defaults: vLLM reads
+# the config through to_diff_dict(), so a value equal to that default (top_k 50, say) is not taken
+GENERATION_KEYS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p",
+                   "repetition_penalty": "repetition_penalty", "max_new_tokens": "max_tokens"}
+HF_GENERATION_DEFAULTS = {"temperature": 1.0, "top_p": 1.0, "top_k": 50, "repetition_penalty": 1.0}
+
+
+def default_sampling_params(model_path: str, generation_config: str = "auto",
+                            override_generation_config: Optional[dict] = None) -> dict:
+    """The SamplingParams fields vLLM's LLM.get_default_sampling_params() sets from the model's generation config:
+    `generation_config` "auto" reads the model folder's generation_config.json (a GGUF file has none), "vllm"
+    reads nothing, a folder reads that folder's; override_generation_config is merged over it."""
+    cfg = {}
+    if generation_config != "vllm":
+        folder = model_path if generation_config == "auto" else generation_config
+        path = os.path.join(folder, "generation_config.json")
+        if os.path.isdir(folder) and os.path.exists(path):
+            with open(path) as f:
+                cfg = {k: v for k, v in json.load(f).items() if v is not None and v != HF_GENERATION_DEFAULTS.get(k)}
+    cfg.update(override_generation_config or {})
+    return {GENERATION_KEYS[k]: v for k, v in cfg.items() if k in GENERATION_KEYS}
+
+
+
+
+# ----------------------------------------------------------------------------------------------
+# The HF tokenizer surface (minillm.Tokenizer inherits it; its byte-level tables come from there)
+
+
+class BatchEncoding(dict):
+    """What calling a tokenizer returns, as in HF: a dict of `input_ids` and `attention_mask`, also
+    readable as attributes (`enc.input_ids`)."""
+
+    def __getattr__(self, name):
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+
+class HFTokenizerAPI:
+    """The part of HF's tokenizer API that offline scripts call, with transformers' defaults and return types,
+    on top of minillm.Tokenizer's encode/decode/token_bytes."""
+
+    def __call__(self, text: str | list[str], add_special_tokens: bool = True) -> BatchEncoding:
+        if isinstance(text, str):
+            ids = self.encode(text, add_special_tokens)
+            return BatchEncoding(input_ids=ids, attention_mask=[1] * len(ids))
+        ids = [self.encode(t, add_special_tokens) for t in text]
+        return BatchEncoding(input_ids=ids, attention_mask=[[1] * len(x) for x in ids])
+
+    def batch_decode(self, sequences, skip_special_tokens: bool = False) -> list[str]:
+        return [self.decode(ids, skip_special_tokens) for ids in sequences]
+
+    # -- token strings, as HF spells them: byte-level characters ("Ġworld"), added tokens as written --
+
+    @functools.cached_property
+    def _id_to_token(self) -> dict[int, str]:
+        added = {self.enc.encode_single_token(s): s for s in self.enc.special_tokens_set}
+        tokens = {}
+        for i in range(self.enc.n_vocab):
+            text = self.extra[i].decode(errors="replace") if i in self.extra else ""
+            if i in added:
+                tokens[i] = added[i]
+            elif any(c not in self.UNBYTE for c in text):
+                tokens[i] = text  # a vocabulary string that is not byte-level kept its text (see _bpe_encoding)
+            elif i in self.extra or (i not in self.unknown and self.token_bytes(i)):  # (b"": no such id)
+                tokens[i] = "".join(self.BYTE_CHARS[b] for b in self.token_bytes(i))
+        return tokens
+
+    @functools.cached_property
+    def _token_to_id(self) -> dict[str, int]:
+        return {s: i for i, s in self._id_to_token.items()}
+
+    def get_vocab(self) -> dict[str, int]:
+        return dict(self._token_to_id)
+
+    def __len__(self) -> int:  # HF: the vocabulary with the added tokens
+        return len(self._id_to_token)
+
+    def convert_ids_to_tokens(self, ids):
+        return self._id_to_token.get(ids) if isinstance(ids, int) else [self._id_to_token.get(i) for i in ids]
+
+    def convert_tokens_to_ids(self, tokens):
+        if isinstance(tokens, str):  # a string that is no token: the unknown token's id, None without one
+            return self._token_to_id.get(tokens, self._token_to_id.get(self.unk_token))
+        return [self.convert_tokens_to_ids(t) for t in tokens]
+
+    bos_token_id = property(lambda self: self.convert_tokens_to_ids(self.bos_token) if self.bos_token else None)
+    eos_token_id = property(lambda self: self.convert_tokens_to_ids(self.eos_token) if self.eos_token else None)
+    unk_token_id = property(lambda self: self.convert_tokens_to_ids(self.unk_token) if self.unk_token else None)
+    pad_token_id = property(lambda self: self.convert_tokens_to_ids(self.pad_token) if self.pad_token else None)
+
+    @property
+    def all_special_tokens(self) -> list[str]:  # HF: the named ones (bos, eos, unk, pad, additional), not every added token
+        named = [self.bos_token, self.eos_token, self.unk_token, self.pad_token, *self.additional_special_tokens]
+        return list(dict.fromkeys(t for t in named if t))
+
+    @property
+    def all_special_ids(self) -> list[int]:
+        return self.convert_tokens_to_ids(self.all_special_tokens)
+
+
+# ---- chat templates: OpenAI content parts and continue_final_message ----
+
+
+def text_content(conversation: list[dict], template: str) -> list[dict]:
+    """OpenAI-style content parts ([{"type": "text", "text": ...}, ...]) as vLLM's chat() passes them: kept as a
+    list for a template that loops over a message's content, joined with newlines for one that prints it.
+    Text is all our models read: any other part is refused."""
+    if not any(isinstance(m.get("content"), list) for m in conversation):
+        return conversation
+    out = []
+    for i, m in enumerate(conversation):
+        parts = m.get("content")
+        if isinstance(parts, list):
+            for p in parts:
+                if not isinstance(p, dict) or p.get("type") != "text":
+                    kind = p.get("type") if isinstance(p, dict) else type(p).__name__
+                    raise ValueError(f"message {i}: content part of type {kind!r} is not supported (text only)")
+            if not template_loops_over_content(template):
+                m = {**m, "content": "\n".join(p["text"] for p in parts)}
+        out.append(m)
+    return out
+
+
+@functools.lru_cache(maxsize=16)
+def template_loops_over_content(template: str) -> bool:
+    """Whether the template has a `{% for ... in <x>.content %}` (or x['content'], or a variable named content)."""
+    import jinja2.nodes
+    import jinja2.sandbox
+    ast = jinja2.sandbox.ImmutableSandboxedEnvironment(extensions=["jinja2.ext.loopcontrols"]).parse(template)
+    for loop in ast.find_all(jinja2.nodes.For):
+        it = loop.iter
+        if (isinstance(it, jinja2.nodes.Getitem) and isinstance(it.arg, jinja2.nodes.Const) and it.arg.value == "content") \
+                or (isinstance(it, jinja2.nodes.Getattr) and it.attr == "content") \
+                or (isinstance(it, jinja2.nodes.Name) and it.name == "content"):
+            return True
+    return False
+
+
+def cut_after_final_message(text: str, content) -> str:
+    """continue_final_message: cut the rendered conversation right after the final message's text, so that
+    whatever the template writes to close the message (end-of-turn token, newline) is gone."""
+    if isinstance(content, list):  # content parts: the last text part is what continues
+        content = next((p["text"] for p in reversed(content) if "text" in p), None)
+    if not content or content.strip() not in text:
+        raise ValueError("continue_final_message: the final message's text does not appear in the rendered chat "
+                         "(a template that rewrites or drops it cannot be continued)")
+    start = text.rindex(content.strip())
+    # the template may have trimmed the message's surrounding whitespace: keep its trailing space only if rendered
+    kept = content.lstrip()
+    end = start + (len(kept) if text[start:start + len(kept)] == kept else len(content.strip()))
+    return text[:end]
