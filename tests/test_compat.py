@@ -312,7 +312,10 @@ def test_import_minillm_from_the_folder_that_holds_the_clone(tmp_path):
         pytest.skip("needs setuptools and pip (the [test] extra has them)")
     clone = tmp_path / "minillm"
     clone.mkdir()
-    for name in ("pyproject.toml", "README.md", "minillm.py", "paged_attention.py", "lora.py"):
+    import tomllib
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+        modules = tomllib.load(f)["tool"]["setuptools"]["py-modules"]
+    for name in ["pyproject.toml", "README.md"] + [m + ".py" for m in modules]:
         shutil.copy(os.path.join(ROOT, name), clone / name)
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(venv)], check=True)
