@@ -45,9 +45,31 @@ import math
 import os
 import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from enum import Enum
 from typing import Any, Callable, Optional
+
+
+def cli_parser() -> argparse.ArgumentParser:
+    """The command line (section 10 runs it). Here, above the imports of torch and friends, so that
+    `python minillm.py --help` and a mistyped flag answer at once instead of after a second and a half."""
+    ap = argparse.ArgumentParser(prog="minillm", description="Offline batch generation with a Llama-family model.")
+    ap.add_argument("--prompts", required=True, help="text file with one prompt per line (blank lines skipped); - reads stdin")
+    ap.add_argument("--chat", action="store_true", help="send each line as a user message through the model's chat template")
+    ap.add_argument("--model", default=None, help="HF checkpoint folder or .gguf file (default: the built-in SmolLM2-135M-Instruct)")
+    ap.add_argument("--max-tokens", type=int, default=64, help="most tokens to generate per prompt (default 64)")
+    ap.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (the default); higher is more random")
+    ap.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: keep the most likely tokens up to this mass")
+    ap.add_argument("--top-k", type=int, default=0, help="keep only the k most likely tokens (0: off)")
+    ap.add_argument("--seed", type=int, default=None, help="seed for each prompt's sampling stream (reproducible runs)")
+    ap.add_argument("--output", default=None, help="write one JSON object per prompt here (prompt, text, token_ids, finish_reason)")
+    ap.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda when available)")
+    ap.add_argument("--lora", default=None, metavar="PATH", help="a PEFT LoRA adapter folder applied to every prompt")
+    return ap
+
+
+if __name__ == "__main__":
+    CLI_ARGS = cli_parser().parse_args()
 
 import tiktoken
 import torch
@@ -136,41 +158,43 @@ class SamplingParams:
     repetition_penalty: float = 1.0  # divides positive / multiplies negative logits of prompt and output tokens
 
     def __post_init__(self):
-        if isinstance(self.stop, str):
-            self.stop = [self.stop]
-        self.stop = list(self.stop or [])
-        self.stop_token_ids = list(self.stop_token_ids or [])
-        if self.n < 1:
-            raise ValueError(f"n must be at least 1, got {self.n}.")
-        if self.temperature < 0.0:
-            raise ValueError(f"temperature must be non-negative, got {self.temperature}.")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}.")
-        if self.top_k < -1 or not isinstance(self.top_k, int):
-            raise ValueError(f"top_k must be 0 or -1 (disable), or at least 1, got {self.top_k}.")
-        if not 0.0 <= self.min_p <= 1.0:
-            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}.")
-        if self.max_tokens is not None and self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be at least 1, got {self.max_tokens}.")
-        if self.min_tokens < 0:
-            raise ValueError(f"min_tokens must be greater than or equal to 0, got {self.min_tokens}.")
-        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
-            raise ValueError(f"min_tokens must be less than or equal to max_tokens={self.max_tokens}, got {self.min_tokens}.")
-        if any(not s for s in self.stop):
-            raise ValueError("stop cannot contain an empty string.")
-        if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
-            raise ValueError(f"stop_token_ids must be non-negative integers, got {self.stop_token_ids}.")
-        if self.seed is not None and not isinstance(self.seed, int):
-            raise ValueError(f"seed must be an integer, got {self.seed!r}.")
+        if self.stop is None or isinstance(self.stop, str):
+            self.stop = [self.stop] if self.stop else []
+        if self.stop_token_ids is None or isinstance(self.stop_token_ids, tuple):
+            self.stop_token_ids = list(self.stop_token_ids or [])
+        self.verify()
+
+    def verify(self) -> None:
+        """vLLM's rules, each error naming its field. generate checks again: a field may have been set since."""
+        def need(ok: bool, name: str, what: str):
+            if not ok:
+                raise ValueError(f"{name} must be {what}, got {getattr(self, name)!r}.")
+        is_int = lambda v: isinstance(v, int) and not isinstance(v, bool)
+        is_num = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+        need(is_int(self.n) and self.n >= 1, "n", "an integer of at least 1")
+        need(is_num(self.temperature) and self.temperature >= 0, "temperature", "a finite number >= 0")
+        need(is_num(self.top_p) and 0 < self.top_p <= 1, "top_p", "in (0, 1]")
+        need(is_int(self.top_k) and self.top_k >= -1, "top_k", "0 or -1 (off), or an integer of at least 1")
+        need(is_num(self.min_p) and 0 <= self.min_p <= 1, "min_p", "in [0, 1]")
+        need(self.max_tokens is None or is_int(self.max_tokens) and self.max_tokens >= 1, "max_tokens",
+             "None or an integer of at least 1")
+        need(is_int(self.min_tokens) and 0 <= self.min_tokens <= (self.max_tokens or self.min_tokens), "min_tokens",
+             f"an integer >= 0 and <= max_tokens={self.max_tokens}")
+        need(isinstance(self.stop, list) and all(isinstance(s, str) and s for s in self.stop), "stop",
+             "a non-empty str or a list of them")
+        need(isinstance(self.stop_token_ids, list) and all(is_int(t) and t >= 0 for t in self.stop_token_ids),
+             "stop_token_ids", "a list of non-negative integers")
+        # torch's generators take 64 bits; child i of a request with n > 1 uses seed + i
+        need(self.seed is None or is_int(self.seed) and -2**63 <= self.seed <= 2**64 - self.n, "seed",
+             "None or an integer in [-2**63, 2**64 - n]")
         for name in ("logprobs", "prompt_logprobs"):
-            k = getattr(self, name)
-            if k is not None and (not isinstance(k, int) or k < -1):
-                raise ValueError(f"{name} must be non-negative or -1 (all), got {k!r}.")
+            need(getattr(self, name) is None or is_int(getattr(self, name)) and getattr(self, name) >= -1, name,
+                 "None, -1 (all) or a non-negative integer")
         for name in ("presence_penalty", "frequency_penalty"):
-            if not -2.0 <= getattr(self, name) <= 2.0:
-                raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)}.")
-        if self.repetition_penalty <= 0.0:
-            raise ValueError(f"repetition_penalty must be greater than zero, got {self.repetition_penalty}.")
+            need(is_num(getattr(self, name)) and -2 <= getattr(self, name) <= 2, name, "in [-2, 2]")
+        need(is_num(self.repetition_penalty) and self.repetition_penalty > 0, "repetition_penalty", "a finite number > 0")
+        for name in ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens"):
+            need(isinstance(getattr(self, name), bool), name, "True or False")
 
     @property
     def has_penalties(self) -> bool:
@@ -797,6 +821,7 @@ class BlockManager:
         self.blocks = [Block(i) for i in range(num_blocks)]
         self.free_block_ids: dict[int, None] = dict.fromkeys(range(num_blocks))  # an ordered set
         self.cached: dict[bytes, int] = {}
+        self.uncommitted: list[tuple[bytes, int]] = []  # cached this step, before the step wrote their K/V
 
     def num_free_blocks(self) -> int:
         return len(self.free_block_ids)
@@ -845,7 +870,7 @@ class BlockManager:
             block.ref_count += 1
             seq.block_table.append(block_id)
         seq.num_computed_tokens += len(cached) * self.block_size
-        seq.num_cached_blocks += len(cached)
+        seq.num_hashed_blocks += len(cached)
         for _ in range(self.blocks_needed(seq, num_new_tokens)):
             block_id = next(iter(self.free_block_ids))  # the least recently freed
             del self.free_block_ids[block_id]
@@ -857,14 +882,35 @@ class BlockManager:
             seq.block_table.append(block_id)
         # Cache the blocks this step fills (once their tokens are known: a block ending in a PENDING token
         # waits for a later step). Each layer writes the whole step's K/V before any attention reads it,
-        # so a sequence scheduled later in this same step can already share them.
+        # so a sequence scheduled later in this same step can already share them; until the step has run
+        # they are `uncommitted`, and dropped again if it fails.
         if self.enable_prefix_caching:
             hashes = self.block_hashes(seq, seq.num_computed_tokens + num_new_tokens)
-            for j in range(seq.num_cached_blocks, len(hashes)):
+            for j in range(seq.num_hashed_blocks, len(hashes)):
                 if hashes[j] not in self.cached:  # else an equal block is cached already; this one isn't shared
+                    self.uncommitted.append((hashes[j], seq.block_table[j]))
                     self.cached[hashes[j]] = seq.block_table[j]
                     self.blocks[seq.block_table[j]].hash = hashes[j]
-            seq.num_cached_blocks = len(hashes)
+            seq.num_hashed_blocks = len(hashes)
+
+    def commit(self) -> None:  # the step that writes the newly cached blocks has run
+        self.uncommitted.clear()
+
+    def rollback(self) -> None:
+        """Forget the blocks cached by a step that did not run: their K/V may never have been written."""
+        for h, block_id in self.uncommitted:
+            if self.cached.get(h) == block_id:
+                del self.cached[h]
+                self.blocks[block_id].hash = None
+        self.uncommitted.clear()
+
+    def reset(self) -> None:
+        """After an error, once no sequence holds a block: every block free, whatever a half-done allocate or
+        free left behind; the blocks of steps that ran stay findable in the prefix cache."""
+        self.rollback()
+        for block in self.blocks:
+            block.ref_count = 0
+            self.free_block_ids.setdefault(block.block_id)  # one missing from the free list rejoins at the back
 
     def free(self, seq: "Sequence") -> None:
         # last block first: it is the least likely to be shared, so it should be evicted first
@@ -873,7 +919,7 @@ class BlockManager:
             block.ref_count -= 1
             if block.ref_count == 0:
                 self.free_block_ids[block_id] = None
-        seq.block_table, seq.num_cached_blocks = [], 0
+        seq.block_table, seq.num_hashed_blocks = [], 0
 
 
 def allocate_kv_cache(cfg: ModelConfig, num_blocks: int, block_size: int, dtype, device) -> list:
@@ -970,7 +1016,7 @@ def gather_logprobs(logprobs: torch.Tensor, token_ids: torch.Tensor, k: int) -> 
 # 7. Sequences and the scheduler
 
 
-PENDING = -1  # a sampled token that is still on its way from the device (see LLM.step)
+PENDING = -1  # a sampled token still on its way from the device (see InFlight)
 
 
 class SequenceStatus(Enum):
@@ -980,20 +1026,21 @@ class SequenceStatus(Enum):
 
 
 class Sequence:
-    """One request on its way through the engine: its tokens, its blocks, its text so far."""
+    """One completion on its way through the engine: its tokens, its blocks, its text so far. A request
+    with n > 1 is n sequences with one request_id (vLLM's child requests)."""
 
-    def __init__(self, seq_id: int, prompt: Optional[str], prompt_token_ids: list[int], params: SamplingParams,
-                 priority: int, tokenizer: "Tokenizer", max_seq_len: int, device, lora_request=None):
-        self.seq_id = seq_id
-        self.lora_request: Optional[LoRARequest] = lora_request  # None: the base model. (Prefix caching: KV
-        # blocks computed under one adapter must never be shared with another; hash lora_int_id with the tokens.)
+    def __init__(self, seq_id: int, request_id: str, index: int, prompt: Optional[str], prompt_token_ids: list[int],
+                 params: SamplingParams, priority: int, tokenizer: "Tokenizer", max_seq_len: int,
+                 generator: Optional[torch.Generator] = None, lora_request: Optional[LoRARequest] = None):
+        self.seq_id, self.request_id, self.index = seq_id, request_id, index  # index: which of the n completions
+        self.lora_request = lora_request         # None: the base model (its id is part of the prefix-cache hash)
         self.prompt, self.prompt_token_ids = prompt, prompt_token_ids
         self.token_ids = list(prompt_token_ids)  # prompt + output so far
         self.num_computed_tokens = 0             # leading tokens whose K/V are in the cache
         self.num_cached_tokens: Optional[int] = None  # of those, found in the prefix cache when first scheduled
         self.block_table: list[int] = []
         self.block_hashes: list[bytes] = []     # prefix-cache hashes of its full blocks of known tokens
-        self.num_cached_blocks = 0               # leading blocks of block_table the prefix cache has seen
+        self.num_hashed_blocks = 0               # leading blocks of block_table the prefix cache has seen
         self.pending_row = -1                    # if the last token is PENDING: its row in the step that sampled it
         self.params = params
         self.sort_key = (priority, seq_id)       # lower runs first; arrival breaks ties
@@ -1001,10 +1048,10 @@ class Sequence:
         # prompt + output stop at max_tokens, and never outgrow max_model_len or the cache (max_seq_len)
         self.max_len = min(max_seq_len, len(prompt_token_ids) + (params.max_tokens or max_seq_len))
         self.text = ""
-        self.finish_reason: Optional[str] = None
+        self.finish_reason: Optional[str] = None  # "stop", "length" or "abort"
         self.stop_reason = None
         self.detokenizer = Detokenizer(tokenizer, skip_special_tokens=params.skip_special_tokens)
-        self.generator = None if params.seed is None else torch.Generator(device=device).manual_seed(params.seed)
+        self.generator = generator               # a seeded request's private random stream
         self.logprobs = [] if params.logprobs is not None else None  # per output token {token_id: Logprob}
         self.cumulative_logprob = 0.0
         self.prompt_logprobs = [None] if params.prompt_logprobs is not None else None  # the first token has none
@@ -1023,12 +1070,6 @@ class Sequence:
         return self.token_ids[len(self.prompt_token_ids):]
 
 
-@dataclass
-class SchedulerOutput:
-    scheduled: list            # [(Sequence, num_new_tokens)] in batch order
-    num_preempted: int = 0
-
-
 class Scheduler:
     """Continuous batching. Every step builds one batch under two budgets, max_num_seqs sequences and
     max_num_batched_tokens tokens: first the running sequences (one decode token each, or the next chunk
@@ -1037,8 +1078,8 @@ class Scheduler:
     Both queues are kept sorted by `sort_key` = (priority, arrival): under "fcfs" every priority is 0,
     so this is arrival order. When the cache has no free block for a running sequence, the last running
     one (the newest, or the lowest priority) is preempted: its blocks are freed and it goes back to the
-    waiting queue, to be recomputed from its tokens later (recompute, not swap). Under "priority" a
-    waiting sequence that outranks running ones takes their blocks the same way when it can't fit."""
+    waiting queue, to be recomputed from its tokens later (recompute, not swap). A waiting sequence that
+    outranks running ones takes their blocks the same way when it can't fit."""
 
     def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int, max_loras: int = 0):
         self.block_manager = block_manager
@@ -1055,11 +1096,12 @@ class Scheduler:
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def schedule(self) -> SchedulerOutput:
-        budget, out = self.max_num_batched_tokens, SchedulerOutput([])
+    def schedule(self) -> list[tuple[Sequence, int]]:
+        """The step's batch: [(sequence, number of new tokens)], each with the blocks for them."""
+        budget, batch = self.max_num_batched_tokens, []
         # 0. a waiting sequence that outranks the worst running one preempts it while it can't get its
-        #    blocks (vLLM's priority preemption). Under "fcfs" this never fires: a preempted sequence was
-        #    the newest running one, and nothing newer runs before it is back.
+        #    blocks (vLLM's priority preemption). Under "fcfs" only an older waiting sequence outranks a
+        #    running one: one preempted earlier, or one the max_loras cap below let a newer one overtake.
         while self.waiting and self.running and self.waiting[0].sort_key < self.running[-1].sort_key:
             seq = self.waiting[0]
             cached = self.block_manager.find_cached_prefix(seq)
@@ -1068,28 +1110,33 @@ class Scheduler:
                 break
             self.preempt(self.running[-1])
         # 1. running sequences, best first; preempt from the back when blocks run out
-        i = 0
+        i, preempted = 0, False
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
             while not self.block_manager.can_allocate(seq, n):
                 victim = self.running[-1]
                 self.preempt(victim)
-                out.num_preempted += 1
+                preempted = True
                 if victim is seq:
                     break
             if seq.status is not SequenceStatus.RUNNING:
                 break  # seq preempted itself: everything after it is gone too
             self.block_manager.allocate(seq, n)
-            out.scheduled.append((seq, n))
+            batch.append((seq, n))
             budget -= n
             i += 1
         # 2. waiting sequences, while the budgets and the free blocks allow (none after a preemption:
-        #    the cache is full, and a preempted sequence must not be overtaken by a worse one). A sequence
-        #    whose adapter would be one more than the max_loras slots waits and lets the others pass.
-        #    A waiting sequence starts from its longest cached prefix and computes only the rest.
+        #    the cache is full, and a preempted sequence must not be overtaken by a worse one)
+        if not preempted:
+            self.schedule_waiting(batch, budget)
+        return batch
+
+    def schedule_waiting(self, batch: list, budget: int) -> None:
+        """Admit waiting sequences in order. Each starts from its longest cached prefix and computes only
+        the rest. One whose adapter would be one more than the max_loras slots waits and lets others pass."""
         loras, w = {s.lora_request.lora_int_id for s in self.running if s.lora_request}, 0
-        while w < len(self.waiting) and budget > 0 and len(self.running) < self.max_num_seqs and not out.num_preempted:
+        while w < len(self.waiting) and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[w]
             if seq.lora_request and seq.lora_request.lora_int_id not in loras and len(loras) >= self.max_loras:
                 w += 1
@@ -1106,9 +1153,8 @@ class Scheduler:
                 seq.num_cached_tokens = seq.num_computed_tokens
             seq.status = SequenceStatus.RUNNING
             insert_sorted(self.running, seq)
-            out.scheduled.append((seq, n))
+            batch.append((seq, n))
             budget -= n
-        return out
 
     def preempt(self, seq: Sequence) -> None:
         """Recompute-style preemption: drop the sequence's K/V; it will prefill prompt + output again."""
@@ -1120,9 +1166,11 @@ class Scheduler:
         insert_sorted(self.waiting, seq)
 
     def finish(self, seq: Sequence) -> None:
-        (self.running if seq.status is SequenceStatus.RUNNING else self.waiting).remove(seq)
-        self.block_manager.free(seq)  # at once: the next step can use the blocks
-        seq.status = SequenceStatus.FINISHED
+        """Out of the queues (finished or aborted), its blocks free at once for the next step."""
+        if seq.status is not SequenceStatus.FINISHED:
+            (self.running if seq.status is SequenceStatus.RUNNING else self.waiting).remove(seq)
+            self.block_manager.free(seq)
+            seq.status = SequenceStatus.FINISHED
 
 
 def insert_sorted(queue: list, seq: Sequence) -> None:
@@ -1133,60 +1181,81 @@ def insert_sorted(queue: list, seq: Sequence) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
-# 8. The engine
+# 8. The model runner: one step's inputs in, sampled tokens out
+#
+# Everything that touches the device lives here: the KV cache (sized from what the GPU has left),
+# CUDA graphs, laying a step out as tensors, the forward pass and the sampler. The runner knows
+# nothing of text, stop strings or requests: a step arrives as plain lists (StepInput), which a
+# runner in another process could take just as well.
 
 
-class LLM:
-    """An offline engine: load a model once, then `generate` batches of prompts.
+@dataclass
+class StepInput:
+    """One step as plain lists, built by the engine from the scheduled sequences. B scheduled sequences
+    with N new tokens in all; S of them sample a token (their chunk reaches their last token)."""
+    input_ids: list[int]            # (N,) the new tokens, back to back; PENDING: see `pending`
+    positions: list[int]            # (N,)
+    query_lens: list[int]           # (B,) new tokens per sequence
+    block_tables: list[list[int]]   # (B, *) each sequence's blocks
+    lora: list[tuple]               # (B,) (LoRARequest or None, new tokens) per sequence
+    pending: list[tuple[int, int]] = field(default_factory=list)  # (index in input_ids, row of the last step's
+    #                                 tokens) of each PENDING token
+    sample_rows: list[int] = field(default_factory=list)      # (S,) index in input_ids of the token whose logits
+    #                                                           give a sequence its next token
+    params: list[SamplingParams] = field(default_factory=list)  # (S,)
+    generators: list = field(default_factory=list)            # (S,) torch.Generator of a seeded request, or None
+    blocked: list[list[int]] = field(default_factory=list)    # (S,) tokens that may not be sampled yet (min_tokens)
+    penalty_ids: list[tuple] = field(default_factory=list)    # (S,) (prompt ids, output ids) if any row has penalties
+    logprob_rows: list[int] = field(default_factory=list)     # rows of sample_rows whose logprobs are reported
+    prompt_rows: list[int] = field(default_factory=list)      # index in input_ids of each position that scores the
+    #                                                           next prompt token (prompt_logprobs)
+    prompt_targets: list[int] = field(default_factory=list)   # the prompt token each of prompt_rows scores
+    num_logprobs: int = 0           # top-k width of the reported logprobs (the largest asked for)
 
-    model: None (the built-in SmolLM2-135M-Instruct), a HF checkpoint folder, or a .gguf file."""
+
+class SampledTokens:
+    """One step's sampled tokens, and the logprob rows of its scored tokens, on their way to the host:
+    the copy is queued right behind the sampler, and `get` waits for that step only, not for the one the
+    GPU runs meanwhile."""
+
+    def __init__(self, tokens: torch.Tensor, report: Optional[torch.Tensor]):
+        self.num_tokens = len(tokens)
+        flat = tokens if report is None else torch.cat([tokens.double(), report.flatten()])  # one copy
+        self.host = flat.to("cpu", non_blocking=True)
+        self.done = torch.cuda.Event() if tokens.is_cuda else None
+        if self.done is not None:
+            self.done.record()
+
+    def get(self) -> tuple[list[int], list[float]]:
+        if self.done is not None:
+            self.done.synchronize()
+        values = self.host.tolist()
+        return [int(t) for t in values[:self.num_tokens]], values[self.num_tokens:]
+
+
+class ModelRunner:
+    """The device side of the engine: weights, KV cache, CUDA graphs, forward pass and sampler."""
 
     CPU_KV_CACHE_BYTES = 1 << 30  # the CPU has no memory profile to size from: 1 GiB of KV cache
 
-    def __init__(self, model: Optional[str] = None, *, tokenizer: Optional[str] = None, dtype="auto", device=None,
-                 seed: int = 0, max_model_len: Optional[int] = None, max_num_seqs: int = 256,
-                 max_num_batched_tokens: int = 8192, block_size: int = 16, gpu_memory_utilization: float = 0.9,
-                 num_gpu_blocks_override: Optional[int] = None, scheduling_policy: str = "fcfs",
-                 enforce_eager: bool = False, enable_prefix_caching: bool = True, enable_lora: bool = False,
-                 max_loras: int = 4, max_lora_rank: int = 64, **unknown):
-        if unknown:
-            raise TypeError(f"LLM() got an unexpected keyword argument {next(iter(unknown))!r}")
-        if scheduling_policy not in ("fcfs", "priority"):
-            raise ValueError(f"scheduling_policy must be 'fcfs' or 'priority', got {scheduling_policy!r}")
-        if block_size < 1 or block_size & (block_size - 1):
-            raise ValueError(f"block_size must be a power of two, got {block_size}")
-        if not 0.0 < gpu_memory_utilization <= 1.0:
-            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization}")
-        for name, value in (("max_num_seqs", max_num_seqs), ("max_num_batched_tokens", max_num_batched_tokens)):
-            if value < 1:
-                raise ValueError(f"{name} must be at least 1, got {value}")
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        model_path = model or default_model_path()
-        self.model, self.cfg, gguf_tokenizer = load_model(model_path, self.device, dtype, max_model_len)
-        self.tokenizer = load_tokenizer(tokenizer or model_path) if (tokenizer or not gguf_tokenizer) else gguf_tokenizer
-        self.eos_ids = set(self.cfg.eos_token_ids) | self.tokenizer.eos_ids
-        # LoRA: adapter slots on the device, before the KV cache takes what memory is left
-        self.lora = lora.LoRAManager(self.model, max_loras, max_lora_rank) if enable_lora else None
-        self.max_model_len = max_model_len or self.cfg.max_position_embeddings
-        self.max_num_seqs, self.block_size = max_num_seqs, block_size
-        self.scheduling_policy = scheduling_policy
+    def __init__(self, model: "Llama", *, block_size: int, max_num_seqs: int, max_num_batched_tokens: int,
+                 max_model_len: int, gpu_memory_utilization: float, num_gpu_blocks_override: Optional[int],
+                 enforce_eager: bool, seed: int, lora_manager=None):
+        self.model, self.cfg, self.lora = model, model.cfg, lora_manager
+        self.device, self.dtype = model.embed_tokens.weight.device, model.embed_tokens.weight.dtype
+        self.block_size, self.max_num_seqs, self.max_model_len = block_size, max_num_seqs, max_model_len
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
-        # KV cache: as many blocks as the memory allows
-        dtype = self.model.embed_tokens.weight.dtype
         if num_gpu_blocks_override is not None:
-            num_blocks = num_gpu_blocks_override
+            self.num_blocks = num_gpu_blocks_override
         elif self.device.type == "cuda":
-            num_blocks = self.profile_num_blocks(gpu_memory_utilization, max_num_batched_tokens)
+            self.num_blocks = self.profile_num_blocks(gpu_memory_utilization, max_num_batched_tokens)
         else:
-            num_blocks = self.CPU_KV_CACHE_BYTES // kv_bytes_per_block(self.cfg, block_size, dtype)
-        if num_blocks < 1:
+            self.num_blocks = self.CPU_KV_CACHE_BYTES // kv_bytes_per_block(self.cfg, block_size, self.dtype)
+        if self.num_blocks < 1:
             raise ValueError("no memory is left for the KV cache; raise gpu_memory_utilization or use a smaller model")
-        self.kv_cache = allocate_kv_cache(self.cfg, num_blocks, block_size, dtype, self.device)
-        self.block_manager = BlockManager(num_blocks, block_size, enable_prefix_caching)
-        self.scheduler = Scheduler(self.block_manager, max_num_seqs, max_num_batched_tokens, max_loras if enable_lora else 0)
-        self.max_seq_len = min(self.max_model_len, num_blocks * block_size)  # no sequence outgrows the cache
-        self.next_request_id = 0
-        self.in_flight = None  # the last step's sampled tokens, on their way to the host (see step)
+        self.kv_cache = allocate_kv_cache(self.cfg, self.num_blocks, block_size, self.dtype, self.device)
+        self.max_seq_len = min(max_model_len, self.num_blocks * block_size)  # no sequence outgrows the cache
+        self.last_sampled = None  # the last step's tokens (B,), on the device: the next step's PENDING inputs
         self.graphs = {} if enforce_eager or self.device.type != "cuda" else self.capture_cuda_graphs()
 
     @torch.inference_mode()
@@ -1195,17 +1264,12 @@ class LLM:
         of `gpu_memory_utilization` of the card becomes KV cache."""
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-        n = max_num_batched_tokens
-        dtype = self.model.embed_tokens.weight.dtype
-        blocks = -(-n // self.block_size)
-        cache = allocate_kv_cache(self.cfg, blocks, self.block_size, dtype, self.device)
-        seq_blocks = torch.arange(blocks, dtype=torch.int32, device=self.device)[None]
-        meta = AttentionMetadata(torch.arange(n, device=self.device), seq_blocks,
-                                 torch.tensor([n], dtype=torch.int32, device=self.device),
-                                 torch.tensor([0, n], dtype=torch.int32, device=self.device), n, n)
-        ids = torch.zeros(n, dtype=torch.long, device=self.device)
+        n, blocks = max_num_batched_tokens, -(-max_num_batched_tokens // self.block_size)
+        cache = allocate_kv_cache(self.cfg, blocks, self.block_size, self.dtype, self.device)
+        i32 = lambda x: torch.tensor(x, dtype=torch.int32, device=self.device)
+        meta = AttentionMetadata(torch.arange(n, device=self.device), i32([list(range(blocks))]), i32([n]), i32([0, n]), n, n)
         positions = torch.arange(n, device=self.device) % self.max_model_len  # stay inside the RoPE tables
-        h = self.model(ids, positions, meta, cache)
+        h = self.model(torch.zeros(n, dtype=torch.long, device=self.device), positions, meta, cache)
         logits = self.model.compute_logits(h[:1].expand(self.max_num_seqs, -1))  # (max_num_seqs, V)
         logits.sort(dim=-1)  # the sampler's largest temporary
         torch.cuda.synchronize()
@@ -1213,7 +1277,7 @@ class LLM:
         free, total = torch.cuda.mem_get_info()
         non_torch = total - free - torch.cuda.memory_reserved()
         available = total * gpu_memory_utilization - torch.cuda.max_memory_allocated() - non_torch
-        return int(available // kv_bytes_per_block(self.cfg, self.block_size, dtype))
+        return int(available // kv_bytes_per_block(self.cfg, self.block_size, self.dtype))
 
     # A decode step of a small model is hundreds of short kernels; launched one by one from Python, the
     # launches take longer than the work. A CUDA graph records the whole forward pass once per batch size
@@ -1270,209 +1334,312 @@ class LLM:
         graph.replay()
         return hidden[:N]
 
-    # -- the public API --
+    def upload(self, *lists: list) -> list[torch.Tensor]:
+        """Host lists of ints -> int32 device tensors, in one copy. On CUDA through pinned memory and
+        asynchronously, so the host goes on while it runs (PyTorch keeps the buffer alive until it is done)."""
+        flat = torch.tensor(list(itertools.chain(*lists)), dtype=torch.int32)
+        if self.device.type == "cuda":
+            flat = flat.pin_memory().to(self.device, non_blocking=True)
+        return list(flat.split([len(x) for x in lists]))
 
-    def get_tokenizer(self) -> "Tokenizer":
-        return self.tokenizer
+    def prepare(self, step: StepInput) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+        """A StepInput -> the model's (N,) input_ids and positions and the step's AttentionMetadata."""
+        width = max(map(len, step.block_tables))
+        tables = [t for table in step.block_tables for t in table + [0] * (width - len(table))]
+        seq_lens = [step.positions[end - 1] + 1 for end in itertools.accumulate(step.query_lens)]  # (B,) after this step
+        dst, src = [d for d, _ in step.pending], [s for _, s in step.pending]
+        ids, pos, q_lens, s_lens, tables, dst, src = self.upload(step.input_ids, step.positions, step.query_lens,
+                                                                 seq_lens, tables, dst, src)
+        if step.pending:
+            ids[dst] = self.last_sampled[src].int()  # the last step's tokens, straight from the device
+        tables = tables.view(len(step.query_lens), width)  # (B, width)
+        starts = F.pad(q_lens.cumsum(0), (1, 0)).int()    # (B+1,) where each sequence's new tokens start
+        # each new token's cache slot: the physical block holding its position, times block_size, plus the offset
+        token_seq = torch.repeat_interleave(torch.arange(len(q_lens), device=self.device), q_lens, output_size=len(ids))  # (N,)
+        slot_mapping = tables[token_seq, pos // self.block_size].long() * self.block_size + pos % self.block_size  # (N,)
+        meta = AttentionMetadata(slot_mapping, tables, s_lens, starts, max(step.query_lens), max(seq_lens),
+                                 self.lora.prepare(step.lora) if self.lora else None)
+        return ids, pos, meta
 
-    def generate(self, prompts, sampling_params=None, *, use_tqdm: bool | Callable = True, lora_request=None,
-                 priority: Optional[list[int]] = None) -> list[RequestOutput]:
-        """Generate completions for `prompts`; one RequestOutput per prompt, in input order."""
-        # 1. validate everything before any work, naming the culprit
-        prompts = [prompts] if isinstance(prompts, (str, dict)) else list(prompts)
-        if isinstance(sampling_params, SamplingParams) or sampling_params is None:
-            params = [sampling_params or SamplingParams()] * len(prompts)
-        else:
-            params = list(sampling_params)
-            if len(params) != len(prompts):
-                raise ValueError(f"the lengths of prompts ({len(prompts)}) and sampling_params ({len(params)}) must be the same")
-        if priority is not None:
-            if self.scheduling_policy != "priority":
-                raise ValueError("priority is only honoured with scheduling_policy='priority'; this LLM uses 'fcfs'")
-            if len(priority) != len(prompts):
-                raise ValueError(f"the lengths of prompts ({len(prompts)}) and priority ({len(priority)}) must be the same")
-        requests = [(*self.tokenize_prompt(i, p), sp) for i, (p, sp) in enumerate(zip(prompts, params))]
-        loras = lora.per_prompt(lora_request, len(prompts), self.lora)  # adapters loaded and checked
-        # 2. queue them. n > 1 is n sequences (vLLM's child requests): they share the prompt's blocks through
-        #    the prefix cache, and child i of a seeded request uses seed + i, as in vLLM. Prompt logprobs
-        #    are the same for all, so only child 0 computes them (and the others can use the cache).
-        groups, seqs = [], []
-        for i, (text, token_ids, sp) in enumerate(requests):
-            children = [sp] if sp.n == 1 else [
-                replace(sp, n=1, seed=None if sp.seed is None else sp.seed + c,
-                        prompt_logprobs=sp.prompt_logprobs if c == 0 else None) for c in range(sp.n)]
-            groups.append([])
-            for child in children:
-                seq = Sequence(self.next_request_id, text, token_ids, child, priority[i] if priority else 0,
-                               self.tokenizer, self.max_seq_len, self.device, loras[i])
-                self.next_request_id += 1
-                self.scheduler.add(seq)
-                groups[-1].append(seq)
-                seqs.append(seq)
-        # 3. step until every sequence is finished
-        bar = None
-        if use_tqdm:
-            bar = (use_tqdm if callable(use_tqdm) else tqdm)(total=len(seqs), desc="Processed prompts", dynamic_ncols=True)
-        start, n_in, n_out = time.perf_counter(), 0, 0
-        try:
-            while self.scheduler.has_unfinished() or self.in_flight is not None:
-                finished = self.step()
-                if bar is not None and finished:
-                    n_in += sum(len(s.prompt_token_ids) for s in finished)
-                    n_out += sum(s.num_output_tokens for s in finished)
-                    elapsed = time.perf_counter() - start
-                    bar.set_postfix_str(f"est. speed input: {n_in / elapsed:.2f} toks/s, output: {n_out / elapsed:.2f} toks/s")
-                    bar.update(len(finished))
-        finally:
-            if bar is not None:
-                bar.close()
-        return [RequestOutput(str(g[0].seq_id), g[0].prompt, g[0].prompt_token_ids,
-                              [CompletionOutput(i, s.text, s.output_token_ids,
-                                                None if s.logprobs is None else s.cumulative_logprob, s.logprobs,
-                                                s.finish_reason, s.stop_reason) for i, s in enumerate(g)],
-                              finished=True, prompt_logprobs=g[0].prompt_logprobs,
-                              num_cached_tokens=max(s.num_cached_tokens or 0 for s in g),
-                              lora_request=g[0].lora_request) for g in groups]
+    @torch.inference_mode()
+    def execute(self, step: StepInput) -> Optional[SampledTokens]:
+        """Run one step: the forward pass, then logits where a token is sampled or a prompt token scored,
+        logprobs, and sampling. The tokens stay on the device as the next step's PENDING inputs."""
+        ids, pos, meta = self.prepare(step)
+        hidden = self.run_model(ids, pos, meta)  # (N, C)
+        S = len(step.sample_rows)
+        if not S and not step.prompt_rows:
+            return None
+        rows = torch.tensor(step.sample_rows + step.prompt_rows, device=self.device)
+        logits = self.model.compute_logits(hidden[rows])  # (S + P, V)
+        report = None
+        if step.logprob_rows or step.prompt_rows:  # as vLLM by default: of the raw logits, before any processing
+            scored = torch.tensor(step.logprob_rows + list(range(S, S + len(step.prompt_rows))), device=self.device)
+            raw_logprobs = logits[scored].log_softmax(dim=-1)  # (R, V)
+        tokens = self.sample(logits[:S], step, ids[rows[:S]]) if S else ids.new_zeros(0)  # (S,)
+        if step.logprob_rows or step.prompt_rows:
+            targets = torch.tensor(step.prompt_targets, dtype=torch.long, device=self.device)
+            scored_ids = torch.cat([tokens[torch.tensor(step.logprob_rows, dtype=torch.long, device=self.device)], targets])
+            report = gather_logprobs(raw_logprobs, scored_ids, min(step.num_logprobs, logits.shape[-1]))
+        self.last_sampled = tokens
+        return SampledTokens(tokens, report)
 
-    def chat(self, messages, sampling_params=None, *, use_tqdm: bool | Callable = True, lora_request=None,
-             chat_template: Optional[str] = None, add_generation_prompt: bool = True) -> list[RequestOutput]:
-        """Generate the next message of one conversation ([{"role", "content"}, ...]) or of a list of them,
-        rendered with the model's chat template (or `chat_template`); one RequestOutput per conversation."""
-        import jinja2
-        conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
-        prompts = []
-        for i, conversation in enumerate(conversations):
-            try:
-                text = self.tokenizer.apply_chat_template(conversation, chat_template, add_generation_prompt)
-            except jinja2.TemplateError as e:  # the template rejected it (raise_exception), or a field is missing
-                raise ValueError(f"conversation {i}: {e}") from e
-            prompts.append({"prompt": text, "prompt_token_ids": self.tokenizer.encode(text, add_special_tokens=False)})
-        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm, lora_request=lora_request)
+    def sample(self, logits: torch.Tensor, step: StepInput, last_ids: torch.Tensor) -> torch.Tensor:
+        """logits (S, V) -> (S,) tokens, after min_tokens' blocked tokens; last_ids (S,) are the sampled rows'
+        input tokens (an output ending in PENDING ends in that one)."""
+        V = logits.shape[-1]
+        for row, blocked in enumerate(step.blocked):
+            if blocked:
+                logits[row, [t for t in blocked if t < V]] = float("-inf")
+        ps = step.params
+        top_k = [p.top_k if 0 < p.top_k < V else V for p in ps]  # a top_k past the vocabulary keeps all, as vLLM
+        rows = torch.tensor([[p.temperature for p in ps], [p.top_p for p in ps], [p.min_p for p in ps], top_k,
+                             [p.presence_penalty for p in ps], [p.frequency_penalty for p in ps],
+                             [p.repetition_penalty for p in ps]], dtype=torch.float32)  # (7, S): one copy to the device
+        if self.device.type == "cuda":
+            rows = rows.pin_memory().to(self.device, non_blocking=True)
+        st = SamplingTensors(
+            temperature=rows[0], top_p=rows[1], min_p=rows[2], top_k=rows[3].long(),
+            generators={row: g for row, (g, p) in enumerate(zip(step.generators, ps)) if g is not None and p.temperature > 0},
+            all_greedy=all(p.temperature == 0 for p in ps), any_top_k_top_p=any(k < V for k in top_k) or any(p.top_p < 1 for p in ps),
+            any_min_p=any(p.min_p > 0 for p in ps),
+            penalties=(*self.seen_tokens(step.penalty_ids, last_ids, V), *rows[4:]) if step.penalty_ids else None)
+        return sample(logits, st, self.generator)
 
-    def tokenize_prompt(self, i: int, prompt) -> tuple[Optional[str], list[int]]:
-        """A prompt in any of vLLM's forms -> (text or None, token ids); ValueError/TypeError naming prompt i."""
+    def seen_tokens(self, penalty_ids: list[tuple], last_ids: torch.Tensor, V: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """For the penalties: which tokens each prompt holds, (S, V) bool, and how often each output holds them,
+        (S, V). The ids go up padded with id V, which lands in a spare column; an output's PENDING last token
+        is its row's input token on the device."""
+        prompts, outputs = [p for p, _ in penalty_ids], [o for _, o in penalty_ids]
+        S, pw, ow = len(prompts), max(map(len, prompts)), max(1, max(map(len, outputs)))
+        prompt_ids, output_ids = self.upload([t for x in prompts for t in x + [V] * (pw - len(x))],
+                                             [t for x in outputs for t in x + [V] * (ow - len(x))])
+        prompt_ids, output_ids = prompt_ids.view(S, pw).long(), output_ids.view(S, ow).long()
+        output_ids = torch.where(output_ids == PENDING, last_ids[:, None], output_ids)
+        prompt_mask = torch.zeros(S, V + 1, dtype=torch.bool, device=self.device).scatter_(1, prompt_ids, True)
+        counts = torch.zeros(S, V + 1, device=self.device).scatter_add_(1, output_ids, torch.ones(output_ids.shape, device=self.device))
+        return prompt_mask[:, :V], counts[:, :V]
+
+    @torch.inference_mode()
+    def prompt_logits(self, token_ids: list[int], block_table: list[int], lora_request=None) -> torch.Tensor:
+        """Logits (T, V) at every position of one prompt whose blocks are given, through the same paged path."""
+        T = len(token_ids)
+        step = StepInput(token_ids, list(range(T)), [T], [block_table], [(lora_request, T)])
+        ids, pos, meta = self.prepare(step)
+        return self.model.compute_logits(self.model(ids, pos, meta, self.kv_cache))
+
+
+# ----------------------------------------------------------------------------------------------
+# 9. The engine: requests in, RequestOutputs out
+
+
+def check_params(params, label: str) -> SamplingParams:
+    if not isinstance(params, SamplingParams):
+        raise TypeError(f"{label}: expected a SamplingParams, got {type(params).__name__}")
+    try:
+        params.verify()  # again: a field may have been set since it was made
+    except ValueError as e:
+        raise ValueError(f"{label}: {e}") from None
+    return params
+
+
+def check_priority(priority, label: str) -> int:
+    if not isinstance(priority, int) or isinstance(priority, bool):
+        raise TypeError(f"{label}: expected an integer, got {priority!r}")
+    return priority
+
+
+class LLMEngine:
+    """The step-by-step engine, as vLLM's: `add_request`, then `step` until `has_unfinished_requests` is False.
+    It owns the text side (prompts, the scheduler and block manager, landing sampled tokens, detokenizing, stop
+    conditions, outputs) and hands each step to the ModelRunner. LLM.generate drives it."""
+
+    def __init__(self, model: Optional[str] = None, *, tokenizer: Optional[str] = None, dtype="auto", device=None,
+                 seed: int = 0, max_model_len: Optional[int] = None, max_num_seqs: int = 256,
+                 max_num_batched_tokens: int = 8192, block_size: int = 16, gpu_memory_utilization: float = 0.9,
+                 num_gpu_blocks_override: Optional[int] = None, scheduling_policy: str = "fcfs",
+                 enforce_eager: bool = False, enable_prefix_caching: bool = True, enable_lora: bool = False,
+                 max_loras: int = 4, max_lora_rank: int = 64):
+        if scheduling_policy not in ("fcfs", "priority"):
+            raise ValueError(f"scheduling_policy must be 'fcfs' or 'priority', got {scheduling_policy!r}")
+        if block_size < 1 or block_size & (block_size - 1):
+            raise ValueError(f"block_size must be a power of two, got {block_size}")
+        if not 0.0 < gpu_memory_utilization <= 1.0:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization}")
+        for name, value in (("max_num_seqs", max_num_seqs), ("max_num_batched_tokens", max_num_batched_tokens)):
+            if value < 1:
+                raise ValueError(f"{name} must be at least 1, got {value}")
+        self.device = check_device(device)
+        model_path = model or default_model_path()
+        llama, self.cfg, gguf_tokenizer = load_model(model_path, self.device, dtype, max_model_len)
+        self.tokenizer = load_tokenizer(tokenizer or model_path) if (tokenizer or not gguf_tokenizer) else gguf_tokenizer
+        self.eos_ids = set(self.cfg.eos_token_ids) | self.tokenizer.eos_ids
+        # LoRA: adapter slots on the device, before the KV cache takes what memory is left
+        self.lora = lora.LoRAManager(llama, max_loras, max_lora_rank) if enable_lora else None
+        self.max_model_len = max_model_len or self.cfg.max_position_embeddings
+        self.runner = ModelRunner(llama, block_size=block_size, max_num_seqs=max_num_seqs,
+                                  max_num_batched_tokens=max_num_batched_tokens, max_model_len=self.max_model_len,
+                                  gpu_memory_utilization=gpu_memory_utilization, num_gpu_blocks_override=num_gpu_blocks_override,
+                                  enforce_eager=enforce_eager, seed=seed, lora_manager=self.lora)
+        self.max_seq_len = self.runner.max_seq_len
+        self.block_manager = BlockManager(self.runner.num_blocks, block_size, enable_prefix_caching)
+        self.scheduler = Scheduler(self.block_manager, max_num_seqs, max_num_batched_tokens, max_loras if enable_lora else 0)
+        self.scheduling_policy = scheduling_policy
+        self.requests: dict[str, list[Sequence]] = {}  # the unfinished requests, each its n sequences
+        self.streaming: set[str] = set()  # requests whose output is wanted after every step, not only at the end
+        self.next_seq_id = 0
+        self.in_flight = None  # the last step's (SampledTokens, [(sequence, index of its PENDING token)], scored)
+
+    # -- requests --
+
+    def tokenize_prompt(self, label: str, prompt) -> tuple[Optional[str], list[int]]:
+        """A prompt in any of vLLM's forms -> (text or None, token ids); ValueError/TypeError naming `label`."""
         if isinstance(prompt, str):
             text, ids = prompt, self.tokenizer.encode(prompt)
         elif isinstance(prompt, dict) and "prompt_token_ids" in prompt:
             text, ids = prompt.get("prompt"), list(prompt["prompt_token_ids"])
-            if not all(isinstance(t, int) and 0 <= t < self.cfg.vocab_size for t in ids):
-                raise ValueError(f"prompt {i}: prompt_token_ids must be integers in [0, {self.cfg.vocab_size})")
         elif isinstance(prompt, dict) and isinstance(prompt.get("prompt"), str):
             text, ids = prompt["prompt"], self.tokenizer.encode(prompt["prompt"])
         else:
-            raise TypeError(f"prompt {i}: expected a str, {{'prompt': str}} or {{'prompt_token_ids': list[int]}}, "
+            raise TypeError(f"{label}: expected a str, {{'prompt': str}} or {{'prompt_token_ids': list[int]}}, "
                             f"got {type(prompt).__name__}")
         if not ids:
-            raise ValueError(f"prompt {i} is empty")
+            raise ValueError(f"{label} is empty")
+        V = self.cfg.vocab_size  # a tokenizer can know more ids than the model's embedding has rows
+        bad = next((t for t in ids if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < V), None)
+        if bad is not None:
+            what = "prompt_token_ids" if text is None or "prompt_token_ids" in prompt else "its tokens"
+            raise ValueError(f"{label}: {what} must be integers in [0, {V}) (the model's vocabulary), found {bad!r}")
         if len(ids) >= self.max_seq_len:
             what = "max_model_len" if self.max_seq_len == self.max_model_len else "the KV cache's capacity"
-            raise ValueError(f"prompt {i} has {len(ids)} tokens, but {what} is {self.max_seq_len} tokens "
+            raise ValueError(f"{label} has {len(ids)} tokens, but {what} is {self.max_seq_len} tokens "
                              f"(and at least one must be left for the output)")
         return text, ids
 
-    # -- one engine step --
+    def add_request(self, request_id: str, prompt, params: Optional[SamplingParams] = None,
+                    lora_request: Optional[LoRARequest] = None, priority: int = 0) -> None:
+        """Queue one request; `step` then returns its RequestOutput after every step that gave it a token."""
+        request_id = str(request_id)
+        if request_id in self.requests:
+            raise ValueError(f"request {request_id!r} is already in the engine")
+        params = check_params(params or SamplingParams(), "sampling_params")
+        if priority != 0 and self.scheduling_policy != "priority":
+            raise ValueError("priority is only honoured with scheduling_policy='priority'")
+        check_priority(priority, "priority")
+        text, ids = self.tokenize_prompt("prompt", prompt)
+        self.add_checked(request_id, text, ids, params, lora.per_prompt(lora_request, 1, self.lora)[0], priority)
+        self.streaming.add(request_id)
+
+    def add_checked(self, request_id: str, text, token_ids, params, lora_request, priority) -> None:
+        """Queue a request whose inputs are checked. n > 1 is n sequences (vLLM's child requests): they share the
+        prompt's blocks through the prefix cache, child i of a seeded request uses seed + i, as in vLLM, and only
+        child 0 computes prompt logprobs (the same for all; the others can then use the cache)."""
+        children = [params] if params.n == 1 else [
+            replace(params, n=1, seed=None if params.seed is None else params.seed + c,
+                    prompt_logprobs=params.prompt_logprobs if c == 0 else None) for c in range(params.n)]
+        seqs = []
+        for c, child in enumerate(children):
+            generator = None if child.seed is None else torch.Generator(self.device).manual_seed(child.seed)
+            seqs.append(Sequence(self.next_seq_id, request_id, c, text, token_ids, child, priority, self.tokenizer,
+                                 self.max_seq_len, generator, lora_request))
+            self.next_seq_id += 1
+        self.requests[request_id] = seqs
+        for seq in seqs:
+            self.scheduler.add(seq)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    def abort_request(self, request_id) -> None:
+        """Drop one request id or a list of them: their sequences stop and free their blocks at once."""
+        for rid in [request_id] if isinstance(request_id, str) else list(request_id):
+            for seq in self.requests.pop(rid, []):
+                seq.finish_reason = seq.finish_reason or "abort"
+                self.scheduler.finish(seq)
+            self.streaming.discard(rid)
+
+    # -- one step --
 
     @torch.inference_mode()
-    def step(self) -> list[Sequence]:
-        """Schedule a batch, run the model on it and sample; then read back the tokens of the previous
-        step and update those sequences. Returns the sequences that finished.
+    def step(self) -> list[RequestOutput]:
+        """One engine step, in the walkthrough's numbered parts:
+          1. schedule: the scheduler picks the batch; the block manager gives it blocks
+          2. lay the batch out as a StepInput
+          3. the model runner runs it and samples; the new tokens stay on the device
+          4. commit: the step has run, so its tokens count as computed and its full blocks may be shared
+          5. land the previous step's tokens, read back while step 3 ran: detokenize, check stops
+          6. outputs: the requests that finished (and streaming requests that gained a token)
+        An exception anywhere leaves every request queued and consistent (see recover)."""
+        try:
+            batch = self.scheduler.schedule()                              # 1
+            launched = self.launch(batch) if batch else None              # 2, 3, 4
+            previous, self.in_flight = self.in_flight, launched
+            progressed = self.land(*previous) if previous else {}         # 5
+            if not self.requests:
+                self.in_flight = None  # tokens sampled past the end of finished sequences: nobody needs them
+        except BaseException:
+            self.recover()
+            raise
+        return self.collect_outputs(progressed)                           # 6
 
-        Why the previous step's tokens: reading tokens back waits for the GPU, and the host's work
-        (scheduling, preparing inputs, detokenizing, checking stops) would leave the GPU idle meanwhile.
-        So the tokens just sampled stay on the device, as the next step's input, and the host handles
-        them while the GPU runs that next step. Until then a sequence ends in a PENDING placeholder."""
-        # 1. choose the batch
-        batch = self.scheduler.schedule().scheduled
-        if not batch:
-            return self.process_in_flight(None, [])
-        # 2. lay it out for the model: the new tokens back to back with their positions, and each
-        #    sequence's block table padded to the longest; all of it goes to the device in one copy
-        width = max(len(seq.block_table) for seq, _ in batch)
-        input_ids, positions, query_lens, seq_lens, block_tables, logits_rows, sampled_seqs = [], [], [], [], [], [], []
-        pending_dst, pending_src = [], []  # PENDING tokens: where they go in input_ids, their row in the last step
-        prompt_rows, prompt_targets, prompt_seqs = [], [], []  # prompt logprobs: the row, the prompt token it scores
-        for seq, n in batch:
-            start, q0 = seq.num_computed_tokens, len(input_ids)
-            input_ids += seq.token_ids[start:start + n]
-            positions += range(start, start + n)
-            query_lens.append(n)
-            seq_lens.append(start + n)
-            block_tables += seq.block_table + [0] * (width - len(seq.block_table))
-            if start + n == seq.num_tokens:  # the chunk reaches the end: this sequence gets a new token
-                logits_rows.append(len(input_ids) - 1)
-                sampled_seqs.append(seq)
-                if seq.token_ids[-1] == PENDING:
-                    pending_dst.append(len(input_ids) - 1)
-                    pending_src.append(seq.pending_row)
-            if seq.prompt_logprobs is not None:  # position p scores prompt token p + 1 (once, also after a preemption)
-                for p in range(max(start, seq.num_prompt_logprobs - 1), min(start + n, len(seq.prompt_token_ids) - 1)):
-                    prompt_rows.append(q0 + p - start)
-                    prompt_targets.append(seq.token_ids[p + 1])
-                    prompt_seqs.append(seq)
-                    seq.num_prompt_logprobs += 1
-        B, lp_rows = len(sampled_seqs), [row for row, seq in enumerate(sampled_seqs) if seq.logprobs is not None]
-        ids, pos, q_lens, s_lens, tables, rows, dst, src, scored_rows, targets = self.upload(
-            input_ids, positions, query_lens, seq_lens, block_tables, logits_rows + prompt_rows, pending_dst, pending_src,
-            lp_rows + list(range(B, B + len(prompt_rows))), prompt_targets)
-        if pending_dst:
-            ids[dst] = self.in_flight[0][src].int()  # last step's tokens, straight from the device
-        tables = tables.view(len(batch), width)                                # (B, width)
-        # each new token's cache slot: the physical block holding its position, times block_size, plus the offset
-        token_seq = torch.repeat_interleave(torch.arange(len(batch), device=self.device), q_lens, output_size=len(ids))  # (N,)
-        slot_mapping = tables[token_seq, pos // self.block_size].long() * self.block_size + pos % self.block_size  # (N,)
-        meta = AttentionMetadata(slot_mapping, tables, s_lens, F.pad(q_lens.cumsum(0), (1, 0)).int(), max(query_lens), max(seq_lens),
-                                 self.lora.prepare([(seq.lora_request, n) for seq, n in batch]) if self.lora else None)
-        # 3. run the model; logits only where a token is sampled or a prompt token is scored
-        hidden = self.run_model(ids, pos, meta)  # (N, C)
+    def launch(self, batch: list[tuple[Sequence, int]]):
+        step, sampled, scored = self.prepare_step(batch)
+        tokens = self.runner.execute(step)
         for seq, n in batch:
             seq.num_computed_tokens += n
-        if not sampled_seqs and not prompt_seqs:
-            return self.process_in_flight(None, [])
-        logits = self.model.compute_logits(hidden[rows])  # (B + P, V)
-        # 4. logprobs, as vLLM reports them by default: of the raw logits, before penalties, temperature, top-k/p
-        scored = [(sampled_seqs[row], "logprobs") for row in lp_rows] + [(seq, "prompt_logprobs") for seq in prompt_seqs]
-        if scored:
-            raw_logprobs = logits[scored_rows].log_softmax(dim=-1)  # (R, V)
-        # 5. sample on the device; the tokens start their copy to the host, nobody waits for it yet
-        logits = logits[:B]
-        self.mask_blocked_tokens(logits, sampled_seqs)
-        tokens = logits.new_zeros(0, dtype=torch.long)  # (B,)
-        if B:
-            tokens = sample(logits, self.sampling_tensors(sampled_seqs, logits.shape[-1]), self.generator)
-        for row, seq in enumerate(sampled_seqs):
+        self.block_manager.commit()  # the blocks this step filled hold their K/V now
+        # The one-step-late read-back: each sampled sequence ends in a PENDING placeholder until its token
+        # lands, after the next step is launched; meanwhile the runner feeds that token to the next step
+        # straight from the device. So the host never waits for the GPU between two steps.
+        for row, seq in enumerate(sampled):
             seq.token_ids.append(PENDING)
             seq.pending_row = row
             if seq.num_tokens >= seq.max_len:  # its last token: nothing more to schedule
                 self.scheduler.finish(seq)
-        # 6. what vLLM reports about the scored tokens travels with the new tokens
-        report = None
-        if scored:
-            want = [getattr(seq.params, kind) for seq, kind in scored]
-            k = logits.shape[-1] if -1 in want else min(logits.shape[-1], max(want))
-            report = gather_logprobs(raw_logprobs, torch.cat([tokens[scored_rows[:len(lp_rows)]], targets.long()]), k)
-            scored = [(seq, kind, k_seq) for (seq, kind), k_seq in zip(scored, want)]
-        # 7. meanwhile, the host reads back the previous step's tokens and updates those sequences
-        return self.process_in_flight(tokens, sampled_seqs, report, scored)
+        return None if tokens is None else (tokens, [(seq, seq.num_tokens - 1) for seq in sampled], scored)
 
-    def process_in_flight(self, tokens: Optional[torch.Tensor], seqs: list[Sequence], report=None, scored=()) -> list[Sequence]:
-        """Put `tokens` (just sampled, on the device) in flight, with the logprob `report` rows of the `scored`
-        tokens, and land the previous step's: replace each PENDING placeholder with its token, add the
-        logprobs, detokenize, check the stop conditions. Returns the finished."""
-        previous, self.in_flight = self.in_flight, None
-        if tokens is not None:
-            out = tokens if report is None else torch.cat([tokens.double(), report.flatten()])  # one copy
-            host = out.to("cpu", non_blocking=True)  # queued now, right behind the sampler
-            done = torch.cuda.Event() if tokens.is_cuda else None
-            if done is not None:
-                done.record()
-            self.in_flight = (tokens, host, done, [(seq, seq.num_tokens - 1) for seq in seqs], scored)
-        if previous is None:
-            return []
-        _, host, done, landing, scored = previous
-        if done is not None:
-            done.synchronize()  # waits for that step only, not for the one the GPU is running now
-        values = host.tolist()
-        new_tokens, rows = values[:len(landing)], values[len(landing):]
+    def prepare_step(self, batch: list[tuple[Sequence, int]]) -> tuple[StepInput, list[Sequence], list]:
+        """The batch as a StepInput, the sequences that sample a token (their chunk reaches their last token),
+        and what is scored: [(sequence, "logprobs" or "prompt_logprobs", k)] in the order of the report rows."""
+        step = StepInput([], [], [], [], [])
+        sampled, prompt_scored = [], []
+        for seq, n in batch:
+            start, first = seq.num_computed_tokens, len(step.input_ids)
+            step.input_ids += seq.token_ids[start:start + n]
+            step.positions += range(start, start + n)
+            step.query_lens.append(n)
+            step.block_tables.append(seq.block_table)
+            step.lora.append((seq.lora_request, n))
+            if start + n == seq.num_tokens:
+                step.sample_rows.append(len(step.input_ids) - 1)
+                if seq.token_ids[-1] == PENDING:
+                    step.pending.append((len(step.input_ids) - 1, seq.pending_row))
+                sampled.append(seq)
+            if seq.prompt_logprobs is not None:  # position p scores prompt token p + 1 (once, also after a preemption)
+                for p in range(max(start, seq.num_prompt_logprobs - 1), min(start + n, len(seq.prompt_token_ids) - 1)):
+                    step.prompt_rows.append(first + p - start)
+                    step.prompt_targets.append(seq.token_ids[p + 1])
+                    prompt_scored.append((seq, "prompt_logprobs", seq.params.prompt_logprobs))
+                    seq.num_prompt_logprobs += 1
+        for row, seq in enumerate(sampled):
+            p = seq.params
+            step.params.append(p)
+            step.generators.append(seq.generator)
+            early = seq.num_output_tokens < p.min_tokens  # EOS and stop tokens wait until the output is that long
+            step.blocked.append(sorted(set(p.stop_token_ids) | (set() if p.ignore_eos else self.eos_ids)) if early else [])
+            if p.logprobs is not None:
+                step.logprob_rows.append(row)
+        if any(seq.params.has_penalties for seq in sampled):
+            step.penalty_ids = [(seq.prompt_token_ids, seq.output_token_ids) for seq in sampled]
+        scored = [(sampled[row], "logprobs", sampled[row].params.logprobs) for row in step.logprob_rows] + prompt_scored
+        V = self.cfg.vocab_size
+        step.num_logprobs = max((V if k == -1 else k for _, _, k in scored), default=0)
+        return step, sampled, scored
+
+    def land(self, sampled: SampledTokens, landing: list, scored: list) -> dict:
+        """The previous step's tokens reach the host: each PENDING placeholder becomes its token, with its
+        logprobs; then detokenize and check the stop conditions. Returns the ids of requests that progressed."""
+        tokens, rows = sampled.get()
         width = len(rows) // len(scored) if scored else 0
         for r, (seq, kind, k) in enumerate(scored):
             row = rows[r * width:(r + 1) * width]
@@ -1481,16 +1648,63 @@ class LLM:
             elif seq.finish_reason is None:  # (else its token is dropped below)
                 seq.logprobs.append(self.logprob_entry(row, k))
                 seq.cumulative_logprob += row[1]
-        finished = []
-        for (seq, i), token in zip(landing, new_tokens):
+        progressed = {}
+        for (seq, i), token in zip(landing, tokens):
             if seq.finish_reason is not None:
-                continue  # it finished on an earlier token; this one was computed in vain
-            seq.token_ids[i] = int(token)
+                continue  # it finished on an earlier token, or was aborted: this one was computed in vain
+            seq.token_ids[i] = token
+            progressed[seq.request_id] = True
             if self.process_token(seq, i):
-                if seq.status is not SequenceStatus.FINISHED:
-                    self.scheduler.finish(seq)
-                finished.append(seq)
-        return finished
+                self.scheduler.finish(seq)
+        return progressed
+
+    def recover(self, abort=()) -> None:
+        """Back to a consistent state after an exception (KeyboardInterrupt included) at any point of a step or
+        of generate: the requests in `abort` are dropped; every other unfinished sequence waits to be recomputed
+        from the tokens it knows; nothing is in flight; no block is held, and none stays in the prefix cache
+        whose K/V the failed step may not have written. Rebuilt from `requests`, so it holds whatever was half done."""
+        for rid in abort:
+            self.requests.pop(rid, None)
+            self.streaming.discard(rid)
+        self.in_flight = self.runner.last_sampled = None
+        self.scheduler.running.clear()
+        self.scheduler.waiting.clear()
+        for seq in itertools.chain(*self.requests.values()):
+            if seq.finish_reason is not None:
+                continue
+            while seq.token_ids[-1] == PENDING:  # never landed: it will be sampled again
+                seq.token_ids.pop()
+            seq.block_table, seq.num_hashed_blocks, seq.num_computed_tokens = [], 0, 0
+            seq.status = SequenceStatus.WAITING
+            if seq.prompt_logprobs is not None:
+                seq.num_prompt_logprobs = len(seq.prompt_logprobs)
+            self.scheduler.add(seq)
+        self.block_manager.reset()
+
+    # -- outputs --
+
+    def collect_outputs(self, progressed: dict) -> list[RequestOutput]:
+        outputs = []
+        for rid in progressed:
+            seqs = self.requests.get(rid)
+            done = seqs is not None and all(s.finish_reason is not None for s in seqs)
+            if done:
+                del self.requests[rid]
+            if done or rid in self.streaming:
+                outputs.append(self.make_output(rid, seqs, done))
+                if done:
+                    self.streaming.discard(rid)
+        return outputs
+
+    @staticmethod
+    def make_output(request_id: str, seqs: list[Sequence], finished: bool) -> RequestOutput:
+        s0 = seqs[0]
+        completions = [CompletionOutput(s.index, s.text, [t for t in s.output_token_ids if t != PENDING],
+                                        None if s.logprobs is None else s.cumulative_logprob, s.logprobs,
+                                        s.finish_reason, s.stop_reason) for s in seqs]
+        return RequestOutput(request_id, s0.prompt, s0.prompt_token_ids, completions, finished=finished,
+                             prompt_logprobs=s0.prompt_logprobs, num_cached_tokens=max(s.num_cached_tokens or 0 for s in seqs),
+                             lora_request=s0.lora_request)
 
     def logprob_entry(self, row: list[float], k: int) -> dict:
         """A row of gather_logprobs -> vLLM's {token_id: Logprob}: the scored token, then the top k (-1: all)."""
@@ -1503,56 +1717,6 @@ class LLM:
             entry.setdefault(int(t), Logprob(logprob, rank, decode(int(t))))
         return entry
 
-    def upload(self, *lists: list) -> list[torch.Tensor]:
-        """Host lists of ints -> int32 device tensors, in one copy. On CUDA through pinned memory and
-        asynchronously, so the host goes on while it runs (PyTorch keeps the buffer alive until it is done)."""
-        flat = torch.tensor(list(itertools.chain(*lists)), dtype=torch.int32)
-        if self.device.type == "cuda":
-            flat = flat.pin_memory().to(self.device, non_blocking=True)
-        return list(flat.split([len(x) for x in lists]))
-
-    def mask_blocked_tokens(self, logits, seqs: list[Sequence]) -> None:
-        """min_tokens: EOS and the stop token ids cannot be sampled until the output is that long."""
-        for row, seq in enumerate(seqs):
-            if seq.num_output_tokens < seq.params.min_tokens:
-                blocked = set(seq.params.stop_token_ids) | (set() if seq.params.ignore_eos else self.eos_ids)
-                logits[row, sorted(t for t in blocked if t < logits.shape[-1])] = float("-inf")
-
-    def sampling_tensors(self, seqs: list[Sequence], vocab_size: int) -> SamplingTensors:
-        ps = [s.params for s in seqs]
-        top_k = [p.top_k if p.top_k > 0 else vocab_size for p in ps]
-        rows = torch.tensor([[p.temperature for p in ps], [p.top_p for p in ps], [p.min_p for p in ps], top_k,
-                             [p.presence_penalty for p in ps], [p.frequency_penalty for p in ps],
-                             [p.repetition_penalty for p in ps]], dtype=torch.float32)  # (7, B): one copy to the device
-        if self.device.type == "cuda":
-            rows = rows.pin_memory().to(self.device, non_blocking=True)
-        return SamplingTensors(
-            temperature=rows[0], top_p=rows[1], min_p=rows[2], top_k=rows[3].long(),
-            generators={row: s.generator for row, s in enumerate(seqs) if s.generator is not None and s.params.temperature > 0},
-            all_greedy=all(p.temperature == 0 for p in ps),
-            any_top_k_top_p=any(k < vocab_size for k in top_k) or any(p.top_p < 1 for p in ps),
-            any_min_p=any(p.min_p > 0 for p in ps),
-            penalties=(*self.seen_tokens(seqs, vocab_size), *rows[4:]) if any(p.has_penalties for p in ps) else None)
-
-    def seen_tokens(self, seqs: list[Sequence], vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """For the penalties: which tokens each prompt holds, (B, V) bool, and how often each output holds them,
-        (B, V). The ids go up padded with id V, which lands in a spare column; an output token still in flight
-        (PENDING) is taken from the device, as in step."""
-        B, V = len(seqs), vocab_size
-        prompts, outputs = [s.prompt_token_ids for s in seqs], [s.output_token_ids for s in seqs]
-        pw, ow = max(map(len, prompts)), max(1, max(map(len, outputs)))
-        prompt_ids = [t for x in prompts for t in x + [V] * (pw - len(x))]
-        output_ids = [t for x in outputs for t in x + [V] * (ow - len(x))]
-        pending = [i for i, t in enumerate(output_ids) if t == PENDING]
-        prompt_ids, output_ids, dst, src = self.upload(prompt_ids, output_ids, pending, [seqs[i // ow].pending_row for i in pending])
-        if pending:
-            output_ids[dst] = self.in_flight[0][src].int()
-        prompt_ids, output_ids = prompt_ids.view(B, pw).long(), output_ids.view(B, ow).long()
-        prompt_mask = torch.zeros(B, V + 1, dtype=torch.bool, device=self.device).scatter_(1, prompt_ids, True)
-        ones = torch.ones(output_ids.shape, device=self.device)
-        counts = torch.zeros(B, V + 1, device=self.device).scatter_add_(1, output_ids, ones)  # (B, V+1) occurrences
-        return prompt_mask[:, :V], counts[:, :V]
-
     def process_token(self, seq: Sequence, i: int) -> bool:
         """Token i of `seq` has landed: extend the text and decide whether the sequence is finished."""
         p, token = seq.params, seq.token_ids[i]
@@ -1564,7 +1728,7 @@ class LLM:
             elif token in p.stop_token_ids:
                 seq.finish_reason, seq.stop_reason = "stop", token
             elif p.stop:
-                self.find_stop_string(seq, old_len)  # sets the finish reason when one matched
+                find_stop_string(seq, old_len)  # sets the finish reason when one matched
         if seq.finish_reason is None and i + 1 >= seq.max_len:
             seq.finish_reason = "length"
         if seq.finish_reason is None:
@@ -1573,43 +1737,125 @@ class LLM:
         if not isinstance(seq.stop_reason, str):  # (a stop string already cut the text)
             seq.text += seq.detokenizer.finish()
             if p.stop:  # the flushed tail may complete a stop string
-                self.find_stop_string(seq, old_len)
+                find_stop_string(seq, old_len)
         return True
 
-    @staticmethod
-    def find_stop_string(seq: Sequence, old_len: int) -> bool:
-        """Look for a stop string that ends in the newly added text; cut the text there if found."""
-        p = seq.params
-        for stop in p.stop:
-            i = seq.text.find(stop, max(0, old_len - len(stop) + 1))
-            if i != -1:
-                seq.text = seq.text[: i + len(stop) if p.include_stop_str_in_output else i]
-                seq.finish_reason, seq.stop_reason = "stop", stop
-                return True
-        return False
 
-    @torch.inference_mode()
+def find_stop_string(seq: Sequence, old_len: int) -> bool:
+    """Look for a stop string that ends in the newly added text; cut the text there if found."""
+    p = seq.params
+    for stop in p.stop:
+        i = seq.text.find(stop, max(0, old_len - len(stop) + 1))
+        if i != -1:
+            seq.text = seq.text[: i + len(stop) if p.include_stop_str_in_output else i]
+            seq.finish_reason, seq.stop_reason = "stop", stop
+            return True
+    return False
+
+
+class LLM:
+    """An offline engine: load a model once, then `generate` batches of prompts. model: None (the built-in
+    SmolLM2-135M-Instruct), a HF checkpoint folder, or a .gguf file; the keyword arguments are LLMEngine's."""
+
+    def __init__(self, model: Optional[str] = None, **engine_args):
+        self.llm_engine = LLMEngine(model, **engine_args)
+
+    def get_tokenizer(self) -> "Tokenizer":
+        return self.llm_engine.tokenizer
+
+    def generate(self, prompts, sampling_params=None, *, use_tqdm: bool | Callable = True, lora_request=None,
+                 priority: Optional[list[int]] = None) -> list[RequestOutput]:
+        """Generate completions for `prompts`; one RequestOutput per prompt, in input order. All or nothing:
+        every input is checked before the first request is queued, and an exception of any kind (Ctrl-C
+        included) aborts this call's requests, leaving the engine as a fresh one."""
+        engine, requests = self.llm_engine, self.check_batch(prompts, sampling_params, lora_request, priority)
+        ids = []
+        try:
+            for request in requests:
+                ids.append(str(engine.next_seq_id))
+                engine.add_checked(ids[-1], *request)
+            outputs = self.run_engine(len(ids), use_tqdm)
+        except BaseException:
+            engine.recover(abort=ids)
+            raise
+        return [outputs[i] for i in ids]
+
+    def check_batch(self, prompts, sampling_params, lora_request, priority) -> list[tuple]:
+        """Every input of a generate call, checked before any is queued: [(text, ids, params, lora, priority)]."""
+        prompts = [prompts] if isinstance(prompts, (str, dict)) else list(prompts)
+        if isinstance(sampling_params, SamplingParams) or sampling_params is None:
+            params = [check_params(sampling_params or SamplingParams(), "sampling_params")] * len(prompts)
+        elif isinstance(sampling_params, (list, tuple)):
+            params = [check_params(p, f"sampling_params {i}") for i, p in enumerate(sampling_params)]
+            if len(params) != len(prompts):
+                raise ValueError(f"the lengths of prompts ({len(prompts)}) and sampling_params ({len(params)}) must be the same")
+        else:
+            raise TypeError(f"sampling_params: expected a SamplingParams or a list of them, got {type(sampling_params).__name__}")
+        if priority is not None:
+            if self.llm_engine.scheduling_policy != "priority":
+                raise ValueError("priority is only honoured with scheduling_policy='priority'; this LLM uses 'fcfs'")
+            if len(priority) != len(prompts):
+                raise ValueError(f"the lengths of prompts ({len(prompts)}) and priority ({len(priority)}) must be the same")
+            priority = [check_priority(p, f"priority {i}") for i, p in enumerate(priority)]
+        loras = lora.per_prompt(lora_request, len(prompts), self.llm_engine.lora)  # adapters loaded and checked
+        tokenized = [self.llm_engine.tokenize_prompt(f"prompt {i}", p) for i, p in enumerate(prompts)]
+        return [(text, ids, sp, lr, priority[i] if priority else 0)
+                for i, ((text, ids), sp, lr) in enumerate(zip(tokenized, params, loras))]
+
+    def run_engine(self, num_requests: int, use_tqdm) -> dict[str, RequestOutput]:
+        """Step until every request is finished, with a progress bar of finished prompts and token rates."""
+        bar = (use_tqdm if callable(use_tqdm) else tqdm)(total=num_requests, desc="Processed prompts",
+                                                         dynamic_ncols=True) if use_tqdm else None
+        outputs, start, n_in, n_out = {}, time.perf_counter(), 0, 0
+        try:
+            while self.llm_engine.has_unfinished_requests():
+                finished = [out for out in self.llm_engine.step() if out.finished]
+                outputs.update((out.request_id, out) for out in finished)
+                if bar is not None and finished:
+                    n_in += sum(len(out.prompt_token_ids) for out in finished)
+                    n_out += sum(len(c.token_ids) for out in finished for c in out.outputs)
+                    elapsed = time.perf_counter() - start
+                    bar.set_postfix_str(f"est. speed input: {n_in / elapsed:.2f} toks/s, output: {n_out / elapsed:.2f} toks/s")
+                    bar.update(len(finished))
+        finally:
+            if bar is not None:
+                bar.close()
+        return outputs
+
+    def chat(self, messages, sampling_params=None, *, use_tqdm: bool | Callable = True, lora_request=None,
+             chat_template: Optional[str] = None, add_generation_prompt: bool = True) -> list[RequestOutput]:
+        """Generate the next message of one conversation ([{"role", "content"}, ...]) or of a list of them,
+        rendered with the model's chat template (or `chat_template`); one RequestOutput per conversation."""
+        import jinja2
+        conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
+        prompts, tokenizer = [], self.get_tokenizer()
+        for i, conversation in enumerate(conversations):
+            try:
+                text = tokenizer.apply_chat_template(conversation, chat_template, add_generation_prompt)
+            except jinja2.TemplateError as e:  # the template rejected it (raise_exception), or a field is missing
+                raise ValueError(f"conversation {i}: {e}") from e
+            prompts.append({"prompt": text, "prompt_token_ids": tokenizer.encode(text, add_special_tokens=False)})
+        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm, lora_request=lora_request)
+
     def prompt_logits(self, token_ids: list[int], lora_request: Optional[LoRARequest] = None) -> torch.Tensor:
         """Logits (T, V) at every position of one prompt, through the same paged path as generate."""
-        lora_request = lora.per_prompt(lora_request, 1, self.lora)[0]
-        seq = Sequence(-1, None, token_ids, SamplingParams(), 0, self.tokenizer, self.max_seq_len, self.device, lora_request)
-        if not self.block_manager.can_allocate(seq, len(token_ids)):
+        engine = self.llm_engine
+        lora_request = lora.per_prompt(lora_request, 1, engine.lora)[0]
+        seq = Sequence(-1, "", 0, None, token_ids, SamplingParams(), 0, engine.tokenizer, engine.max_seq_len)
+        if not engine.block_manager.can_allocate(seq, len(token_ids)):
             raise ValueError("the KV cache has no room for this prompt now")
-        self.block_manager.allocate(seq, len(token_ids))
+        engine.block_manager.allocate(seq, len(token_ids))
         try:
-            T, bs = len(token_ids), self.block_size
-            slots = [seq.block_table[p // bs] * bs + p % bs for p in range(T)]
-            i32 = lambda x: torch.tensor(x, dtype=torch.int32, device=self.device)
-            meta = AttentionMetadata(torch.tensor(slots, device=self.device), i32([seq.block_table]), i32([T]), i32([0, T]), T, T,
-                                     self.lora.prepare([(lora_request, T)]) if self.lora else None)
-            pos = torch.arange(T, device=self.device)
-            return self.model.compute_logits(self.model(torch.tensor(token_ids, device=self.device), pos, meta, self.kv_cache))
+            logits = engine.runner.prompt_logits(token_ids, seq.block_table, lora_request)
+            engine.block_manager.commit()
+            return logits
         finally:
-            self.block_manager.free(seq)
+            engine.block_manager.free(seq)
+            engine.block_manager.rollback()  # (a no-op after the commit)
 
 
 # ----------------------------------------------------------------------------------------------
-# 9. generate() for small scripts, and the command line
+# 10. generate() for small scripts, and the command line
 
 _engines: dict = {}  # (model, kwargs) -> LLM: a script that calls generate() twice loads the model once
 
@@ -1622,28 +1868,51 @@ def generate(prompts, sampling_params=None, *, model: Optional[str] = None, use_
     return _engines[key].generate(prompts, sampling_params, use_tqdm=use_tqdm, lora_request=lora_request)
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="minillm", description="Offline batch generation with a Llama-family model.")
-    ap.add_argument("--prompts", required=True, help="text file with one prompt per line (blank lines skipped); - reads stdin")
-    ap.add_argument("--chat", action="store_true", help="send each line as a user message through the model's chat template")
-    ap.add_argument("--model", default=None, help="HF checkpoint folder or .gguf file (default: the built-in SmolLM2-135M-Instruct)")
-    ap.add_argument("--max-tokens", type=int, default=64, help="most tokens to generate per prompt (default 64)")
-    ap.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (the default); higher is more random")
-    ap.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: keep the most likely tokens up to this mass")
-    ap.add_argument("--top-k", type=int, default=0, help="keep only the k most likely tokens (0: off)")
-    ap.add_argument("--seed", type=int, default=None, help="seed for each prompt's sampling stream (reproducible runs)")
-    ap.add_argument("--output", default=None, help="write one JSON object per prompt here (prompt, text, token_ids, finish_reason)")
-    ap.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
-    ap.add_argument("--lora", default=None, metavar="PATH", help="a PEFT LoRA adapter folder applied to every prompt")
-    args = ap.parse_args(argv)
+def check_device(device) -> torch.device:
+    """None (CUDA when there is one), 'cpu', 'cuda' or 'cuda:N', checked before anything loads."""
     try:
-        src = sys.stdin if args.prompts == "-" else open(args.prompts, encoding="utf-8")
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {str(device)!r}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {str(device)!r} was asked for, but this machine has no CUDA GPU (use --device cpu)")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"device {str(device)!r}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+    return device
+
+
+def read_prompts(path: str) -> list[str]:
+    try:
+        src = sys.stdin if path == "-" else open(path, encoding="utf-8")
         with src:
             prompts = [line.rstrip("\n") for line in src if line.strip()]
-        if not prompts:
-            raise ValueError(f"{args.prompts}: no prompts (one per line)")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    if not prompts:
+        raise ValueError(f"{path}: no prompts (one per line)")
+    return prompts
+
+
+def check_writable(path: str) -> None:
+    """Fail now, not after all the generation, if `path` cannot be written."""
+    existed = os.path.exists(path)
+    with open(path, "a", encoding="utf-8"):
+        pass
+    if not existed:
+        os.remove(path)
+
+
+def main(args=None) -> int:
+    args = args if isinstance(args, argparse.Namespace) else cli_parser().parse_args(args)
+    try:
+        prompts = read_prompts(args.prompts)
         params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
                                 max_tokens=args.max_tokens)
+        check_device(args.device)
+        if args.output:
+            check_writable(args.output)
         adapter, lora_kwargs = None, {}
         if args.lora:  # one adapter for every prompt: one slot, of exactly its rank
             adapter = LoRARequest(os.path.basename(os.path.normpath(args.lora)), 1, args.lora)
@@ -1653,21 +1922,28 @@ def main(argv=None) -> int:
             outputs = llm.chat([[{"role": "user", "content": p}] for p in prompts], params, lora_request=adapter)
         else:
             outputs = llm.generate(prompts, params, lora_request=adapter)
-    except (ValueError, TypeError, OSError, NotImplementedError) as e:
-        print(f"minillm: error: {e}", file=sys.stderr)
+        write_outputs(args.output, prompts, outputs)
+    except KeyboardInterrupt:
+        print("minillm: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # every error is one line, naming its culprit
+        print(f"minillm: error: {' '.join(str(e).split()) or type(e).__name__}", file=sys.stderr)
         return 1
-    if args.output:
-        with open(args.output, "w", encoding="utf-8") as f:
-            for p, o in zip(prompts, outputs):
-                c = o.outputs[0]
-                f.write(json.dumps({"prompt": p, "text": c.text, "token_ids": c.token_ids,
-                                    "finish_reason": c.finish_reason}, ensure_ascii=False) + "\n")
-        print(f"wrote {len(outputs)} completions to {args.output}", file=sys.stderr)
-    else:
-        for p, o in zip(prompts, outputs):
-            print(f"--- {p}\n{o.outputs[0].text}\n")
     return 0
 
 
+def write_outputs(path: Optional[str], prompts: list[str], outputs: list[RequestOutput]) -> None:
+    if not path:
+        for p, o in zip(prompts, outputs):
+            print(f"--- {p}\n{o.outputs[0].text}\n")
+        return
+    with open(path, "w", encoding="utf-8") as f:
+        for p, o in zip(prompts, outputs):
+            c = o.outputs[0]
+            f.write(json.dumps({"prompt": p, "text": c.text, "token_ids": c.token_ids,
+                                "finish_reason": c.finish_reason}, ensure_ascii=False) + "\n")
+    print(f"wrote {len(outputs)} completions to {path}", file=sys.stderr)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(CLI_ARGS))

@@ -64,8 +64,8 @@ def main():
         args.model = build_random_checkpoint(tmp)
     rows = {}
     llm = minillm.LLM(args.model, max_model_len=4096)
-    prompts, outs = workload("b", llm.cfg.vocab_size)
-    run_minillm(llm, *workload("b", llm.cfg.vocab_size, n=16, seed=99))  # warm-up, other prompts
+    prompts, outs = workload("b", llm.llm_engine.cfg.vocab_size)
+    run_minillm(llm, *workload("b", llm.llm_engine.cfg.vocab_size, n=16, seed=99))  # warm-up, other prompts
     dt, n_out, _ = run_minillm(llm, prompts, outs)
     rows["minillm LLM.generate"] = (dt, n_out)
     del llm

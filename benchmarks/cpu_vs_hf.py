@@ -26,7 +26,7 @@ def main():
     prompts = [lines[i % len(lines)] + f" ({i})" for i in range(args.prompts)]
 
     llm = minillm.LLM(None, device="cpu")
-    ids = [llm.tokenizer.encode(p) for p in prompts]
+    ids = [llm.get_tokenizer().encode(p) for p in prompts]
     sp = minillm.SamplingParams(temperature=0, max_tokens=args.max_tokens, ignore_eos=True)
     llm.generate(prompts[:2], minillm.SamplingParams(max_tokens=2), use_tqdm=False)  # warm-up
     t = time.perf_counter()
@@ -53,7 +53,7 @@ def main():
     # HF's min_new_tokens masks EOS, while ignore_eos (vLLM's meaning) only keeps going after it: compare up
     # to the first EOS minillm picks
     def upto_eos(ids):
-        return ids[: next((j for j, t in enumerate(ids) if t in llm.eos_ids), len(ids))]
+        return ids[: next((j for j, t in enumerate(ids) if t in llm.llm_engine.eos_ids), len(ids))]
     mine = [upto_eos(o.outputs[0].token_ids) for o in outs]
     same = sum(m == out[i, width:width + len(m)].tolist() for i, m in enumerate(mine))
 

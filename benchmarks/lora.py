@@ -229,7 +229,7 @@ def engine_rows(model: str, cfg: dict, rows: list, rank: int, tmp: str, dry_run:
                 dt, n_out, n_in = run_engine(llm, prompts, outs, lora_request=reqs)
                 results[row] = (dt, n_out, n_in)
                 print(f"{row:>5}: {n_out / dt:8.0f} out tok/s  {dt:6.2f} s  (engine {name}, startup {startup:.1f} s, "
-                      f"slot loads {llm.lora.num_loads if llm.lora else 0})", flush=True)
+                      f"slot loads {llm.llm_engine.lora.num_loads if llm.llm_engine.lora else 0})", flush=True)
             del llm  # give its memory back before the next engine
         except Exception:
             print(f"engine {name} failed:\n{traceback.format_exc()}", flush=True)

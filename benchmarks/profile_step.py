@@ -27,25 +27,26 @@ def main():
     ap.add_argument("--prompt-len", type=int, default=512)
     ap.add_argument("--enforce-eager", action="store_true")
     args = ap.parse_args()
-    llm = minillm.LLM(build_random_checkpoint(tempfile.mkdtemp()), max_model_len=4096, enforce_eager=args.enforce_eager)
+    engine = minillm.LLMEngine(build_random_checkpoint(tempfile.mkdtemp()), max_model_len=4096, enforce_eager=args.enforce_eager)
     sp = minillm.SamplingParams(temperature=0.6, max_tokens=1000, ignore_eos=True)
     for i in range(args.batch):
         ids = torch.randint(0, 128000, (args.prompt_len,)).tolist()
-        llm.scheduler.add(minillm.Sequence(i, None, ids, sp, 0, llm.tokenizer, llm.max_seq_len, llm.device))
-    while any(s.num_computed_tokens < s.num_tokens - 1 for s in llm.scheduler.waiting + llm.scheduler.running):
-        llm.step()  # prefill
+        engine.add_request(str(i), {"prompt_token_ids": ids}, sp)
+    engine.streaming.clear()  # the loop of LLM.generate: outputs only when a request finishes
+    while any(s.num_computed_tokens < s.num_tokens - 1 for s in engine.scheduler.waiting + engine.scheduler.running):
+        engine.step()  # prefill
     for _ in range(10):
-        llm.step()  # warm-up decode
+        engine.step()  # warm-up decode
     torch.cuda.synchronize()
     n = 30
     t = time.perf_counter()
     for _ in range(n):
-        llm.step()
+        engine.step()
     torch.cuda.synchronize()
     wall = (time.perf_counter() - t) / n
     # host time in the scheduler and in the per-token bookkeeping (detokenize, stop checks)
     spent = {"schedule": 0.0, "process_token": 0.0}
-    for obj, name in ((llm.scheduler, "schedule"), (llm, "process_token")):
+    for obj, name in ((engine.scheduler, "schedule"), (engine, "process_token")):
         def timed(*a, _f=getattr(obj, name), _n=name):
             t0 = time.perf_counter()
             r = _f(*a)
@@ -53,11 +54,11 @@ def main():
             return r
         setattr(obj, name, timed)
     for _ in range(n):
-        llm.step()
+        engine.step()
     host = {k: v / n for k, v in spent.items()}
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(n):
-            llm.step()
+            engine.step()
         torch.cuda.synchronize()
     kernels = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
     gpu = sum(e.self_device_time_total for e in kernels) / n / 1e6  # seconds per step

@@ -93,16 +93,16 @@ def main():
     t = time.perf_counter()
     llm = minillm.LLM(args.model, max_model_len=4096, enforce_eager=args.enforce_eager)
     startup = time.perf_counter() - t
-    run_minillm(llm, *workload("b", llm.cfg.vocab_size, n=16, seed=99))  # warm-up (Triton compiles, allocator settles)
+    run_minillm(llm, *workload("b", llm.llm_engine.cfg.vocab_size, n=16, seed=99))  # warm-up (Triton compiles, allocator settles)
     torch.cuda.reset_peak_memory_stats()
     rows = []
     for kind in args.workloads:
-        dt, n_out, n_in = run_minillm(llm, *workload(kind, llm.cfg.vocab_size))
+        dt, n_out, n_in = run_minillm(llm, *workload(kind, llm.llm_engine.cfg.vocab_size))
         rows.append((kind, n_in, n_out, dt, n_out / dt, (n_in + n_out) / dt))
     peak = torch.cuda.max_memory_allocated() / 2**30
     print(f"\ndevice: {torch.cuda.get_device_name()}  torch {torch.__version__}  triton "
           f"{importlib.util.find_spec('triton') and __import__('triton').__version__}  "
-          f"cuda graphs: {not args.enforce_eager}  KV blocks: {len(llm.block_manager.blocks)}  startup {startup:.1f}s")
+          f"cuda graphs: {not args.enforce_eager}  KV blocks: {len(llm.llm_engine.block_manager.blocks)}  startup {startup:.1f}s")
     print(f"{'workload':>8} {'in tok':>8} {'out tok':>8} {'wall s':>7} {'out tok/s':>10} {'total tok/s':>11} {'peak GiB':>8}")
     for kind, n_in, n_out, dt, ots, tts in rows:
         print(f"{kind:>8} {n_in:>8} {n_out:>8} {dt:>7.2f} {ots:>10.0f} {tts:>11.0f} {peak:>8.1f}")

@@ -85,9 +85,9 @@ def test_greedy_batch_matches_hf_under_preemption_and_chunking(tiny):
     prompts = random_prompts([5, 23, 9, 31, 2], seed=1)
     sp = SamplingParams(temperature=0, max_tokens=14, ignore_eos=True)
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts], sp, use_tqdm=False)
-    assert llm.scheduler.num_preemptions > 0
-    assert llm.block_manager.num_free_blocks() == 24  # every block is free again
-    assert all(b.ref_count == 0 for b in llm.block_manager.blocks)
+    assert llm.llm_engine.scheduler.num_preemptions > 0
+    assert llm.llm_engine.block_manager.num_free_blocks() == 24  # every block is free again
+    assert all(b.ref_count == 0 for b in llm.llm_engine.block_manager.blocks)
     for p, o in zip(prompts, outs):  # outputs in input order, each equal to HF alone
         assert o.prompt_token_ids == p
         assert o.outputs[0].token_ids == hf_greedy(hf, p, 14)
@@ -112,7 +112,7 @@ def test_default_model_logits_match_hf_reading_the_same_gguf(smol):
     path = minillm.default_model_path()
     hf = AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
                                               dtype=torch.float32).eval()
-    ids = smol.tokenizer.encode("The quick brown fox jumps over the lazy dog. 1234 + 5678 =")
+    ids = smol.get_tokenizer().encode("The quick brown fox jumps over the lazy dog. 1234 + 5678 =")
     with torch.no_grad():
         ref = hf(torch.tensor([ids])).logits[0]
     got = smol.prompt_logits(ids)
@@ -145,7 +145,7 @@ def test_stop_strings_stop_token_ids_min_tokens_ignore_eos(smol):
 def test_eos_ends_generation_unless_ignored(smol):
     prompt = "<|im_start|>user\nSay hi.<|im_end|>\n<|im_start|>assistant\n"
     out = smol.generate(prompt, SamplingParams(temperature=0, max_tokens=200), use_tqdm=False)[0].outputs[0]
-    assert out.finish_reason == "stop" and out.stop_reason is None and out.token_ids[-1] in smol.eos_ids
+    assert out.finish_reason == "stop" and out.stop_reason is None and out.token_ids[-1] in smol.llm_engine.eos_ids
     assert "<|im_end|>" not in out.text  # special tokens are skipped in the text
     more = smol.generate(prompt, SamplingParams(temperature=0, max_tokens=len(out.token_ids) + 5, ignore_eos=True),
                          use_tqdm=False)[0].outputs[0]
@@ -244,11 +244,11 @@ def test_priority_order(small):
     llm = LLM(small, scheduling_policy="priority", max_num_seqs=1)
     prompts = [{"prompt_token_ids": p} for p in random_prompts([4, 4, 4, 4], seed=3)]
     sp = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
-    order = []
+    engine, order = llm.llm_engine, []
     for i, p in enumerate(prompts):
-        llm.scheduler.add(minillm.Sequence(i, None, p["prompt_token_ids"], sp, [3, 1, 2, 1][i], llm.tokenizer, 100, llm.device))
-    while llm.scheduler.has_unfinished() or llm.in_flight:
-        order += [s.seq_id for s in llm.step()]
+        engine.add_request(str(i), p, sp, priority=[3, 1, 2, 1][i])
+    while engine.has_unfinished_requests():
+        order += [int(o.request_id) for o in engine.step() if o.finished]
     assert order == [1, 3, 2, 0]  # lower priority value first, arrival breaks the tie
     with pytest.raises(ValueError, match="priority"):
         LLM(small).generate(prompts, sp, priority=[0, 0, 0, 0])
@@ -257,12 +257,13 @@ def test_priority_order(small):
 def test_preemption_takes_the_newest_running_sequence(small):
     llm = LLM(small, block_size=4, num_gpu_blocks_override=6)
     sp = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
-    seqs = [minillm.Sequence(i, None, p, sp, 0, llm.tokenizer, 100, llm.device) for i, p in enumerate(random_prompts([8, 8, 8]))]
-    for s in seqs:
-        llm.scheduler.add(s)
-    llm.step()  # all three prefill 8 tokens: 2 full blocks each, the cache is full
+    engine = llm.llm_engine
+    for i, p in enumerate(random_prompts([8, 8, 8])):
+        engine.add_request(str(i), {"prompt_token_ids": p}, sp)
+    seqs = [engine.requests[str(i)][0] for i in range(3)]
+    engine.step()  # all three prefill 8 tokens: 2 full blocks each, the cache is full
     assert [s.status for s in seqs] == [minillm.SequenceStatus.RUNNING] * 3
-    llm.step()  # the first decode needs a third block: the newest sequence gives its blocks up
+    engine.step()  # the first decode needs a third block: the newest sequence gives its blocks up
     assert seqs[2].status is minillm.SequenceStatus.WAITING and seqs[2].block_table == []
     assert seqs[0].status is minillm.SequenceStatus.RUNNING
 
@@ -282,7 +283,7 @@ def test_bad_input_names_the_culprit_and_loses_nothing(small):
         llm.generate([good, good], [SamplingParams()] * 3, use_tqdm=False)
     with pytest.raises(TypeError, match="lora_request 0"):
         llm.generate([good], lora_request=object(), use_tqdm=False)
-    assert not llm.scheduler.has_unfinished() and llm.block_manager.num_free_blocks() == len(llm.block_manager.blocks)
+    assert not llm.llm_engine.scheduler.has_unfinished() and llm.llm_engine.block_manager.num_free_blocks() == len(llm.llm_engine.block_manager.blocks)
     out = llm.generate([good, "hello"], SamplingParams(max_tokens=3, ignore_eos=True), use_tqdm=False)  # still works
     assert [len(o.outputs[0].token_ids) for o in out] == [3, 3] and out[1].prompt == "hello"
     with pytest.raises(TypeError, match="max_num_seqz"):
@@ -338,7 +339,7 @@ def test_cli_end_to_end_on_the_default_model(tmp_path):
 
 @pytest.mark.parametrize("args,message", [
     (["--prompts", "/nonexistent/prompts.txt"], "No such file"),
-    (["--prompts", "PROMPTS", "--temperature", "-1"], "temperature must be non-negative"),
+    (["--prompts", "PROMPTS", "--temperature", "-1"], "temperature must be a finite number >= 0"),
     (["--prompts", "PROMPTS", "--model", "/nonexistent/model"], "/nonexistent/model"),
 ])
 def test_cli_errors_are_one_line(tmp_path, args, message):

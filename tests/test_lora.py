@@ -137,7 +137,7 @@ def test_mixed_batch_equals_each_request_alone(setup, expected):
     batch, alone = run_mixed(llm, adapters)
     assert batch == alone == expected
     assert len({tuple(t) for t in expected}) == len(expected)
-    assert llm.block_manager.num_free_blocks() == len(llm.block_manager.blocks)
+    assert llm.llm_engine.block_manager.num_free_blocks() == len(llm.llm_engine.block_manager.blocks)
 
 
 def test_more_adapters_than_slots(setup, expected):
@@ -147,7 +147,7 @@ def test_more_adapters_than_slots(setup, expected):
     llm = cpu_llm(folder, block_size=4, max_num_batched_tokens=16, enable_lora=True, max_loras=2, max_lora_rank=16)
     batch, alone = run_mixed(llm, adapters)
     assert batch == alone == expected
-    assert llm.lora.num_loads > 3  # adapters were evicted and loaded again
+    assert llm.llm_engine.lora.num_loads > 3  # adapters were evicted and loaded again
 
 
 def test_prefix_cache_keeps_adapters_apart(setup):
@@ -182,7 +182,7 @@ def test_slots_are_evicted_least_recently_used(setup):
     folder, _, adapters = setup
     llm = cpu_llm(folder, enable_lora=True, max_loras=2, max_lora_rank=16)
     a, b, c = (adapters[n][0] for n in ("attn", "mlp", "all"))
-    m = llm.lora
+    m = llm.llm_engine.lora
     for r in (a, b, c):
         m.add_adapter(r)
     m.prepare([(a, 1)])
@@ -193,7 +193,7 @@ def test_slots_are_evicted_least_recently_used(setup):
     assert m.slot_ids == [1, 3] and batch.token_slots.tolist() == [1, 1, -1, 0]
     # slots of projections with the same input live in one stack: adapter c (rank 16) in slot 1 is
     # k_proj's rows 16..31 of the q/k/v stack's A, and k_proj's columns of its B
-    attn = llm.model.layers[1].self_attn
+    attn = llm.llm_engine.runner.model.layers[1].self_attn
     stack = attn.k_proj.lora_stack
     assert stack is attn.q_proj.lora_stack is attn.v_proj.lora_stack and stack.projs == (attn.q_proj, attn.k_proj, attn.v_proj)
     A, B = m.adapters[3].weights["k_proj"]  # (L, r, K), (L, r, OUT)
@@ -357,7 +357,7 @@ def test_bad_lora_input_is_refused_before_any_work(setup, tmp_path):
     with pytest.raises(ValueError, match="'wrong'.*q_proj.lora_A.weight has shape \\(4, 32\\), expected \\(4, 64\\)"):
         llm.generate([good], lora_request=LoRARequest("wrong", 12, wrong), use_tqdm=False)
     # nothing was queued, nothing was lost; the engine still works
-    assert not llm.scheduler.has_unfinished() and llm.block_manager.num_free_blocks() == len(llm.block_manager.blocks)
+    assert not llm.llm_engine.scheduler.has_unfinished() and llm.llm_engine.block_manager.num_free_blocks() == len(llm.llm_engine.block_manager.blocks)
     out = llm.generate([good], SamplingParams(max_tokens=3, ignore_eos=True), lora_request=req, use_tqdm=False)
     assert len(out[0].outputs[0].token_ids) == 3 and out[0].lora_request == req
 

@@ -39,13 +39,13 @@ def token_prompts(prompts):
 
 def peak_blocks_in_use(llm):
     """Wraps llm's scheduler to record the most blocks held at once (cached-but-free blocks are not held)."""
-    peak, schedule = [0], llm.scheduler.schedule
+    peak, schedule = [0], llm.llm_engine.scheduler.schedule
 
     def counting_schedule():
         out = schedule()
-        peak[0] = max(peak[0], sum(b.ref_count > 0 for b in llm.block_manager.blocks))
+        peak[0] = max(peak[0], sum(b.ref_count > 0 for b in llm.llm_engine.block_manager.blocks))
         return out
-    llm.scheduler.schedule = counting_schedule
+    llm.llm_engine.scheduler.schedule = counting_schedule
     return peak
 
 
@@ -67,7 +67,7 @@ def test_prefix_caching_shares_a_system_prefix_and_changes_nothing(tiny):
     again = on.generate(token_prompts(prompts), sp, use_tqdm=False)
     assert [o.num_cached_tokens for o in again] == [(len(p) - 1) // 4 * 4 for p in prompts]
     assert [o.outputs[0].token_ids for o in again] == want
-    assert all(b.ref_count == 0 for b in on.block_manager.blocks)
+    assert all(b.ref_count == 0 for b in on.llm_engine.block_manager.blocks)
 
 
 def test_prefix_cache_eviction_under_a_small_cache_keeps_results_right(tiny):
@@ -84,11 +84,11 @@ def test_prefix_cache_eviction_under_a_small_cache_keeps_results_right(tiny):
         got = on.generate(token_prompts(batch), sp, use_tqdm=False)
         want = off.generate(token_prompts(batch), sp, use_tqdm=False)
         assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in want]
-        rounds.append(([o.num_cached_tokens for o in got], set(on.block_manager.cached)))
-    assert on.scheduler.num_preemptions > 0
+        rounds.append(([o.num_cached_tokens for o in got], set(on.llm_engine.block_manager.cached)))
+    assert on.llm_engine.scheduler.num_preemptions > 0
     assert not rounds[1][1] >= rounds[0][1]  # round b evicted blocks of round a
     assert rounds[0][0] == [0, 20, 20] and sum(rounds[3][0]) > 20  # a repeated round finds more blocks
-    bm = on.block_manager
+    bm = on.llm_engine.block_manager
     assert bm.num_free_blocks() == 24 and all(bm.blocks[i].hash == h for h, i in bm.cached.items())
 
 
@@ -115,7 +115,7 @@ def test_logprobs_and_prompt_logprobs_match_hf(tiny):
     prompts = random_prompts([23, 9], seed=10)
     sp = SamplingParams(temperature=0.8, seed=3, max_tokens=6, logprobs=5, prompt_logprobs=3, ignore_eos=True)
     outs = llm.generate(token_prompts(prompts), sp, use_tqdm=False)
-    assert llm.scheduler.num_preemptions > 0
+    assert llm.llm_engine.scheduler.num_preemptions > 0
     for prompt, out in zip(prompts, outs):
         c = out.outputs[0]
         full = prompt + c.token_ids
@@ -124,7 +124,7 @@ def test_logprobs_and_prompt_logprobs_match_hf(tiny):
         assert len(c.logprobs) == len(c.token_ids) and len(out.prompt_logprobs) == len(prompt)
         for j, token in enumerate(c.token_ids):
             check_entry(c.logprobs[j], token, ref[len(prompt) + j - 1], 5)
-            assert c.logprobs[j][token].decoded_token == llm.tokenizer.decode([token], skip_special_tokens=False)
+            assert c.logprobs[j][token].decoded_token == llm.get_tokenizer().decode([token], skip_special_tokens=False)
         assert abs(c.cumulative_logprob - sum(c.logprobs[j][t].logprob for j, t in enumerate(c.token_ids))) < 1e-4
         assert out.prompt_logprobs[0] is None
         for t in range(1, len(prompt)):
@@ -220,7 +220,7 @@ def test_n_completions_under_preemption_are_the_same_with_caching_off(tiny):
     sp = SamplingParams(n=3, temperature=1.0, seed=5, max_tokens=12, ignore_eos=True, logprobs=0)
     on, off = LLM(folder, **kw), LLM(folder, **kw, enable_prefix_caching=False)
     got, want = on.generate(prompts, sp, use_tqdm=False), off.generate(prompts, sp, use_tqdm=False)
-    assert on.scheduler.num_preemptions > 0 and off.scheduler.num_preemptions > 0
+    assert on.llm_engine.scheduler.num_preemptions > 0 and off.llm_engine.scheduler.num_preemptions > 0
     for o, w in zip(got, want):
         assert [c.token_ids for c in o.outputs] == [c.token_ids for c in w.outputs]
         for c, d in zip(o.outputs, w.outputs):
@@ -252,13 +252,13 @@ def test_chat_template_renders_as_transformers_does(tiny):
             assert llm.get_tokenizer().apply_chat_template(conversation, add_generation_prompt=gen) == want
         want_ids = hf_ids(hf_tok, conversation)
         assert llm.get_tokenizer().apply_chat_template(conversation, tokenize=True) == want_ids
-        assert want_ids.count(llm.tokenizer.bos_id) == 1  # the template's BOS, no second one
+        assert want_ids.count(llm.get_tokenizer().bos_id) == 1  # the template's BOS, no second one
     outs = llm.chat(CONVERSATIONS, SamplingParams(max_tokens=3), use_tqdm=False)
     assert [o.prompt_token_ids for o in outs] == [hf_ids(hf_tok, c) for c in CONVERSATIONS]
     assert len(llm.chat(CONVERSATIONS[0], SamplingParams(max_tokens=3), use_tqdm=False)) == 1  # one conversation
     with pytest.raises(ValueError, match="conversation 1: unknown role: robot"):
         llm.chat([CONVERSATIONS[0], [{"role": "robot", "content": "beep"}]], use_tqdm=False)
-    assert not llm.scheduler.has_unfinished()
+    assert not llm.llm_engine.scheduler.has_unfinished()
 
 
 def test_default_model_chat_template_from_gguf_matches_transformers():
@@ -288,22 +288,23 @@ def test_a_waiting_request_preempts_worse_running_ones(tiny):
     llm = LLM(folder, scheduling_policy="priority", block_size=4, num_gpu_blocks_override=8, enable_prefix_caching=False)
     sp = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
     prompts = random_prompts([8, 8, 12, 12], seed=13)
-    low0, low1, late, urgent = [minillm.Sequence(i, None, p, sp, prio, llm.tokenizer, 100, llm.device)
-                                for i, (p, prio) in enumerate(zip(prompts, [5, 5, 5, 0]))]
+    engine = llm.llm_engine
     RUNNING, WAITING = minillm.SequenceStatus.RUNNING, minillm.SequenceStatus.WAITING
+    status = lambda rid: engine.requests[rid][0].status
     finished = []
-    for s in (low0, low1):
-        llm.scheduler.add(s)
-    finished += llm.step() + llm.step()  # both decoding: 3 blocks each, 2 of 8 free
-    llm.scheduler.add(late)  # needs 3 blocks; same priority but later than the running ones: it waits
-    finished += llm.step()
-    assert late.status is WAITING and low0.status is RUNNING and low1.status is RUNNING
-    llm.scheduler.add(urgent)  # outranks both: the worse of the two ties, the later arrival, gives way
-    finished += llm.step()
-    assert urgent.status is RUNNING and low1.status is WAITING and low0.status is RUNNING
-    while llm.scheduler.has_unfinished() or llm.in_flight:
-        finished += llm.step()
-    order = [s.seq_id for s in finished]
-    assert order.index(3) < order.index(1) and order.index(3) < order.index(2)
+    add = lambda i: engine.add_request(str(i), {"prompt_token_ids": prompts[i]}, sp, priority=[5, 5, 5, 0][i])
+    add(0), add(1)
+    finished += engine.step() + engine.step()  # both decoding: 3 blocks each, 2 of 8 free
+    add(2)  # needs 3 blocks; same priority but later than the running ones: it waits
+    finished += engine.step()
+    assert status("2") is WAITING and status("0") is RUNNING and status("1") is RUNNING
+    add(3)  # outranks both: the worse of the two ties, the later arrival, gives way
+    finished += engine.step()
+    assert status("3") is RUNNING and status("1") is WAITING and status("0") is RUNNING
+    while engine.has_unfinished_requests():
+        finished += engine.step()
+    finished = {o.request_id: o for o in finished if o.finished}
+    order = list(finished)
+    assert order.index("3") < order.index("1") and order.index("3") < order.index("2")
     alone = LLM(folder, **SMALL).generate(token_prompts(prompts), sp, use_tqdm=False)
-    assert [s.output_token_ids for s in (low0, low1, late, urgent)] == [o.outputs[0].token_ids for o in alone]
+    assert [finished[str(i)].outputs[0].token_ids for i in range(4)] == [o.outputs[0].token_ids for o in alone]
