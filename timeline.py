@@ -18,15 +18,20 @@ manager did. The record is plain JSON-able data; `check_trace` holds it to this 
   scheduled    the step's batch in batch order. "prefill": num_tokens tokens from position `start`, a chunk
                of the prompt or, after a preemption, of the recompute of prompt + output; "decode": the one
                newest token, at position `start`.
-  allocated    blocks given to sequences this step; freed: blocks whose last owner let go; evicted: free
-               blocks whose cached K/V was dropped to be reused; shared: blocks that gained an owner while
-               another held them (a prefix cache hit on a running sequence's block).
+  allocated    blocks that got an owner this step, having none (a fresh block, or a free one found in the
+               prefix cache); freed: blocks whose last owner let go (so per block, allocated and freed
+               alternate); evicted: allocated blocks whose cached K/V was dropped to reuse them; shared:
+               blocks that gained an owner while another held them (a prefix cache hit on a held block).
   prefix_hits  sequences that started (or restarted) from cached blocks, with the tokens those blocks hold.
   preempted    running sequences whose blocks were freed to make room (they wait, then recompute);
-  resumed      sequences scheduled again after a preemption; finished: sequences that ended this step.
+  resumed      sequences scheduled again after a preemption; finished: sequences that ended this step
+               (their last token reached the host, or they were aborted).
   blocks       the cache as this step's forward pass ran: free (no owner, no cached hash), cached_free (no
                owner, still findable in the prefix cache), owned (one owner), shared (more than one owner);
                the four sum to num_blocks.
+
+A request with n > 1 completions is n sequences, and each is a request row here, "<request id>.<index>".
+`Recorder` (below) is what builds a trace inside the engine.
 
 The page: a timeline with x = engine step (one forward pass of the whole batch per column: the step index
 keeps every step readable, where wall time would squeeze the fast decode steps) and one row per request;
@@ -36,6 +41,8 @@ under it the KV cache per step, the batch budgets used and the step's wall time.
 
 import html
 import json
+import os
+import time
 
 COLORS = {  # one colour per kind of mark; the legends name each
     "prefill": "#4e79a7", "recompute": "#f28e2b", "decode": "#59a14f", "cached": "#b07aa1",
@@ -121,13 +128,90 @@ def _check_step(trace: dict, ids: set, s: dict, where: str) -> None:
     _need(total == trace["num_blocks"], where + "blocks", f"they sum to {total}, not num_blocks {trace['num_blocks']}")
 
 
-def write_trace(trace: dict, path: str) -> None:
-    """Write `trace` to `path`: the page if it ends in .html, the plain data if it ends in .json."""
+def check_path(path: str) -> None:
     if not path.endswith((".html", ".json")):
         raise ValueError(f"trace path {path!r}: must end in .html (the page) or .json (the data)")
+
+
+def write_trace(trace: dict, path: str) -> None:
+    """Write `trace` to `path`: the page if it ends in .html, the plain data if it ends in .json."""
+    check_path(path)
     text = render_html(trace) if path.endswith(".html") else json.dumps(trace, indent=1)
     with open(path, "w", encoding="utf-8") as f:
         f.write(text)
+
+
+# -- recording: the engine tells a Recorder what it does, the Recorder keeps it as the plain data above --
+
+class Recorder:
+    """What `LLM(..., trace=True)` records (engine.trace; the block manager's and scheduler's `events`).
+    The engine calls it at a few points, each behind `if ... is not None`, so a run without a trace pays
+    nothing: `add` as sequences are queued, `note` at each block event, preemption and admission,
+    `scheduled` right after each schedule, `end_step` at the end of each step. An event between two steps
+    (an abort, say) goes into the next step's record. One row per sequence: the request id, or for
+    n > 1 "<request id>.<index>"."""
+
+    def __init__(self, engine, model: str):
+        self.engine = engine  # read for its block manager (the block counts) and its scheduler (the budgets)
+        self.info = dict(model=os.path.basename(os.path.normpath(model)), num_blocks=len(engine.block_manager.blocks),
+                         block_size=engine.block_manager.block_size, max_num_seqs=engine.scheduler.max_num_seqs,
+                         max_num_batched_tokens=engine.scheduler.max_num_batched_tokens)
+        self.rows: dict = {}  # sequence -> (its row id, the step it arrived at), in arrival order
+        self.clear()
+
+    def clear(self) -> None:
+        """Start a new trace (LLM.generate does, for each call); unfinished sequences stay in it."""
+        self.rows = {seq: (rid, 0) for seq, (rid, _) in self.rows.items() if seq.finish_reason is None}
+        self.live, self.steps = list(self.rows), []
+        self.events = {key: [] for key in STEP_LISTS if key != "finished"}
+        self.batch, self.blocks = [], {}
+
+    def add(self, seqs: list) -> None:
+        for seq in seqs:
+            rid = seq.request_id if len(seqs) == 1 else f"{seq.request_id}.{seq.index}"
+            self.rows[seq] = (rid, len(self.steps))
+            self.live.append(seq)
+
+    def note(self, kind: str, item) -> None:
+        """A block event (kind "allocated", "freed", "evicted" or "shared", item a block id) or "preempted"
+        (item a sequence)."""
+        self.events[kind].append(item if isinstance(item, int) else self.rows[item][0])
+
+    def admitted(self, seq, num_cached_tokens: int) -> None:
+        """A waiting sequence joins the running set, its first num_cached_tokens from the prefix cache."""
+        if num_cached_tokens:
+            self.events["prefix_hits"].append(dict(id=self.rows[seq][0], num_cached_tokens=num_cached_tokens))
+        if seq.num_cached_tokens is not None:  # (set at its first admission) it ran before: it was preempted
+            self.note("resumed", seq)
+
+    def scheduled(self, batch: list) -> None:
+        """The batch [(sequence, new tokens)] before the forward pass moves num_computed_tokens, and the cache."""
+        self.batch = []
+        for seq, n in batch:
+            start = seq.num_computed_tokens
+            decode = n == 1 and start == seq.num_tokens - 1 and start >= len(seq.prompt_token_ids)
+            self.batch.append(dict(id=self.rows[seq][0], kind="decode" if decode else "prefill", start=start, num_tokens=n))
+        blocks = self.engine.block_manager.blocks
+        self.blocks = dict(free=sum(b.ref_count == 0 and b.hash is None for b in blocks),
+                           cached_free=sum(b.ref_count == 0 and b.hash is not None for b in blocks),
+                           owned=sum(b.ref_count == 1 for b in blocks), shared=sum(b.ref_count > 1 for b in blocks))
+
+    def end_step(self, started: float) -> None:
+        """Close the step that began at time.perf_counter() `started`; the sequences that got a finish reason in it."""
+        finished = [dict(id=self.rows[s][0], reason=s.finish_reason) for s in self.live if s.finish_reason is not None]
+        self.live = [s for s in self.live if s.finish_reason is None]
+        self.steps.append(dict(step=len(self.steps), wall_ms=1e3 * (time.perf_counter() - started), scheduled=self.batch,
+                               num_batched_tokens=sum(e["num_tokens"] for e in self.batch), num_seqs=len(self.batch),
+                               **self.events, finished=finished, blocks=self.blocks))
+        self.events = {key: [] for key in self.events}
+        self.batch = []
+
+    def trace(self) -> dict:
+        """The trace so far, as the plain data check_trace describes."""
+        requests = [dict(id=rid, prompt_tokens=len(seq.prompt_token_ids), num_cached_tokens=seq.num_cached_tokens or 0,
+                         output_tokens=sum(t >= 0 for t in seq.output_token_ids),  # (a token still on the device is -1)
+                         finish_reason=seq.finish_reason, arrival_step=arrival) for seq, (rid, arrival) in self.rows.items()]
+        return dict(self.info, requests=requests, steps=list(self.steps))
 
 
 # -- the page: per-request history, then one SVG per strip, all sharing the same x = step --

@@ -2,6 +2,7 @@
 
 Traces here are built by hand (a small one whose every event is known) or by a tiny simulated scheduler
 (continuous batching, chunked prefill, prefix cache, preemption by recompute) for sizes a hand can't write."""
+import collections
 import copy
 import json
 import os
@@ -316,3 +317,163 @@ def test_page_in_headless_chromium(tmp_path):
     assert all(abs((y1 - y0) - timeline.BAND_H) <= 2 for y0, y1 in runs), runs
     gaps = {b[0] - a[0] for a, b in zip(runs, runs[1:])}
     assert max(gaps) - min(gaps) <= 1, f"rows not evenly spaced: {runs}"
+
+
+# -- recorded by the engine: LLM(trace=True) on a tiny random checkpoint -------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    from test_engine import make_checkpoint
+    folder = str(tmp_path_factory.mktemp("tiny_trace"))
+    make_checkpoint(folder)
+    return folder
+
+
+def traced_run(folder):
+    """Six requests (one of them n=2) sharing an 8-token system prompt, on 12 blocks of 4 slots: too few for
+    all at once, so sequences are preempted; a 16-token step budget chunks the prompts. Returns the LLM, its
+    outputs, and per forward pass the (start, num_tokens) of each sequence the model ran."""
+    from minillm import LLM, SamplingParams
+    from test_engine import random_prompts
+    llm = LLM(folder, block_size=4, num_gpu_blocks_override=12, max_num_seqs=4, max_num_batched_tokens=16, trace=True)
+    ran, execute = [], llm.llm_engine.runner.execute
+
+    def spy(step):  # the batch as the model runner gets it: each sequence's first position and token count
+        firsts = [sum(step.query_lens[:j]) for j in range(len(step.query_lens))]
+        ran.append([(step.positions[f], n) for f, n in zip(firsts, step.query_lens)])
+        assert len(step.input_ids) == sum(step.query_lens)
+        return execute(step)
+
+    llm.llm_engine.runner.execute = spy
+    system = random_prompts([8], seed=5)[0]
+    prompts = [{"prompt_token_ids": system + p} for p in random_prompts([3, 9, 14, 5, 2, 11], seed=6)]
+    params = [SamplingParams(max_tokens=10, ignore_eos=True, n=2 if i == 1 else 1) for i in range(6)]
+    return llm, llm.generate(prompts, params, use_tqdm=False), ran
+
+
+@pytest.fixture(scope="module")
+def traced(tiny_folder):
+    return traced_run(tiny_folder)
+
+
+def test_trace_passes_the_check_and_renders(traced):
+    llm, outs, _ = traced
+    trace = llm.last_trace
+    timeline.check_trace(trace)
+    assert trace["num_blocks"] == 12 and trace["block_size"] == 4 and trace["max_num_batched_tokens"] == 16
+    ids = [o.request_id for o in outs]
+    assert [r["id"] for r in trace["requests"]] == [ids[0], f"{ids[1]}.0", f"{ids[1]}.1", *ids[2:]]
+    page = timeline.render_html(trace)
+    assert page.count('class="request-row"') == 7
+    json.dumps(trace)  # plain data
+
+
+def test_trace_steps_are_the_batches_the_model_ran(traced):
+    llm, _, ran = traced
+    steps = llm.last_trace["steps"]
+    assert [[(e["start"], e["num_tokens"]) for e in s["scheduled"]] for s in steps if s["scheduled"]] == ran
+    assert all(s["num_batched_tokens"] == sum(n for _, n in batch) for s, batch in zip([s for s in steps if s["scheduled"]], ran))
+    prompt_tokens = {r["id"]: r["prompt_tokens"] for r in llm.last_trace["requests"]}
+    for s in steps:  # a decode: the one newest token, an output token (a prompt's last token alone is a prefill)
+        for e in s["scheduled"]:
+            assert (e["kind"] == "decode") == (e["num_tokens"] == 1 and e["start"] >= prompt_tokens[e["id"]]), e
+    assert any(e["kind"] == "prefill" and e["start"] > 0 for s in steps for e in s["scheduled"]), "no chunked prefill"
+
+
+def test_trace_blocks_allocated_are_freed_or_still_owned(traced):
+    """Per block, allocated and freed alternate. A step keeps its events in lists, not in their order (a
+    preemption can free a block that the same step allocates again), so this holds at every step's end."""
+    llm, _, _ = traced
+    held = collections.Counter()  # block -> times allocated - times freed, so far
+    for s in llm.last_trace["steps"]:
+        before = {b for b, k in held.items() if k}
+        held.update(s["allocated"])
+        held.subtract(s["freed"])
+        assert all(k in (0, 1) for k in held.values()), f"step {s['step']}: {held}"
+        assert set(s["evicted"]) <= set(s["allocated"]) and set(s["shared"]) <= before | set(s["allocated"]), s["step"]
+        # the counts are taken after schedule, the last allocation of the step; only frees come after it
+        now = sum(held.values())
+        assert now <= s["blocks"]["owned"] + s["blocks"]["shared"] <= now + len(s["freed"]), s["step"]
+    still_owned = {b.block_id for b in llm.llm_engine.block_manager.blocks if b.ref_count}
+    assert {b for b, k in held.items() if k} == still_owned == set()  # generate returned: every block is free again
+    assert any(s["evicted"] for s in llm.last_trace["steps"]) and any(s["shared"] for s in llm.last_trace["steps"])
+
+
+def test_trace_every_preemption_is_followed_by_a_resumption(traced):
+    llm, _, _ = traced
+    steps, history = llm.last_trace["steps"], {}
+    for s in steps:  # per row: "P" preempted, "R" resumed, "S" scheduled, in order within the step
+        for rid in s["preempted"]:
+            history[rid] = history.get(rid, "") + "P"
+        for e in s["scheduled"]:
+            history[e["id"]] = history.get(e["id"], "") + ("R" if e["id"] in s["resumed"] else "S")
+    assert sum(len(s["preempted"]) for s in steps) == llm.llm_engine.scheduler.num_preemptions > 0
+    for rid, h in history.items():
+        assert "PS" not in h and "PP" not in h and not h.endswith("P"), f"{rid}: {h}"
+        assert h.count("P") == h.count("R"), f"{rid}: {h}"
+
+
+def test_trace_prefix_hits_are_what_num_cached_tokens_says(traced):
+    llm, outs, _ = traced
+    trace = llm.last_trace
+    first_hit = {}  # row -> the tokens found in the cache at its first admission (0: none)
+    for s in trace["steps"]:
+        hits = {h["id"]: h["num_cached_tokens"] for h in s["prefix_hits"]}
+        for e in s["scheduled"]:
+            first_hit.setdefault(e["id"], hits.get(e["id"], 0))
+    rows = {r["id"]: r for r in trace["requests"]}
+    for out in outs:
+        mine = [rid for rid in rows if rid == out.request_id or rid.startswith(out.request_id + ".")]
+        assert max(first_hit[rid] for rid in mine) == out.num_cached_tokens
+        assert all(first_hit[rid] == rows[rid]["num_cached_tokens"] for rid in mine)
+        assert [rows[rid]["output_tokens"] for rid in mine] == [len(c.token_ids) for c in out.outputs]
+        finishes = [f for s in trace["steps"] for f in s["finished"] if f["id"] in mine]
+        assert sorted(f["id"] for f in finishes) == mine and all(f["reason"] == "length" for f in finishes)
+    assert sum(1 for v in first_hit.values() if v) >= 3  # the system prompt's 2 blocks, found by later requests
+
+
+def test_trace_is_per_generate_call(traced, tiny_folder):
+    llm, _, _ = traced
+    from minillm import SamplingParams
+    out = llm.generate({"prompt_token_ids": [1, 2, 3]}, SamplingParams(max_tokens=2, ignore_eos=True), use_tqdm=False)
+    trace = llm.last_trace
+    timeline.check_trace(trace)
+    assert [r["id"] for r in trace["requests"]] == [out[0].request_id] and len(trace["steps"]) == 3  # prefill, decode, land
+
+
+def test_no_trace_touches_nothing(tiny_folder, monkeypatch):
+    from minillm import LLM, SamplingParams
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a Recorder was made with trace off")
+
+    monkeypatch.setattr(timeline, "Recorder", refuse)
+    llm = LLM(tiny_folder, block_size=4, num_gpu_blocks_override=20)
+    engine = llm.llm_engine
+    assert engine.trace is None and engine.block_manager.events is None and engine.scheduler.events is None
+    llm.generate({"prompt_token_ids": [1, 2, 3]}, SamplingParams(max_tokens=2), use_tqdm=False)
+    assert llm.last_trace is None
+
+
+def test_cli_writes_the_trace(tmp_path, capsys, monkeypatch):
+    import minillm
+    root, page, written = os.path.dirname(os.path.dirname(os.path.abspath(__file__))), tmp_path / "trace.html", []
+    write = timeline.write_trace
+    monkeypatch.setattr(timeline, "write_trace", lambda trace, path: (written.append(trace), write(trace, path)))
+    assert minillm.main(["--prompts", os.path.join(root, "examples", "prompts.txt"), "--max-tokens", "4",
+                         "--device", "cpu", "--trace", str(page)]) == 0
+    text, (trace,) = page.read_text(), written
+    assert text.startswith("<!doctype html>") and text.count('class="request-row"') == 4
+    assert f"wrote the trace of {len(trace['steps'])} engine steps" in capsys.readouterr().err
+    assert trace["steps"][0]["num_batched_tokens"] == sum(r["prompt_tokens"] for r in trace["requests"])
+    assert all(r["output_tokens"] <= 4 and r["finish_reason"] for r in trace["requests"])
+
+
+def test_cli_checks_the_trace_path_before_loading(tmp_path, capsys, monkeypatch):
+    import minillm
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("hi\n")
+    monkeypatch.setattr(minillm, "LLM", lambda *a, **k: pytest.fail("the model was loaded"))
+    for path, message in ((tmp_path / "t.txt", "must end in .html"), (tmp_path / "no" / "t.html", "No such file")):
+        assert minillm.main(["--prompts", str(prompts), "--trace", str(path)]) == 1
+        assert message in capsys.readouterr().err
