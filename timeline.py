@@ -164,7 +164,7 @@ class Recorder:
         self.rows = {seq: (rid, 0) for seq, (rid, _) in self.rows.items() if seq.finish_reason is None}
         self.live, self.steps = list(self.rows), []
         self.events = {key: [] for key in STEP_LISTS if key != "finished"}
-        self.batch, self.blocks = [], {}
+        self.batch, self.blocks, self.own_time = [], {}, 0.0
 
     def add(self, seqs: list) -> None:
         for seq in seqs:
@@ -173,8 +173,8 @@ class Recorder:
             self.live.append(seq)
 
     def note(self, kind: str, item) -> None:
-        """A block event (kind "allocated", "freed", "evicted" or "shared", item a block id) or "preempted"
-        (item a sequence)."""
+        """A block event (kind "allocated", "freed", "evicted" or "shared", item a block id), or "preempted" or
+        "resumed" (item a sequence)."""
         self.events[kind].append(item if isinstance(item, int) else self.rows[item][0])
 
     def admitted(self, seq, num_cached_tokens: int) -> None:
@@ -185,8 +185,9 @@ class Recorder:
             self.note("resumed", seq)
 
     def scheduled(self, batch: list) -> None:
-        """The batch [(sequence, new tokens)] before the forward pass moves num_computed_tokens, and the cache."""
-        self.batch = []
+        """The batch [(sequence, new tokens)] before the forward pass moves num_computed_tokens, and the cache:
+        one pass over every block (some ms per 100k blocks, left out of the step's wall time)."""
+        began, self.batch = time.perf_counter(), []
         for seq, n in batch:
             start = seq.num_computed_tokens
             decode = n == 1 and start == seq.num_tokens - 1 and start >= len(seq.prompt_token_ids)
@@ -195,12 +196,14 @@ class Recorder:
         self.blocks = dict(free=sum(b.ref_count == 0 and b.hash is None for b in blocks),
                            cached_free=sum(b.ref_count == 0 and b.hash is not None for b in blocks),
                            owned=sum(b.ref_count == 1 for b in blocks), shared=sum(b.ref_count > 1 for b in blocks))
+        self.own_time = time.perf_counter() - began
 
     def end_step(self, started: float) -> None:
         """Close the step that began at time.perf_counter() `started`; the sequences that got a finish reason in it."""
+        wall_ms = 1e3 * (time.perf_counter() - started - self.own_time)
         finished = [dict(id=self.rows[s][0], reason=s.finish_reason) for s in self.live if s.finish_reason is not None]
         self.live = [s for s in self.live if s.finish_reason is None]
-        self.steps.append(dict(step=len(self.steps), wall_ms=1e3 * (time.perf_counter() - started), scheduled=self.batch,
+        self.steps.append(dict(step=len(self.steps), wall_ms=wall_ms, scheduled=self.batch,
                                num_batched_tokens=sum(e["num_tokens"] for e in self.batch), num_seqs=len(self.batch),
                                **self.events, finished=finished, blocks=self.blocks))
         self.events = {key: [] for key in self.events}
@@ -331,9 +334,10 @@ def _kv_svg(trace: dict, step_w: float) -> str:
         events = ", ".join(f"{k} {s[k]}" for k in ("allocated", "freed", "evicted", "shared") if s[k])
         tip = f"step {s['step']}: " + ", ".join(f"{k.replace('_', ' ')} {b[k]}" for k in BLOCK_KINDS)
         tip += f"\nblocks {events}" if events else ""
-        for kind in BLOCK_KINDS:  # stacked bottom-up
+        x0, x1 = round(LABEL_W + s["step"] * step_w), round(LABEL_W + (s["step"] + 1) * step_w)  # whole pixels:
+        for kind in BLOCK_KINDS:  # stacked bottom-up                      # no seams between crisp columns
             h = KV_H * b[kind] / nb
-            out.append(_rect(LABEL_W + s["step"] * step_w, y - h, step_w, h, COLORS[kind], tip, ' shape-rendering="crispEdges"'))
+            out.append(_rect(x0, y - h, x1 - x0, h, COLORS[kind], tip, ' shape-rendering="crispEdges"'))
             y -= h
     out.append(f'<rect x="{LABEL_W}" y="0.5" width="{n * step_w}" height="{KV_H - 0.5}" fill="none" stroke="#c9cfd8"/>')
     return "".join(out) + "</svg>"
@@ -397,6 +401,11 @@ HATCH = (f'<svg width="0" height="0" style="position:absolute"><defs><pattern id
          f'<line x1="0" y1="0" x2="0" y2="6" stroke="{COLORS["preempted"]}" stroke-width="2.5"/></pattern></defs></svg>')
 
 
+def _peak(trace: dict) -> str:  # said in words: on a big cache the strip can't show a few held blocks
+    held = [s["blocks"]["owned"] + s["blocks"]["shared"] for s in trace["steps"]]
+    return f"; at most {max(held)} of the {trace['num_blocks']} held at once (step {held.index(max(held))})" if held else ""
+
+
 def render_html(trace: dict) -> str:
     """The whole page for `trace` (checked first), as one HTML string with inline SVG and CSS."""
     check_trace(trace)
@@ -410,6 +419,6 @@ def render_html(trace: dict) -> str:
         f"<style>{STYLE}</style></head><body>", HATCH, f"<h1>minillm engine trace</h1><p>{head}</p>",
         "<h2>Requests</h2><p>One column per engine step (one forward pass over the whole batch), one row per request. "
         "Hover any mark for details.</p>", _legend(TIMELINE_LEGEND), _timeline_svg(trace, step_w),
-        "<h2>KV cache blocks</h2><p>Every block of the cache in each step, by owner.</p>", _legend(KV_LEGEND),
+        f"<h2>KV cache blocks</h2><p>Every block of the cache in each step, by owner{_peak(trace)}.</p>", _legend(KV_LEGEND),
         _kv_svg(trace, step_w), "<h2>Batch budgets</h2><p>How full each step's batch was, and how long it took.</p>",
         _legend(BUDGET_LEGEND), _budget_svg(trace, step_w), "</body></html>\n"])
