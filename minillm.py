@@ -68,6 +68,7 @@ def cli_parser() -> argparse.ArgumentParser:
     ap.add_argument("--output", default=None, help="write one JSON object per prompt here (prompt, text, token_ids, finish_reason)")
     ap.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda when available)")
     ap.add_argument("--lora", default=None, metavar="PATH", help="a PEFT LoRA adapter folder applied to every prompt")
+    ap.add_argument("--trace", default=None, metavar="PATH", help="write what each engine step did: .html (a picture) or .json")
     return ap
 
 
@@ -82,6 +83,7 @@ from tqdm import tqdm
 
 import lora
 import paged_attention as pa
+import timeline
 from compat import (BatchEncoding, EngineArgs, FlexibleArgumentParser, HFTokenizerAPI, cut_after_final_message,  # noqa: F401
                     default_sampling_params, resolve_model, text_content)
 from lora import LoRARequest
@@ -874,6 +876,7 @@ class BlockManager:
         self.free_block_ids: dict[int, None] = dict.fromkeys(range(num_blocks))  # an ordered set
         self.cached: dict[bytes, int] = {}
         self.uncommitted: list[tuple[bytes, int]] = []  # cached this step, before the step wrote their K/V
+        self.events: Optional[timeline.Recorder] = None  # while tracing (LLM(trace=True)): told of every block event
 
     def num_free_blocks(self) -> int:
         return len(self.free_block_ids)
@@ -917,6 +920,8 @@ class BlockManager:
         num_new_tokens tokens."""
         for block_id in cached:
             block = self.blocks[block_id]
+            if self.events is not None:
+                self.events.note("shared" if block.ref_count else "allocated", block_id)
             if block.ref_count == 0:
                 del self.free_block_ids[block_id]
             block.ref_count += 1
@@ -927,9 +932,13 @@ class BlockManager:
             block_id = next(iter(self.free_block_ids))  # the least recently freed
             del self.free_block_ids[block_id]
             block = self.blocks[block_id]
+            if self.events is not None:
+                self.events.note("allocated", block_id)
             if block.hash is not None:  # evict its old contents from the cache
                 del self.cached[block.hash]
                 block.hash = None
+                if self.events is not None:
+                    self.events.note("evicted", block_id)
             block.ref_count = 1
             seq.block_table.append(block_id)
         # Cache the blocks this step fills (once their tokens are known: a block ending in a PENDING token
@@ -971,6 +980,8 @@ class BlockManager:
             block.ref_count -= 1
             if block.ref_count == 0:
                 self.free_block_ids[block_id] = None
+                if self.events is not None:
+                    self.events.note("freed", block_id)
         seq.block_table, seq.num_hashed_blocks = [], 0
 
 
@@ -1141,6 +1152,7 @@ class Scheduler:
         self.waiting: list[Sequence] = []
         self.running: list[Sequence] = []
         self.num_preemptions = 0  # a running count, for tests and curious readers
+        self.events: Optional[timeline.Recorder] = None  # while tracing: told of admissions and preemptions
 
     def add(self, seq: Sequence) -> None:
         insert_sorted(self.waiting, seq)
@@ -1201,6 +1213,8 @@ class Scheduler:
             if seq.lora_request:
                 loras.add(seq.lora_request.lora_int_id)
             self.block_manager.allocate(seq, n, cached)
+            if self.events is not None:
+                self.events.admitted(seq, seq.num_computed_tokens)
             if seq.num_cached_tokens is None:
                 seq.num_cached_tokens = seq.num_computed_tokens
             seq.status = SequenceStatus.RUNNING
@@ -1210,6 +1224,8 @@ class Scheduler:
 
     def preempt(self, seq: Sequence) -> None:
         """Recompute-style preemption: drop the sequence's K/V; it will prefill prompt + output again."""
+        if self.events is not None:
+            self.events.note("preempted", seq)
         self.running.remove(seq)
         self.block_manager.free(seq)
         self.num_preemptions += 1
@@ -1513,7 +1529,7 @@ class LLMEngine:
                  max_num_batched_tokens: int = 8192, block_size: int = 16, gpu_memory_utilization: float = 0.9,
                  num_gpu_blocks_override: Optional[int] = None, scheduling_policy: str = "fcfs",
                  enforce_eager: bool = False, enable_prefix_caching: bool = True, enable_lora: bool = False,
-                 max_loras: int = 4, max_lora_rank: int = 64):
+                 max_loras: int = 4, max_lora_rank: int = 64, trace: bool = False):
         if scheduling_policy not in ("fcfs", "priority"):
             raise ValueError(f"scheduling_policy must be 'fcfs' or 'priority', got {scheduling_policy!r}")
         if block_size < 1 or block_size & (block_size - 1):
@@ -1539,6 +1555,8 @@ class LLMEngine:
         self.block_manager = BlockManager(self.runner.num_blocks, block_size, enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, max_num_seqs, max_num_batched_tokens, max_loras if enable_lora else 0)
         self.scheduling_policy = scheduling_policy
+        self.trace = timeline.Recorder(self, model_path) if trace else None  # what each step did (timeline.py)
+        self.block_manager.events = self.scheduler.events = self.trace
         self.requests: dict[str, list[Sequence]] = {}  # the unfinished requests, each its n sequences
         self.streaming: set[str] = set()  # requests whose output is wanted after every step, not only at the end
         self.next_seq_id = 0
@@ -1598,6 +1616,8 @@ class LLMEngine:
                                  self.max_seq_len, generator, lora_request))
             self.next_seq_id += 1
         self.requests[request_id] = seqs
+        if self.trace is not None:
+            self.trace.add(seqs)
         for seq in seqs:
             self.scheduler.add(seq)
 
@@ -1624,11 +1644,16 @@ class LLMEngine:
           5. land the previous step's tokens, read back while step 3 ran: detokenize, check stops
           6. outputs: the requests that finished (and streaming requests that gained a token)
         An exception anywhere leaves every request queued and consistent (see recover)."""
+        started = time.perf_counter()
         try:
             batch = self.scheduler.schedule()                              # 1
+            if self.trace is not None:
+                self.trace.scheduled(batch)
             launched = self.launch(batch) if batch else None              # 2, 3, 4
             previous, self.in_flight = self.in_flight, launched
             progressed = self.land(*previous) if previous else {}         # 5
+            if self.trace is not None:
+                self.trace.end_step(started)
             outputs = self.collect_outputs(progressed)                    # 6
             if not self.requests:
                 self.in_flight = None  # tokens sampled past the end of finished sequences: nobody needs them
@@ -1814,6 +1839,7 @@ class LLM:
 
     def __init__(self, model: Optional[str] = None, **engine_args):
         self.llm_engine = LLMEngine(model, **engine_args)
+        self.last_trace: Optional[dict] = None  # with trace=True: what the last generate call did, step by step
 
     def get_tokenizer(self) -> "Tokenizer":
         return self.llm_engine.tokenizer
@@ -1824,6 +1850,8 @@ class LLM:
         every input is checked before the first request is queued, and an exception of any kind (Ctrl-C
         included) aborts this call's requests, leaving the engine as a fresh one."""
         engine, requests = self.llm_engine, self.check_batch(prompts, sampling_params, lora_request, priority)
+        if engine.trace is not None:
+            engine.trace.clear()
         ids = []
         try:
             for request in requests:
@@ -1833,6 +1861,7 @@ class LLM:
         except BaseException:
             engine.recover(abort=ids)
             raise
+        self.last_trace = None if engine.trace is None else engine.trace.trace()
         return [outputs[i] for i in ids]
 
     def check_batch(self, prompts, sampling_params, lora_request, priority) -> list[tuple]:
@@ -1967,18 +1996,23 @@ def main(args=None) -> int:
         params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
                                 max_tokens=args.max_tokens)
         check_device(args.device)
-        if args.output:
-            check_writable(args.output)
+        if args.trace:
+            timeline.check_path(args.trace)
+        for path in filter(None, (args.output, args.trace)):
+            check_writable(path)
         adapter, lora_kwargs = None, {}
         if args.lora:  # one adapter for every prompt: one slot, of exactly its rank
             adapter = LoRARequest(os.path.basename(os.path.normpath(args.lora)), 1, args.lora)
             lora_kwargs = dict(enable_lora=True, max_loras=1, max_lora_rank=lora.read_adapter_config(adapter)["r"])
-        llm = LLM(args.model, device=args.device, **lora_kwargs)
+        llm = LLM(args.model, device=args.device, trace=bool(args.trace), **lora_kwargs)
         if args.chat:
             outputs = llm.chat([[{"role": "user", "content": p}] for p in prompts], params, lora_request=adapter)
         else:
             outputs = llm.generate(prompts, params, lora_request=adapter)
         write_outputs(args.output, prompts, outputs)
+        if args.trace:
+            timeline.write_trace(llm.last_trace, args.trace)
+            print(f"wrote the trace of {len(llm.last_trace['steps'])} engine steps to {args.trace}", file=sys.stderr)
     except KeyboardInterrupt:
         print("minillm: interrupted", file=sys.stderr)
         return 130
