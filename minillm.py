@@ -945,7 +945,7 @@ class BlockManager:
         # waits for a later step). Each layer writes the whole step's K/V before any attention reads it,
         # so a sequence scheduled later in this same step can already share them; until the step has run
         # they are `uncommitted`, and dropped again if it fails.
-        if self.enable_prefix_caching:
+        if self.enable_prefix_caching and (seq.num_computed_tokens + num_new_tokens) // self.block_size > seq.num_hashed_blocks:
             hashes = self.block_hashes(seq, seq.num_computed_tokens + num_new_tokens)
             for j in range(seq.num_hashed_blocks, len(hashes)):
                 if hashes[j] not in self.cached:  # else an equal block is cached already; this one isn't shared
@@ -1313,6 +1313,8 @@ class ModelRunner:
         self.device, self.dtype = model.embed_tokens.weight.device, model.embed_tokens.weight.dtype
         self.block_size, self.max_num_seqs, self.max_model_len = block_size, max_num_seqs, max_model_len
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
+        if self.device.type == "cuda":
+            self.warm_up()
         if num_gpu_blocks_override is not None:
             self.num_blocks = num_gpu_blocks_override
         elif self.device.type == "cuda":
@@ -1325,6 +1327,20 @@ class ModelRunner:
         self.max_seq_len = min(max_model_len, self.num_blocks * block_size)  # no sequence outgrows the cache
         self.last_sampled = None  # the last step's tokens (B,), on the device: the next step's PENDING inputs
         self.graphs = {} if enforce_eager or self.device.type != "cuda" else self.capture_cuda_graphs()
+
+    @torch.inference_mode()
+    def warm_up(self) -> None:
+        """Compile the torch.compile'd ops now, not inside the first generate. First with sizes that equal no other
+        dimension: torch.compile assumes two sizes that match at its first call always match (8192 tokens and an
+        MLP of 8192, 32 heads and 32 rotary pairs), and recompiles when they don't. Then with one token or one row,
+        a size it always compiles apart."""
+        C, D, V, eps = self.cfg.hidden_size, self.cfg.head_dim, self.cfg.vocab_size, self.cfg.rms_norm_eps
+        like = lambda *shape, dtype=self.dtype: torch.ones(*shape, dtype=dtype, device=self.device)
+        for n in (3, 1):
+            fused(rms_norm)(like(n, C), like(C), eps)
+            fused(apply_rope)(like(n, 5, D), like(n, D // 2, dtype=torch.float32), like(n, D // 2, dtype=torch.float32))
+            fused(silu_and_mul)(like(n, 7), like(n, 7))
+            fused(gumbel_argmax)(like(n, V, dtype=torch.float32), like(n, dtype=torch.float32), like(n, V, dtype=torch.float32))
 
     @torch.inference_mode()
     def profile_num_blocks(self, gpu_memory_utilization: float, max_num_batched_tokens: int) -> int:

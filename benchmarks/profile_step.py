@@ -44,15 +44,18 @@ def main():
         engine.step()
     torch.cuda.synchronize()
     wall = (time.perf_counter() - t) / n
-    # host time in the scheduler and in the per-token bookkeeping (detokenize, stop checks)
-    spent = {"schedule": 0.0, "process_token": 0.0}
-    for obj, name in ((engine.scheduler, "schedule"), (engine, "process_token")):
+    # host time in each part of a step (the GPU runs meanwhile, except while SampledTokens.get waits for it)
+    parts = [(engine.scheduler, "schedule"), (engine, "prepare_step"), (engine.runner, "prepare"),
+             (engine.runner, "run_model"), (engine.runner, "sample"), (minillm.SampledTokens, "get"),
+             (engine, "process_token"), (engine, "collect_outputs")]
+    spent = {name: 0.0 for _, name in parts}
+    for obj, name in parts:
         def timed(*a, _f=getattr(obj, name), _n=name):
             t0 = time.perf_counter()
             r = _f(*a)
             spent[_n] += time.perf_counter() - t0
             return r
-        setattr(obj, name, timed)
+        setattr(obj, name, timed if not isinstance(obj, type) else (lambda self, _t=timed: _t(self)))
     for _ in range(n):
         engine.step()
     host = {k: v / n for k, v in spent.items()}
@@ -66,7 +69,7 @@ def main():
           f"context ~{args.prompt_len + 20}  cuda graphs: {not args.enforce_eager}")
     print(f"decode step: wall {wall * 1e3:.2f} ms, GPU kernels {gpu * 1e3:.2f} ms ({100 * gpu / wall:.0f}% of the step), "
           f"{args.batch / wall:.0f} tokens/s")
-    print("host: " + ", ".join(f"{k} {v * 1e3:.2f} ms" for k, v in host.items()) + " per step")
+    print("host, per step: " + ", ".join(f"{k} {v * 1e3:.2f} ms" for k, v in host.items()) + " (get: waiting for the GPU)")
     print(f"{'kernel':<70} {'us/step':>8} {'calls/step':>10}")
     for e in sorted(kernels, key=lambda e: -e.self_device_time_total)[:14]:
         print(f"{e.key[:70]:<70} {e.self_device_time_total / n:>8.0f} {e.count / n:>10.1f}")
