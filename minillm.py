@@ -42,13 +42,16 @@ import importlib.util
 import itertools
 import json
 import math
+import mmap
 import os
+import struct
 import sys
 import time
 from dataclasses import dataclass, replace
 from enum import Enum
 from typing import Any, Callable, Optional
 
+import numpy as np
 import tiktoken
 import torch
 import torch.nn as nn
@@ -252,19 +255,86 @@ GGUF_NAMES = {"token_embd": "embed_tokens", "output_norm": "norm", "output": "lm
               "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"}
 
 
+class GGUFFile:
+    """What minillm reads of a llama.cpp GGUF file: its key/value metadata and its tensors' bytes, memory-mapped.
+
+    The layout (little-endian; strings are a u64 length and UTF-8 bytes):
+        "GGUF", u32 version, u64 tensor count, u64 key/value count
+        key/values:    string key, u32 value type, the value (an array: u32 item type, u64 count, the items)
+        tensor infos:  string name, u32 n_dims, u64 dims[n_dims] (fastest-varying first), u32 ggml type, u64 offset
+        tensor data:   from the next multiple of general.alignment (32 by default), each at its offset
+    The gguf package's reader wraps every field in numpy views, seconds for a vocabulary of 50k tokens and as
+    many merges; this reads the values straight into Python objects."""
+
+    SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+    STRING, ARRAY = 8, 9
+
+    def __init__(self, path: str):
+        import gguf
+        with open(path, "rb") as f:
+            self.buf, self.pos = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ), 0
+        magic, version, n_tensors, n_kv = self.unpack("<4sIQQ")
+        if magic != b"GGUF" or version < 2:
+            raise ValueError(f"{path}: not a GGUF file of version 2 or later (magic {magic!r}, version {version})")
+        self.fields = {self.string(): self.value(self.unpack("<I")[0]) for _ in range(n_kv)}
+        infos = [(self.string(), self.unpack(f"<{self.unpack('<I')[0]}Q"), *self.unpack("<IQ")) for _ in range(n_tensors)]
+        align = self.fields.get("general.alignment", 32)
+        start = -(-self.pos // align) * align
+        self.tensors = []  # (name, ggml type, raw bytes shaped (rows..., bytes per row)) in file order
+        for name, dims, kind, offset in infos:
+            kind = gguf.GGMLQuantizationType(kind)
+            block, block_bytes = gguf.GGML_QUANT_SIZES[kind]  # elements per block, bytes per block
+            shape = (*reversed(dims[1:]), dims[0] // block * block_bytes)
+            data = np.frombuffer(self.buf, np.uint8, math.prod(shape), start + offset).reshape(shape)
+            self.tensors.append((name, kind, data))
+
+    def unpack(self, fmt: str) -> tuple:
+        values = struct.unpack_from(fmt, self.buf, self.pos)
+        self.pos += struct.calcsize(fmt)
+        return values
+
+    def string(self) -> str:
+        (n,) = self.unpack("<Q")
+        self.pos += n
+        return self.buf[self.pos - n: self.pos].decode("utf-8")
+
+    def strings(self, count: int) -> list[str]:  # string() `count` times, in one tight loop (vocabularies)
+        out, buf, pos, u64 = [], self.buf, self.pos, struct.Struct("<Q")
+        for _ in range(count):
+            (n,) = u64.unpack_from(buf, pos)
+            out.append(buf[pos + 8: pos + 8 + n].decode("utf-8"))
+            pos += 8 + n
+        self.pos = pos
+        return out
+
+    def value(self, kind: int):
+        if kind == self.STRING:
+            return self.string()
+        if kind != self.ARRAY:
+            return self.unpack(self.SCALARS[kind])[0]
+        item, count = self.unpack("<IQ")
+        if item == self.STRING:
+            return self.strings(count)
+        if item == self.ARRAY:
+            return [self.value(item) for _ in range(count)]
+        items = np.frombuffer(self.buf, self.SCALARS[item], count, self.pos)  # numbers: one read for all
+        self.pos += items.nbytes
+        return items.tolist()
+
+
 def load_gguf_checkpoint(path: str, device, dtype) -> tuple[ModelConfig, dict, "Tokenizer"]:
     """A llama.cpp GGUF file -> (config, weights, tokenizer). Quantized tensors are dequantized to float."""
     import gguf
-    reader = gguf.GGUFReader(path)
-    meta = lambda key, default=None: reader.fields[key].contents() if key in reader.fields else default
+    file = GGUFFile(path)
+    meta = file.fields.get
     if meta("general.architecture") != "llama":
         raise ValueError(f"{path}: only the llama architecture is supported, got {meta('general.architecture')!r}")
     n_heads, n_kv = meta("llama.attention.head_count"), meta("llama.attention.head_count_kv")
-    tokenizer = tokenizer_from_gguf(reader)
-    names = {t.name for t in reader.tensors}
+    tokenizer = tokenizer_from_gguf(file.fields)
+    names = {name for name, _, _ in file.tensors}
     rope_type = meta("llama.rope.scaling.type", "none")
     cfg = ModelConfig(
-        vocab_size=len(reader.fields["tokenizer.ggml.tokens"].data), hidden_size=meta("llama.embedding_length"),
+        vocab_size=len(meta("tokenizer.ggml.tokens")), hidden_size=meta("llama.embedding_length"),
         intermediate_size=meta("llama.feed_forward_length"), num_layers=meta("llama.block_count"),
         num_heads=n_heads, num_kv_heads=n_kv or n_heads, head_dim=meta("llama.attention.key_length", 0),
         rms_norm_eps=meta("llama.attention.layer_norm_rms_epsilon", 1e-5), rope_theta=meta("llama.rope.freq_base", 10000.0),
@@ -273,12 +343,12 @@ def load_gguf_checkpoint(path: str, device, dtype) -> tuple[ModelConfig, dict, "
         eos_token_ids=tuple(sorted(tokenizer.eos_ids)),
     )
     weights = {}
-    for t in reader.tensors:
-        w = torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type).copy())  # (out, in) like HF
-        if t.name == "rope_freqs.weight":  # Llama 3.1 scaling, stored as per-frequency divisors
+    for tensor_name, kind, data in file.tensors:
+        w = torch.from_numpy(gguf.quants.dequantize(data, kind).copy())  # (out, in) like HF
+        if tensor_name == "rope_freqs.weight":  # Llama 3.1 scaling, stored as per-frequency divisors
             cfg.rope_freq_factors = w.tolist()
             continue
-        parts = t.name.removesuffix(".weight").split(".")
+        parts = tensor_name.removesuffix(".weight").split(".")
         if parts[0] == "blk":  # blk.{i}.attn_q -> layers.{i}.self_attn.q_proj
             name = f"layers.{parts[1]}.{GGUF_NAMES[parts[2]]}.weight"
             # llama.cpp interleaves the two rotary halves of each head's Q/K rows; undo it so the
@@ -507,10 +577,10 @@ def _apply_tokenizer_config(tok: Tokenizer, cfg: dict):
     tok.chat_template = template or tok.chat_template
 
 
-def tokenizer_from_gguf(reader) -> Tokenizer:
-    """The vocabulary in a GGUF file (a gguf.GGUFReader: the model loader has it open already)."""
+def tokenizer_from_gguf(fields: dict) -> Tokenizer:
+    """The vocabulary in a GGUF file's metadata (GGUFFile.fields: the model loader has them read already)."""
     import gguf
-    get = lambda key, default=None: reader.fields[key].contents() if key in reader.fields else default
+    get = fields.get
     kind, pre = get("tokenizer.ggml.model"), get("tokenizer.ggml.pre")
     if kind != "gpt2":
         raise ValueError(f"GGUF tokenizer.ggml.model {kind!r} is not supported ('llama' is SentencePiece); {SUPPORTED}")
@@ -548,8 +618,7 @@ def load_tokenizer(path: str) -> Tokenizer:
     with open(path, "rb") as f:
         magic = f.read(4)
     if magic == b"GGUF":
-        import gguf
-        return tokenizer_from_gguf(gguf.GGUFReader(path))
+        return tokenizer_from_gguf(GGUFFile(path).fields)
     tok = _from_hf_json(path) if magic.lstrip()[:1] == b"{" else _from_tiktoken_model(path)
     if os.path.exists(cfg := os.path.join(folder, "tokenizer_config.json")):
         with open(cfg, encoding="utf-8") as f:
@@ -660,8 +729,8 @@ class Attention(nn.Module):
         q, k, v = q.view(N, self.H, self.D), k.view(N, self.KVH, self.D), v.view(N, self.KVH, self.D)
         rope = fused(apply_rope) if x.is_cuda else apply_rope
         q, k = rope(q, cos, sin), rope(k, cos, sin)
-        # The Triton kernels on the GPU; on the CPU the plain-PyTorch reference (same contract).
-        write_kv, attend = (pa.write_kv_cache, pa.paged_attention) if x.is_cuda else (pa.write_kv_cache_ref, pa.paged_attention_ref)
+        # The Triton kernels on the GPU; on the CPU the batched PyTorch version (same contract).
+        write_kv, attend = (pa.write_kv_cache, pa.paged_attention) if x.is_cuda else (pa.write_kv_cache_ref, pa.paged_attention_cpu)
         write_kv(k, v, k_cache, v_cache, meta.slot_mapping)  # the new tokens' K/V into their slots
         o = attend(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc,
                    self.D ** -0.5, meta.max_query_len, meta.max_seq_len)  # (N, H, D)
@@ -700,7 +769,9 @@ class Llama(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        # Given a weight, Embedding skips its random init, which even on the meta device (load_model) costs
+        # seconds: normal_ there runs a Python decomposition. The checkpoint's weights replace it anyway.
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, _weight=torch.empty(cfg.vocab_size, cfg.hidden_size))
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
@@ -756,6 +827,43 @@ def resolve_dtype(dtype, checkpoint_dtype, device) -> torch.dtype:
     if dtype not in names:
         raise ValueError(f"dtype must be 'auto' or one of {sorted(names)}, got {dtype!r}")
     return names[dtype]
+
+
+def choose_cpu_threads(probe_s: float = 0.05) -> int:
+    """The number of threads torch should use on the CPU, for torch.set_num_threads.
+
+    A choice made by hand wins: MINILLM_NUM_THREADS; else OMP_NUM_THREADS (torch has read it) or a
+    torch.set_num_threads() made before: torch's current count. Otherwise that count is lowered to the
+    cores that are free now. Torch's threads wait for each other at every op, so one of them on a core
+    another process keeps busy stalls them all: beside one busy process, 2 threads on 2 cores ran
+    10x slower than 1. A core counts as free when it was at least 75% idle for `probe_s` seconds."""
+    if os.environ.get("MINILLM_NUM_THREADS"):
+        value = os.environ["MINILLM_NUM_THREADS"]
+        if not value.isdigit() or int(value) < 1:
+            raise ValueError(f"MINILLM_NUM_THREADS must be a positive integer, got {value!r}")
+        return int(value)
+    if os.environ.get("OMP_NUM_THREADS"):
+        return torch.get_num_threads()
+    return max(1, min(torch.get_num_threads(), int(idle_cpus(probe_s) + 0.25)))
+
+
+def idle_cpus(probe_s: float) -> float:
+    """How many of this process's CPUs were idle over the next probe_s seconds (from Linux's /proc/stat);
+    where there is none, the CPUs less the 1-minute load average."""
+    cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else range(os.cpu_count() or 1)
+    if not os.path.exists("/proc/stat"):
+        return len(cpus) - os.getloadavg()[0]
+
+    def idle_and_total() -> tuple[int, int]:  # clock ticks summed over our CPUs: (idle + iowait, all)
+        idle = total = 0
+        for line in open("/proc/stat"):
+            name, *ticks = line.split()
+            if name.startswith("cpu") and name[3:].isdigit() and int(name[3:]) in cpus:
+                ticks = [int(t) for t in ticks[:8]]  # user nice system idle iowait irq softirq steal
+                idle, total = idle + ticks[3] + ticks[4], total + sum(ticks)
+        return idle, total
+    (idle0, total0), _, (idle1, total1) = idle_and_total(), time.sleep(probe_s), idle_and_total()
+    return len(cpus) * (idle1 - idle0) / max(total1 - total0, 1)
 
 
 # ----------------------------------------------------------------------------------------------

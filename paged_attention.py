@@ -51,6 +51,7 @@ import functools
 import math
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -96,6 +97,69 @@ def paged_attention_ref(q, k_cache, v_cache, block_tables, seq_lens, query_start
         probs = scores.softmax(dim=-1)  # (H, q_len, seq_len)
         out[start:end] = torch.einsum("hqk,khd->qhd", probs, v).to(out.dtype)
     return out
+
+
+# ----------------------------------------------------------------------------
+# the CPU path: sequences batched into scaled_dot_product_attention calls
+# ----------------------------------------------------------------------------
+# The reference above loops over the sequences in Python: a dozen small ops per
+# sequence per layer, which on a CPU cost more than the arithmetic. Here a group of
+# sequences is attended at once: their keys and values gathered into padded
+# (b, KVH, L, D) tensors (L = the group's longest sequence), their queries into
+# (b, KVH, GROUP * Q, D) (Q = its longest run of new tokens), a mask that keeps each
+# query to its own sequence's positions 0..its own, and one SDPA call. Grouped-query
+# attention costs no copy: the GROUP query heads that share a KV head are rows of one
+# attention over that head. Decoding sequences (one query each) and prefilling ones
+# are two groups, so a prefill chunk in the batch does not pad every decode to its length.
+
+def paged_attention_cpu(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc,
+                        scale, max_query_len, max_seq_len, out=None):
+    """paged_attention_ref's contract, in at most two SDPA calls."""
+    out = torch.empty_like(q) if out is None else out
+    q_lens = query_start_loc.diff()                                                     # (B,)
+    if max_query_len == 1:  # a pure decode step, the common case: one group, already in order
+        out.copy_(_attend_padded(q, k_cache, v_cache, block_tables, seq_lens, q_lens, scale))
+        return out
+    token_seq = torch.repeat_interleave(torch.arange(len(q_lens), device=q.device), q_lens, output_size=q.shape[0])
+    for in_group in (q_lens == 1, q_lens > 1):
+        seqs = in_group.nonzero()[:, 0]              # (b,) the group's sequences
+        tokens = in_group[token_seq].nonzero()[:, 0]  # (n,) their new tokens, in order
+        if len(seqs):
+            out[tokens] = _attend_padded(q[tokens], k_cache, v_cache, block_tables[seqs], seq_lens[seqs],
+                                         q_lens[seqs], scale)
+    return out
+
+
+def _attend_padded(q, k_cache, v_cache, block_tables, seq_lens, q_lens, scale):
+    """q (n, H, D): the new tokens of b sequences, packed -> (n, H, D). Positions past a
+    sequence's end read its last position rather than whatever its block table holds
+    there: masked-out keys must still be finite numbers, or 0 * NaN would spoil the sum."""
+    (n, H, D), (_, block_size, KVH, _), b = q.shape, k_cache.shape, seq_lens.shape[0]
+    G, Q, L = H // KVH, int(q_lens.max()), max(int(seq_lens.max()), 1)
+    arange = functools.partial(torch.arange, device=q.device)
+    seq_lens, q_lens = seq_lens.long(), q_lens.long()
+    # -- each new token's sequence and its row among that sequence's queries --
+    token_seq = torch.repeat_interleave(arange(b), q_lens, output_size=n)        # (n,)
+    token_row = arange(n) - (q_lens.cumsum(0) - q_lens)[token_seq]                # (n,)
+    # -- gather K/V of positions 0..L-1 through the block tables, clamped to each sequence --
+    pos = torch.minimum(arange(L)[None, :], (seq_lens[:, None] - 1).clamp(min=0))  # (b, L)
+    blocks = block_tables.long().gather(1, pos // block_size)                    # (b, L)
+    blocks = torch.where(seq_lens[:, None] > 0, blocks, 0)  # padding rows: any real block
+    slots = (blocks * block_size + pos % block_size).view(-1)                    # (b*L,)
+    gather = lambda cache: cache.view(-1, KVH * D).index_select(0, slots).view(b, L, KVH, D)
+    k, v = gather(k_cache).transpose(1, 2), gather(v_cache).transpose(1, 2)      # (b, KVH, L, D) each
+    # -- queries padded to Q rows per sequence; the GROUP heads of a KV head become rows --
+    q_pad = q.new_zeros(b, Q, KVH, G, D)
+    q_pad[token_seq, token_row] = q.view(n, KVH, G, D)
+    q_pad = q_pad.permute(0, 2, 3, 1, 4).reshape(b, KVH, G * Q, D)               # (b, KVH, G*Q, D)
+    # -- causal mask: query row r of a sequence sits at position seq_len - q_len + r --
+    q_pos = (seq_lens - q_lens)[:, None] + arange(Q)[None, :]                    # (b, Q)
+    mask = arange(L)[None, None, :] <= q_pos[:, :, None]                         # (b, Q, L)
+    mask = mask[:, None, None].expand(b, 1, G, Q, L).reshape(b, 1, G * Q, L)     # row g*Q + r: head g, query r
+    o = F.scaled_dot_product_attention(q_pad, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, scale=scale)
+    o = o.view(b, KVH, G, Q, D).permute(0, 3, 1, 2, 4)                           # (b, Q, KVH, G, D)
+    o = o[token_seq, token_row].reshape(n, H, D)                                 # (n, H, D)
+    return torch.where(seq_lens[token_seq, None, None] > 0, o, 0)  # padding rows get zeros
 
 
 # ----------------------------------------------------------------------------

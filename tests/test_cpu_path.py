@@ -1,0 +1,132 @@
+"""The CPU path: batched paged attention against the by-eye reference, the small GGUF reader against
+the gguf package's, and the thread count."""
+
+import gguf
+import numpy as np
+import pytest
+import torch
+
+import minillm
+import paged_attention as pa
+from test_paged_attention import MIXED, make_batch
+
+
+# -- paged_attention_cpu vs paged_attention_ref ------------------------------------------------
+
+@pytest.mark.parametrize("num_heads,num_kv_heads,head_dim,block_size", [
+    (4, 4, 64, 16),  # MHA
+    (9, 3, 64, 16),  # the default model's GQA 3
+    (8, 2, 80, 32),
+    (4, 1, 32, 4),   # MQA, small blocks: many per sequence
+])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_mixed_batch_matches_reference(num_heads, num_kv_heads, head_dim, block_size, dtype):
+    """Decodes, chunks with context, fresh prompts and a padding row, with garbage block-table entries
+    past each sequence: the two groups (decodes, the rest) of the batched path."""
+    batch = make_batch(**MIXED, num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
+                       block_size=block_size, dtype=dtype, seed=head_dim + block_size)
+    expected = pa.paged_attention_ref(**batch)
+    out = torch.full_like(batch["q"], float("nan"))
+    assert pa.paged_attention_cpu(**batch, out=out) is out
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    torch.testing.assert_close(out, expected, rtol=tol, atol=tol)
+    assert (out[-1] == 0).all()  # the padding row
+
+
+@pytest.mark.parametrize("context_lens", [[80] * 6, [0, 5, 31, 32, 33, 200], [3, None, 17, None, 1, 64]])
+def test_decode_batch_matches_reference(context_lens):
+    """A pure decode step (max_query_len 1: one group, no reordering), with and without padding rows."""
+    batch = make_batch([1] * 6, context_lens, num_heads=9, num_kv_heads=3, head_dim=64, block_size=16, seed=7)
+    torch.testing.assert_close(pa.paged_attention_cpu(**batch), pa.paged_attention_ref(**batch),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_unwritten_cache_slots_are_never_read():
+    """Slots past each sequence's end, in its own last block and everywhere else, hold NaN: a path that
+    let them into the sum (even masked: 0 * NaN) would return NaN."""
+    batch = make_batch([1, 9, 1, 23], [45, 30, 6, 0], num_heads=4, num_kv_heads=2, head_dim=32, block_size=16, seed=3)
+    expected = pa.paged_attention_ref(**batch)
+    for cache in (batch["k_cache"], batch["v_cache"]):
+        keep = torch.zeros(cache.shape[:2], dtype=torch.bool)
+        for b, seq_len in enumerate(batch["seq_lens"].tolist()):
+            for p in range(seq_len):
+                keep[batch["block_tables"][b, p // 16], p % 16] = True
+        cache[~keep] = float("nan")
+    out = pa.paged_attention_cpu(**batch)
+    assert not out.isnan().any()
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_upper_bounds_larger_than_the_truth_change_nothing():
+    batch = make_batch([3, 1], [5, 12], num_heads=2, num_kv_heads=1, head_dim=32, block_size=16)
+    expected = pa.paged_attention_ref(**batch)
+    out = pa.paged_attention_cpu(**{**batch, "max_query_len": 70, "max_seq_len": 500})
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+# -- GGUFFile vs the gguf package's reader -----------------------------------------------------
+
+def test_gguf_file_reads_what_the_gguf_package_reads(tmp_path):
+    path = str(tmp_path / "m.gguf")
+    w = gguf.GGUFWriter(path, "llama")
+    w.add_uint32("llama.block_count", 2)
+    w.add_float32("llama.rope.freq_base", 10000.5)
+    w.add_bool("tokenizer.ggml.add_bos_token", True)
+    w.add_string("tokenizer.chat_template", "{{ messages }} é")
+    w.add_array("tokenizer.ggml.tokens", ["a", "Ġb", "<|im_start|>", ""])
+    w.add_array("tokenizer.ggml.token_type", [1, 1, 3, 5])
+    w.add_array("tokenizer.ggml.scores", [0.5, -1.0, 0.0, 2.0])
+    rng = np.random.default_rng(0)
+    tensors = {"a.weight": rng.standard_normal((3, 5), dtype=np.float32),
+               "b.weight": rng.standard_normal((64, 32), dtype=np.float32).astype(np.float16),
+               "c.weight": rng.standard_normal((4, 64), dtype=np.float32)}
+    for name, t in tensors.items():
+        w.add_tensor(name, t)
+    q8 = gguf.quants.quantize(tensors["c.weight"], gguf.GGMLQuantizationType.Q8_0)
+    w.add_tensor("d.weight", q8, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+    ours, theirs = minillm.GGUFFile(path), gguf.GGUFReader(path)
+    assert ours.fields == {k: f.contents() for k, f in theirs.fields.items() if not k.startswith("GGUF.")}
+    assert ours.fields["tokenizer.ggml.tokens"] == ["a", "Ġb", "<|im_start|>", ""]
+    assert [(name, kind) for name, kind, _ in ours.tensors] == [(t.name, t.tensor_type) for t in theirs.tensors]
+    for (name, kind, data), t in zip(ours.tensors, theirs.tensors):
+        np.testing.assert_array_equal(gguf.quants.dequantize(data, kind), gguf.quants.dequantize(t.data, t.tensor_type))
+    np.testing.assert_array_equal(gguf.quants.dequantize(ours.tensors[0][2], ours.tensors[0][1]), tensors["a.weight"])
+
+
+def test_gguf_file_rejects_other_files(tmp_path):
+    path = tmp_path / "not.gguf"
+    path.write_bytes(b"GGML" + bytes(60))
+    with pytest.raises(ValueError, match="not.gguf: not a GGUF file"):
+        minillm.GGUFFile(str(path))
+
+
+# -- the thread count --------------------------------------------------------------------------
+
+def test_threads_chosen_by_hand_win(monkeypatch):
+    monkeypatch.setattr(minillm, "idle_cpus", lambda probe_s: 0.0)  # a fully busy machine
+    monkeypatch.setenv("MINILLM_NUM_THREADS", "3")
+    assert minillm.choose_cpu_threads() == 3
+    monkeypatch.setenv("MINILLM_NUM_THREADS", "zero")
+    with pytest.raises(ValueError, match="MINILLM_NUM_THREADS"):
+        minillm.choose_cpu_threads()
+    monkeypatch.delenv("MINILLM_NUM_THREADS")
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    assert minillm.choose_cpu_threads() == torch.get_num_threads()
+
+
+def test_threads_follow_the_free_cores(monkeypatch):
+    monkeypatch.delenv("MINILLM_NUM_THREADS", raising=False)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 4)  # torch's own count: the most we use
+    for idle, threads in [(8.0, 4), (4.0, 4), (3.0, 3), (2.8, 3), (2.7, 2), (0.5, 1), (0.0, 1)]:
+        monkeypatch.setattr(minillm, "idle_cpus", lambda probe_s: idle)
+        assert minillm.choose_cpu_threads() == threads, idle
+
+
+def test_idle_cpus_counts_cpus():
+    assert 0 <= minillm.idle_cpus(0.1) <= len(minillm.os.sched_getaffinity(0)) + 0.01
