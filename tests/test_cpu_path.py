@@ -130,3 +130,15 @@ def test_threads_follow_the_free_cores(monkeypatch):
 
 def test_idle_cpus_counts_cpus():
     assert 0 <= minillm.idle_cpus(0.1) <= len(minillm.os.sched_getaffinity(0)) + 0.01
+
+
+@pytest.mark.parametrize("kind", ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "F16", "F32"])
+def test_dequantize_matches_the_gguf_package_bit_for_bit(kind):
+    kind = gguf.GGMLQuantizationType[kind]
+    w = np.random.default_rng(1).standard_normal((6, 128), dtype=np.float32) * 3
+    raw = gguf.quants.quantize(w, kind) if kind != gguf.GGMLQuantizationType.F32 else w
+    raw = np.ascontiguousarray(raw).view(np.uint8)  # (rows, bytes per row), as GGUFFile gives it
+    expected = gguf.quants.dequantize(raw, kind)
+    got = minillm.dequantize(raw, kind)
+    assert got.dtype == torch.float32 and got.shape == (6, 128)
+    assert torch.equal(got, torch.from_numpy(expected))
