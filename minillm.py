@@ -750,7 +750,7 @@ class Attention(nn.Module):
         rope = fused(apply_rope) if x.is_cuda else apply_rope
         q, k = rope(q, cos, sin), rope(k, cos, sin)
         # The Triton kernels on the GPU; on the CPU the batched PyTorch version (same contract).
-        write_kv, attend = (pa.write_kv_cache, pa.paged_attention) if x.is_cuda else (pa.write_kv_cache_ref, pa.paged_attention_cpu)
+        write_kv, attend = (pa.write_kv_cache, pa.paged_attention) if x.is_cuda else (pa.write_kv_cache_cpu, pa.paged_attention_cpu)
         write_kv(k, v, k_cache, v_cache, meta.slot_mapping)  # the new tokens' K/V into their slots
         o = attend(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc,
                    self.D ** -0.5, meta.max_query_len, meta.max_seq_len)  # (N, H, D)

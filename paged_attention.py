@@ -112,6 +112,17 @@ def paged_attention_ref(q, k_cache, v_cache, block_tables, seq_lens, query_start
 # attention over that head. Decoding sequences (one query each) and prefilling ones
 # are two groups, so a prefill chunk in the batch does not pad every decode to its length.
 
+def write_kv_cache_cpu(k, v, k_cache, v_cache, slot_mapping):
+    """write_kv_cache_ref's contract in two copies: slots as rows of the flattened caches."""
+    N, KVH, D = k.shape
+    slots = slot_mapping.long()
+    if (slots < 0).any():  # padding rows (only CUDA-graph batches have them): drop them first
+        keep = slots >= 0
+        k, v, slots = k[keep], v[keep], slots[keep]
+    k_cache.view(-1, KVH * D).index_copy_(0, slots, k.reshape(-1, KVH * D).to(k_cache.dtype))
+    v_cache.view(-1, KVH * D).index_copy_(0, slots, v.reshape(-1, KVH * D).to(v_cache.dtype))
+
+
 def paged_attention_cpu(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc,
                         scale, max_query_len, max_seq_len, out=None):
     """paged_attention_ref's contract, in at most two SDPA calls."""

@@ -64,6 +64,23 @@ def test_upper_bounds_larger_than_the_truth_change_nothing():
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("padding", [False, True])
+def test_write_kv_cache_cpu_matches_reference(padding):
+    g = torch.Generator().manual_seed(2)
+    num_blocks, block_size, num_kv_heads, head_dim, n = 5, 8, 3, 16, 12
+    qkv = torch.randn(n, 3, num_kv_heads, head_dim, generator=g)
+    k, v = qkv[:, 1], qkv[:, 2]  # strided views, as a fused projection would give
+    slots = torch.randperm(num_blocks * block_size, generator=g)[:n].int()
+    if padding:
+        slots[[0, 7]] = -1
+    caches = [torch.randn(num_blocks, block_size, num_kv_heads, head_dim, generator=g) for _ in range(2)]
+    before, expected = caches[0].clone(), [c.clone() for c in caches]
+    pa.write_kv_cache_ref(k, v, *expected, slots)
+    pa.write_kv_cache_cpu(k, v, *caches, slots)
+    assert (expected[0] != before).flatten(0, 1).flatten(1).any(-1).sum() == n - 2 * padding  # one row per kept slot
+    assert torch.equal(caches[0], expected[0]) and torch.equal(caches[1], expected[1])
+
+
 # -- GGUFFile vs the gguf package's reader -----------------------------------------------------
 
 def test_gguf_file_reads_what_the_gguf_package_reads(tmp_path):
