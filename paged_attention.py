@@ -149,9 +149,6 @@ def _attend_padded(q, k_cache, v_cache, block_tables, seq_lens, q_lens, scale):
     G, Q, L = H // KVH, int(q_lens.max()), max(int(seq_lens.max()), 1)
     arange = functools.partial(torch.arange, device=q.device)
     seq_lens, q_lens = seq_lens.long(), q_lens.long()
-    # -- each new token's sequence and its row among that sequence's queries --
-    token_seq = torch.repeat_interleave(arange(b), q_lens, output_size=n)        # (n,)
-    token_row = arange(n) - (q_lens.cumsum(0) - q_lens)[token_seq]                # (n,)
     # -- gather K/V of positions 0..L-1 through the block tables, clamped to each sequence --
     pos = torch.minimum(arange(L)[None, :], (seq_lens[:, None] - 1).clamp(min=0))  # (b, L)
     blocks = block_tables.long().gather(1, pos // block_size)                    # (b, L)
@@ -159,18 +156,25 @@ def _attend_padded(q, k_cache, v_cache, block_tables, seq_lens, q_lens, scale):
     slots = (blocks * block_size + pos % block_size).view(-1)                    # (b*L,)
     gather = lambda cache: cache.view(-1, KVH * D).index_select(0, slots).view(b, L, KVH, D)
     k, v = gather(k_cache).transpose(1, 2), gather(v_cache).transpose(1, 2)      # (b, KVH, L, D) each
-    # -- queries padded to Q rows per sequence; the GROUP heads of a KV head become rows --
-    q_pad = q.new_zeros(b, Q, KVH, G, D)
-    q_pad[token_seq, token_row] = q.view(n, KVH, G, D)
-    q_pad = q_pad.permute(0, 2, 3, 1, 4).reshape(b, KVH, G * Q, D)               # (b, KVH, G*Q, D)
+    # -- queries padded to Q rows per sequence (a decode step has nothing to pad) --
+    uniform = n == b * Q  # every sequence has Q new tokens
+    if uniform:
+        q_pad = q.view(b, Q, KVH, G, D)
+    else:
+        token_seq = torch.repeat_interleave(arange(b), q_lens, output_size=n)    # (n,) each token's sequence
+        token_row = arange(n) - (q_lens.cumsum(0) - q_lens)[token_seq]            # (n,) its row there
+        q_pad = q.new_zeros(b, Q, KVH, G, D)
+        q_pad[token_seq, token_row] = q.view(n, KVH, G, D)
+    # the GROUP heads of a KV head become rows of one attention: row r*G + g is query r, head g
+    q_pad = q_pad.transpose(1, 2).reshape(b, KVH, Q * G, D)                      # (b, KVH, Q*G, D)
     # -- causal mask: query row r of a sequence sits at position seq_len - q_len + r --
     q_pos = (seq_lens - q_lens)[:, None] + arange(Q)[None, :]                    # (b, Q)
     mask = arange(L)[None, None, :] <= q_pos[:, :, None]                         # (b, Q, L)
-    mask = mask[:, None, None].expand(b, 1, G, Q, L).reshape(b, 1, G * Q, L)     # row g*Q + r: head g, query r
+    mask = mask[:, None, :, None].expand(b, 1, Q, G, L).reshape(b, 1, Q * G, L)  # a view when Q == 1
     o = F.scaled_dot_product_attention(q_pad, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, scale=scale)
-    o = o.view(b, KVH, G, Q, D).permute(0, 3, 1, 2, 4)                           # (b, Q, KVH, G, D)
-    o = o[token_seq, token_row].reshape(n, H, D)                                 # (n, H, D)
-    return torch.where(seq_lens[token_seq, None, None] > 0, o, 0)  # padding rows get zeros
+    o = o.view(b, KVH, Q, G, D).transpose(1, 2)                                  # (b, Q, KVH, G, D)
+    o = torch.where(seq_lens[:, None, None, None, None] > 0, o, 0)  # padding rows get zeros
+    return o.reshape(n, H, D) if uniform else o[token_seq, token_row].reshape(n, H, D)
 
 
 # ----------------------------------------------------------------------------

@@ -33,10 +33,12 @@ def test_mixed_batch_matches_reference(num_heads, num_kv_heads, head_dim, block_
     assert (out[-1] == 0).all()  # the padding row
 
 
+@pytest.mark.parametrize("q_len", [1, 4])
 @pytest.mark.parametrize("context_lens", [[80] * 6, [0, 5, 31, 32, 33, 200], [3, None, 17, None, 1, 64]])
-def test_decode_batch_matches_reference(context_lens):
-    """A pure decode step (max_query_len 1: one group, no reordering), with and without padding rows."""
-    batch = make_batch([1] * 6, context_lens, num_heads=9, num_kv_heads=3, head_dim=64, block_size=16, seed=7)
+def test_uniform_batch_matches_reference(q_len, context_lens):
+    """Every sequence with the same number of new tokens, the queries need no padding: a pure decode step
+    (max_query_len 1: one group, no reordering) or equal chunks; with and without padding rows."""
+    batch = make_batch([q_len] * 6, context_lens, num_heads=9, num_kv_heads=3, head_dim=64, block_size=16, seed=7)
     torch.testing.assert_close(pa.paged_attention_cpu(**batch), pa.paged_attention_ref(**batch),
                                rtol=1e-5, atol=1e-5)
 
