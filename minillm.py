@@ -852,11 +852,11 @@ def resolve_dtype(dtype, checkpoint_dtype, device) -> torch.dtype:
 def choose_cpu_threads(probe_s: float = 0.05) -> int:
     """The number of threads torch should use on the CPU, for torch.set_num_threads.
 
-    A choice made by hand wins: MINILLM_NUM_THREADS; else OMP_NUM_THREADS (torch has read it) or a
-    torch.set_num_threads() made before: torch's current count. Otherwise that count is lowered to the
-    cores that are free now. Torch's threads wait for each other at every op, so one of them on a core
-    another process keeps busy stalls them all: beside one busy process, 2 threads on 2 cores ran
-    10x slower than 1. A core counts as free when it was at least 75% idle for `probe_s` seconds."""
+    A choice made by hand wins: MINILLM_NUM_THREADS, else OMP_NUM_THREADS (torch has read it: its current
+    count). Otherwise torch's current count (its default, the physical cores, or what torch.set_num_threads
+    made it) is lowered to the cores that are free now. Torch's threads wait for each other at every op, so
+    one of them on a core another process keeps busy stalls them all: beside one busy process, 2 threads on
+    2 cores ran 10x slower than 1. A core counts as free when it was at least 75% idle for `probe_s` seconds."""
     if os.environ.get("MINILLM_NUM_THREADS"):
         value = os.environ["MINILLM_NUM_THREADS"]
         if not value.isdigit() or int(value) < 1:
