@@ -100,17 +100,17 @@ def paged_attention_ref(q, k_cache, v_cache, block_tables, seq_lens, query_start
 
 
 # ----------------------------------------------------------------------------
-# the CPU path: sequences batched into scaled_dot_product_attention calls
+# the CPU path: the decoding sequences in one scaled_dot_product_attention call
 # ----------------------------------------------------------------------------
 # The reference above loops over the sequences in Python: a dozen small ops per
-# sequence per layer, which on a CPU cost more than the arithmetic. Here a group of
-# sequences is attended at once: their keys and values gathered into padded
-# (b, KVH, L, D) tensors (L = the group's longest sequence), their queries into
-# (b, KVH, GROUP * Q, D) (Q = its longest run of new tokens), a mask that keeps each
-# query to its own sequence's positions 0..its own, and one SDPA call. Grouped-query
-# attention costs no copy: the GROUP query heads that share a KV head are rows of one
-# attention over that head. Decoding sequences (one query each) and prefilling ones
-# are two groups, so a prefill chunk in the batch does not pad every decode to its length.
+# sequence per layer, which on a CPU cost more than the arithmetic of a decode step.
+# Here all decoding sequences (one new token each) are attended at once: their keys
+# and values gathered into padded (b, KVH, L, D) tensors (L = the longest sequence),
+# a mask that keeps each query to its own sequence's positions, and one SDPA call.
+# Grouped-query attention costs no copy: the GROUP query heads that share a KV head
+# are rows of one attention over that head. A prefilling sequence (a prompt or a
+# chunk of one) gets a call of its own: its queries are many, so the call's overhead
+# is small next to its work, and padding them to one length would multiply it.
 
 def write_kv_cache_cpu(k, v, k_cache, v_cache, slot_mapping):
     """write_kv_cache_ref's contract in two copies: slots as rows of the flattened caches."""
@@ -125,30 +125,30 @@ def write_kv_cache_cpu(k, v, k_cache, v_cache, slot_mapping):
 
 def paged_attention_cpu(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc,
                         scale, max_query_len, max_seq_len, out=None):
-    """paged_attention_ref's contract, in at most two SDPA calls."""
+    """paged_attention_ref's contract: one SDPA call for the decodes, one per prefilling sequence."""
     out = torch.empty_like(q) if out is None else out
-    q_lens = query_start_loc.diff()                                                     # (B,)
-    if max_query_len == 1:  # a pure decode step, the common case: one group, already in order
-        out.copy_(_attend_padded(q, k_cache, v_cache, block_tables, seq_lens, q_lens, scale))
-        return out
-    token_seq = torch.repeat_interleave(torch.arange(len(q_lens), device=q.device), q_lens, output_size=q.shape[0])
-    for in_group in (q_lens == 1, q_lens > 1):
-        seqs = in_group.nonzero()[:, 0]              # (b,) the group's sequences
-        tokens = in_group[token_seq].nonzero()[:, 0]  # (n,) their new tokens, in order
-        if len(seqs):
-            out[tokens] = _attend_padded(q[tokens], k_cache, v_cache, block_tables[seqs], seq_lens[seqs],
-                                         q_lens[seqs], scale)
+    q_lens = query_start_loc.diff()                                         # (B,)
+    decoding = (q_lens == 1).nonzero()[:, 0]                                # (b,)
+    if len(decoding) == len(q_lens):  # a pure decode step, the common case: the batch as it is
+        out.copy_(_attend(q, k_cache, v_cache, block_tables, seq_lens, 1, scale))
+    elif len(decoding):
+        rows = query_start_loc[decoding].long()                             # (b,) their tokens
+        out[rows] = _attend(q[rows], k_cache, v_cache, block_tables[decoding], seq_lens[decoding], 1, scale)
+    for b in (q_lens > 1).nonzero()[:, 0].tolist():
+        start, end = int(query_start_loc[b]), int(query_start_loc[b + 1])
+        out[start:end] = _attend(q[start:end], k_cache, v_cache, block_tables[b:b + 1], seq_lens[b:b + 1],
+                                 end - start, scale)
     return out
 
 
-def _attend_padded(q, k_cache, v_cache, block_tables, seq_lens, q_lens, scale):
-    """q (n, H, D): the new tokens of b sequences, packed -> (n, H, D). Positions past a
-    sequence's end read its last position rather than whatever its block table holds
-    there: masked-out keys must still be finite numbers, or 0 * NaN would spoil the sum."""
+def _attend(q, k_cache, v_cache, block_tables, seq_lens, q_len, scale):
+    """q (b * q_len, H, D): the last q_len tokens of each of b sequences -> (b * q_len, H, D).
+    Positions past a sequence's end read its last position rather than whatever its block
+    table holds there: masked-out keys must still be finite, or 0 * NaN would spoil the sum."""
     (n, H, D), (_, block_size, KVH, _), b = q.shape, k_cache.shape, seq_lens.shape[0]
-    G, Q, L = H // KVH, int(q_lens.max()), max(int(seq_lens.max()), 1)
+    G, Q, L = H // KVH, q_len, max(int(seq_lens.max()), 1)
     arange = functools.partial(torch.arange, device=q.device)
-    seq_lens, q_lens = seq_lens.long(), q_lens.long()
+    seq_lens = seq_lens.long()
     # -- gather K/V of positions 0..L-1 through the block tables, clamped to each sequence --
     pos = torch.minimum(arange(L)[None, :], (seq_lens[:, None] - 1).clamp(min=0))  # (b, L)
     blocks = block_tables.long().gather(1, pos // block_size)                    # (b, L)
@@ -156,25 +156,16 @@ def _attend_padded(q, k_cache, v_cache, block_tables, seq_lens, q_lens, scale):
     slots = (blocks * block_size + pos % block_size).view(-1)                    # (b*L,)
     gather = lambda cache: cache.view(-1, KVH * D).index_select(0, slots).view(b, L, KVH, D)
     k, v = gather(k_cache).transpose(1, 2), gather(v_cache).transpose(1, 2)      # (b, KVH, L, D) each
-    # -- queries padded to Q rows per sequence (a decode step has nothing to pad) --
-    uniform = n == b * Q  # every sequence has Q new tokens
-    if uniform:
-        q_pad = q.view(b, Q, KVH, G, D)
-    else:
-        token_seq = torch.repeat_interleave(arange(b), q_lens, output_size=n)    # (n,) each token's sequence
-        token_row = arange(n) - (q_lens.cumsum(0) - q_lens)[token_seq]            # (n,) its row there
-        q_pad = q.new_zeros(b, Q, KVH, G, D)
-        q_pad[token_seq, token_row] = q.view(n, KVH, G, D)
-    # the GROUP heads of a KV head become rows of one attention: row r*G + g is query r, head g
-    q_pad = q_pad.transpose(1, 2).reshape(b, KVH, Q * G, D)                      # (b, KVH, Q*G, D)
-    # -- causal mask: query row r of a sequence sits at position seq_len - q_len + r --
-    q_pos = (seq_lens - q_lens)[:, None] + arange(Q)[None, :]                    # (b, Q)
+    # -- the GROUP heads of a KV head become rows of one attention: row r*G + g is query r, head g --
+    q = q.view(b, Q, KVH, G, D).transpose(1, 2).reshape(b, KVH, Q * G, D)        # (b, KVH, Q*G, D)
+    # -- causal mask: query r of a sequence sits at position seq_len - Q + r --
+    q_pos = seq_lens[:, None] - Q + arange(Q)[None, :]                           # (b, Q)
     mask = arange(L)[None, None, :] <= q_pos[:, :, None]                         # (b, Q, L)
     mask = mask[:, None, :, None].expand(b, 1, Q, G, L).reshape(b, 1, Q * G, L)  # a view when Q == 1
-    o = F.scaled_dot_product_attention(q_pad, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, scale=scale)
+    o = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, scale=scale)
     o = o.view(b, KVH, Q, G, D).transpose(1, 2)                                  # (b, Q, KVH, G, D)
     o = torch.where(seq_lens[:, None, None, None, None] > 0, o, 0)  # padding rows get zeros
-    return o.reshape(n, H, D) if uniform else o[token_seq, token_row].reshape(n, H, D)
+    return o.reshape(n, H, D)
 
 
 # ----------------------------------------------------------------------------
