@@ -274,8 +274,8 @@ class GGUFFile:
         with open(path, "rb") as f:  # copy-on-write: numpy and torch get writable views, the file stays as it is
             self.buf, self.pos = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY), 0
         magic, version, n_tensors, n_kv = self.unpack("<4sIQQ")
-        if magic != b"GGUF" or version < 2:
-            raise ValueError(f"{path}: not a GGUF file of version 2 or later (magic {magic!r}, version {version})")
+        if magic != b"GGUF" or version not in (2, 3):
+            raise ValueError(f"{path}: not a little-endian GGUF file of version 2 or 3 (magic {magic!r}, version {version})")
         self.fields = {self.string(): self.value(self.unpack("<I")[0]) for _ in range(n_kv)}
         infos = [(self.string(), self.unpack(f"<{self.unpack('<I')[0]}Q"), *self.unpack("<IQ")) for _ in range(n_tensors)]
         align = self.fields.get("general.alignment", 32)
