@@ -119,9 +119,10 @@ def test_gguf_file_reads_what_the_gguf_package_reads(tmp_path):
 
 def test_gguf_file_rejects_other_files(tmp_path):
     path = tmp_path / "not.gguf"
-    path.write_bytes(b"GGML" + bytes(60))
-    with pytest.raises(ValueError, match="not.gguf: not a GGUF file"):
-        minillm.GGUFFile(str(path))
+    for header in (b"GGML" + bytes(60), b"GGUF\x00\x00\x00\x03" + bytes(56)):  # another format; big-endian v3
+        path.write_bytes(header)
+        with pytest.raises(ValueError, match="not.gguf: not a little-endian GGUF file of version 2 or 3"):
+            minillm.GGUFFile(str(path))
 
 
 # -- the thread count --------------------------------------------------------------------------
