@@ -106,7 +106,8 @@ def main():
         print(f"minillm / HF: {(n_mini / t_mini) / (n_hf / t_hf):.2f}x;  "
               f"identical greedy outputs (up to EOS): {same}/{len(outs)}")
     if busy_rows:
-        print(f"beside a busy process, threads chosen afresh: {busy_rows[0][3] / rows[0][3]:.2f}x the quiet time")
+        how = "as given" if args.threads else "chosen afresh"
+        print(f"beside a busy process, threads {how}: {busy_rows[0][3] / rows[0][3]:.2f}x the quiet time")
 
 if __name__ == "__main__":
     main()

@@ -11,7 +11,7 @@ import paged_attention as pa
 from test_paged_attention import MIXED, make_batch
 
 
-# -- paged_attention_cpu vs paged_attention_ref ------------------------------------------------
+# -- paged_attention_cpu and write_kv_cache_cpu vs their references --------------------------------
 
 @pytest.mark.parametrize("num_heads,num_kv_heads,head_dim,block_size", [
     (4, 4, 64, 16),  # MHA
@@ -125,33 +125,6 @@ def test_gguf_file_rejects_other_files(tmp_path):
             minillm.GGUFFile(str(path))
 
 
-# -- the thread count --------------------------------------------------------------------------
-
-def test_threads_chosen_by_hand_win(monkeypatch):
-    monkeypatch.setattr(minillm, "idle_cpus", lambda probe_s: 0.0)  # a fully busy machine
-    monkeypatch.setenv("MINILLM_NUM_THREADS", "3")
-    assert minillm.choose_cpu_threads() == 3
-    monkeypatch.setenv("MINILLM_NUM_THREADS", "zero")
-    with pytest.raises(ValueError, match="MINILLM_NUM_THREADS"):
-        minillm.choose_cpu_threads()
-    monkeypatch.delenv("MINILLM_NUM_THREADS")
-    monkeypatch.setenv("OMP_NUM_THREADS", "2")
-    assert minillm.choose_cpu_threads() == torch.get_num_threads()
-
-
-def test_threads_follow_the_free_cores(monkeypatch):
-    monkeypatch.delenv("MINILLM_NUM_THREADS", raising=False)
-    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    monkeypatch.setattr(torch, "get_num_threads", lambda: 4)  # torch's own count: the most we use
-    for idle, threads in [(8.0, 4), (4.0, 4), (3.0, 3), (2.8, 3), (2.7, 2), (0.5, 1), (0.0, 1)]:
-        monkeypatch.setattr(minillm, "idle_cpus", lambda probe_s: idle)
-        assert minillm.choose_cpu_threads() == threads, idle
-
-
-def test_idle_cpus_counts_cpus():
-    assert 0 <= minillm.idle_cpus(0.1) <= len(minillm.os.sched_getaffinity(0)) + 0.01
-
-
 @pytest.mark.parametrize("kind", ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "F16", "F32"])
 def test_dequantize_matches_the_gguf_package_bit_for_bit(kind):
     kind = gguf.GGMLQuantizationType[kind]
@@ -162,3 +135,31 @@ def test_dequantize_matches_the_gguf_package_bit_for_bit(kind):
     got = minillm.dequantize(raw, kind)
     assert got.dtype == torch.float32 and got.shape == (6, 128)
     assert torch.equal(got, torch.from_numpy(expected))
+
+
+# -- the thread count --------------------------------------------------------------------------
+
+def test_threads_chosen_by_hand_win(monkeypatch):
+    monkeypatch.setenv("MINILLM_NUM_THREADS", "3")
+    assert minillm.choose_cpu_threads(idle_cpus=0.0) == 3  # even on a fully busy machine
+    monkeypatch.setenv("MINILLM_NUM_THREADS", "zero")
+    with pytest.raises(ValueError, match="MINILLM_NUM_THREADS"):
+        minillm.choose_cpu_threads()
+    monkeypatch.delenv("MINILLM_NUM_THREADS")
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    assert minillm.choose_cpu_threads(idle_cpus=0.0) == torch.get_num_threads()
+
+
+def test_threads_follow_the_free_cores(monkeypatch):
+    monkeypatch.delenv("MINILLM_NUM_THREADS", raising=False)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 4)  # torch's own count: the most we use
+    for idle, threads in [(8.0, 4), (4.0, 4), (3.0, 3), (2.8, 3), (2.7, 2), (0.5, 1), (0.0, 1)]:
+        assert minillm.choose_cpu_threads(idle_cpus=idle) == threads, idle
+
+
+def test_measured_threads_are_between_one_and_torchs(monkeypatch):
+    monkeypatch.delenv("MINILLM_NUM_THREADS", raising=False)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 64)
+    assert 1 <= minillm.choose_cpu_threads(probe_s=0.1) <= len(minillm.os.sched_getaffinity(0))
