@@ -45,7 +45,9 @@ import importlib.util
 import itertools
 import json
 import math
+import mmap
 import os
+import struct
 import sys
 import time
 from dataclasses import dataclass, field, replace
@@ -75,6 +77,7 @@ def cli_parser() -> argparse.ArgumentParser:
 if __name__ == "__main__":
     CLI_ARGS = cli_parser().parse_args()
 
+import numpy as np
 import tiktoken
 import torch
 import torch.nn as nn
@@ -292,19 +295,106 @@ GGUF_NAMES = {"token_embd": "embed_tokens", "output_norm": "norm", "output": "lm
               "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"}
 
 
+class GGUFFile:
+    """What minillm reads of a llama.cpp GGUF file: its key/value metadata and its tensors' bytes, memory-mapped.
+
+    The layout (little-endian; strings are a u64 length and UTF-8 bytes):
+        "GGUF", u32 version, u64 tensor count, u64 key/value count
+        key/values:    string key, u32 value type, the value (an array: u32 item type, u64 count, the items)
+        tensor infos:  string name, u32 n_dims, u64 dims[n_dims] (fastest-varying first), u32 ggml type, u64 offset
+        tensor data:   from the next multiple of general.alignment (32 by default), each at its offset
+    The gguf package's reader wraps every field in numpy views, seconds for a vocabulary of 50k tokens and as
+    many merges; this reads the values straight into Python objects."""
+
+    SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+    STRING, ARRAY = 8, 9
+
+    def __init__(self, path: str):
+        import gguf
+        with open(path, "rb") as f:  # copy-on-write: numpy and torch get writable views, the file stays as it is
+            self.buf, self.pos = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY), 0
+        magic, version, n_tensors, n_kv = self.unpack("<4sIQQ")
+        if magic != b"GGUF" or version not in (2, 3):
+            raise ValueError(f"{path}: not a little-endian GGUF file of version 2 or 3 (magic {magic!r}, version {version})")
+        self.fields = {self.string(): self.value(self.unpack("<I")[0]) for _ in range(n_kv)}
+        infos = [(self.string(), self.unpack(f"<{self.unpack('<I')[0]}Q"), *self.unpack("<IQ")) for _ in range(n_tensors)]
+        align = self.fields.get("general.alignment", 32)
+        start = -(-self.pos // align) * align
+        self.tensors = []  # (name, ggml type, raw bytes shaped (rows..., bytes per row)) in file order
+        for name, dims, kind, offset in infos:
+            kind = gguf.GGMLQuantizationType(kind)
+            block, block_bytes = gguf.GGML_QUANT_SIZES[kind]  # elements per block, bytes per block
+            shape = (*reversed(dims[1:]), dims[0] // block * block_bytes)
+            data = np.frombuffer(self.buf, np.uint8, math.prod(shape), start + offset).reshape(shape)
+            self.tensors.append((name, kind, data))
+
+    def unpack(self, fmt: str) -> tuple:
+        values = struct.unpack_from(fmt, self.buf, self.pos)
+        self.pos += struct.calcsize(fmt)
+        return values
+
+    def string(self) -> str:
+        (n,) = self.unpack("<Q")
+        self.pos += n
+        return self.buf[self.pos - n: self.pos].decode("utf-8")
+
+    def strings(self, count: int) -> list[str]:  # string() `count` times, in one tight loop (vocabularies)
+        out, buf, pos, u64 = [], self.buf, self.pos, struct.Struct("<Q")
+        for _ in range(count):
+            (n,) = u64.unpack_from(buf, pos)
+            out.append(buf[pos + 8: pos + 8 + n].decode("utf-8"))
+            pos += 8 + n
+        self.pos = pos
+        return out
+
+    def value(self, kind: int):
+        if kind == self.STRING:
+            return self.string()
+        if kind != self.ARRAY:
+            return self.unpack(self.SCALARS[kind])[0]
+        item, count = self.unpack("<IQ")
+        if item == self.STRING:
+            return self.strings(count)
+        if item == self.ARRAY:
+            return [self.value(item) for _ in range(count)]
+        items = np.frombuffer(self.buf, self.SCALARS[item], count, self.pos)  # numbers: one read for all
+        self.pos += items.nbytes
+        return items.tolist()
+
+
+def dequantize(data: np.ndarray, kind) -> torch.Tensor:
+    """A GGUF tensor's raw bytes (rows..., bytes per row) -> float32 (rows..., row length). llama.cpp's three
+    basic formats in torch, a few times faster than numpy and bit for bit the same; other types via the gguf
+    package. Each block holds 32 weights: an fp16 scale d, for Q4_1 an fp16 minimum m, then the codes
+    q (Q8_0: int8, w = d*q; Q4_0: 4-bit, w = d*(q-8); Q4_1: 4-bit, w = d*q + m; weight j of a 4-bit block
+    is the low nibble of code byte j, weight j+16 the high one)."""
+    import gguf
+    Q = gguf.GGMLQuantizationType
+    if kind not in (Q.Q8_0, Q.Q4_0, Q.Q4_1):
+        return torch.from_numpy(np.array(gguf.quants.dequantize(data, kind)))  # a copy, not a view of the file
+    blocks = torch.from_numpy(data).view(-1, gguf.GGML_QUANT_SIZES[kind][1])    # (n_blocks, bytes per block)
+    fp16 = lambda i: blocks[:, i:i + 2].contiguous().view(torch.float16).float()  # (n_blocks, 1)
+    if kind == Q.Q8_0:
+        w = blocks[:, 2:].view(torch.int8) * fp16(0)                            # (n_blocks, 32)
+    else:
+        codes = blocks[:, 4:] if kind == Q.Q4_1 else blocks[:, 2:]              # (n_blocks, 16)
+        q = torch.cat([codes & 15, codes >> 4], dim=1)                          # (n_blocks, 32), 0..15
+        w = q * fp16(0) + fp16(2) if kind == Q.Q4_1 else (q.float() - 8) * fp16(0)
+    return w.view(*data.shape[:-1], -1)
+
+
 def load_gguf_checkpoint(path: str, device, dtype) -> tuple[ModelConfig, dict, "Tokenizer"]:
     """A llama.cpp GGUF file -> (config, weights, tokenizer). Quantized tensors are dequantized to float."""
-    import gguf
-    reader = gguf.GGUFReader(path)
-    meta = lambda key, default=None: reader.fields[key].contents() if key in reader.fields else default
+    file = GGUFFile(path)
+    meta = file.fields.get
     if meta("general.architecture") != "llama":
         raise ValueError(f"{path}: only the llama architecture is supported, got {meta('general.architecture')!r}")
     n_heads, n_kv = meta("llama.attention.head_count"), meta("llama.attention.head_count_kv")
-    tokenizer = tokenizer_from_gguf(reader)
-    names = {t.name for t in reader.tensors}
+    tokenizer = tokenizer_from_gguf(file.fields)
+    names = {name for name, _, _ in file.tensors}
     rope_type = meta("llama.rope.scaling.type", "none")
     cfg = ModelConfig(
-        vocab_size=len(reader.fields["tokenizer.ggml.tokens"].data), hidden_size=meta("llama.embedding_length"),
+        vocab_size=len(meta("tokenizer.ggml.tokens")), hidden_size=meta("llama.embedding_length"),
         intermediate_size=meta("llama.feed_forward_length"), num_layers=meta("llama.block_count"),
         num_heads=n_heads, num_kv_heads=n_kv or n_heads, head_dim=meta("llama.attention.key_length", 0),
         rms_norm_eps=meta("llama.attention.layer_norm_rms_epsilon", 1e-5), rope_theta=meta("llama.rope.freq_base", 10000.0),
@@ -313,12 +403,12 @@ def load_gguf_checkpoint(path: str, device, dtype) -> tuple[ModelConfig, dict, "
         eos_token_ids=tuple(sorted(tokenizer.eos_ids)),
     )
     weights = {}
-    for t in reader.tensors:
-        w = torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type).copy())  # (out, in) like HF
-        if t.name == "rope_freqs.weight":  # Llama 3.1 scaling, stored as per-frequency divisors
+    for tensor_name, kind, data in file.tensors:
+        w = dequantize(data, kind)  # (out, in) like HF
+        if tensor_name == "rope_freqs.weight":  # Llama 3.1 scaling, stored as per-frequency divisors
             cfg.rope_freq_factors = w.tolist()
             continue
-        parts = t.name.removesuffix(".weight").split(".")
+        parts = tensor_name.removesuffix(".weight").split(".")
         if parts[0] == "blk":  # blk.{i}.attn_q -> layers.{i}.self_attn.q_proj
             name = f"layers.{parts[1]}.{GGUF_NAMES[parts[2]]}.weight"
             # llama.cpp interleaves the two rotary halves of each head's Q/K rows; undo it so the
@@ -583,10 +673,10 @@ def _apply_tokenizer_config(tok: Tokenizer, cfg: dict):
     tok.chat_template = template or tok.chat_template
 
 
-def tokenizer_from_gguf(reader) -> Tokenizer:
-    """The vocabulary in a GGUF file (a gguf.GGUFReader: the model loader has it open already)."""
+def tokenizer_from_gguf(fields: dict) -> Tokenizer:
+    """The vocabulary in a GGUF file's metadata (GGUFFile.fields: the model loader has them read already)."""
     import gguf
-    get = lambda key, default=None: reader.fields[key].contents() if key in reader.fields else default
+    get = fields.get
     kind, pre = get("tokenizer.ggml.model"), get("tokenizer.ggml.pre")
     if kind != "gpt2":
         raise ValueError(f"GGUF tokenizer.ggml.model {kind!r} is not supported ('llama' is SentencePiece); {SUPPORTED}")
@@ -626,8 +716,7 @@ def load_tokenizer(path: str) -> Tokenizer:
     with open(path, "rb") as f:
         magic = f.read(4)
     if magic == b"GGUF":
-        import gguf
-        return tokenizer_from_gguf(gguf.GGUFReader(path))
+        return tokenizer_from_gguf(GGUFFile(path).fields)
     tok = _from_hf_json(path) if magic.lstrip()[:1] == b"{" else _from_tiktoken_model(path)
     if os.path.exists(cfg := os.path.join(folder, "tokenizer_config.json")):
         with open(cfg, encoding="utf-8") as f:
@@ -738,8 +827,8 @@ class Attention(nn.Module):
         q, k, v = q.view(N, self.H, self.D), k.view(N, self.KVH, self.D), v.view(N, self.KVH, self.D)
         rope = fused(apply_rope) if x.is_cuda else apply_rope
         q, k = rope(q, cos, sin), rope(k, cos, sin)
-        # The Triton kernels on the GPU; on the CPU the plain-PyTorch reference (same contract).
-        write_kv, attend = (pa.write_kv_cache, pa.paged_attention) if x.is_cuda else (pa.write_kv_cache_ref, pa.paged_attention_ref)
+        # The Triton kernels on the GPU; on the CPU the batched PyTorch version (same contract).
+        write_kv, attend = (pa.write_kv_cache, pa.paged_attention) if x.is_cuda else (pa.write_kv_cache_cpu, pa.paged_attention_cpu)
         write_kv(k, v, k_cache, v_cache, meta.slot_mapping)  # the new tokens' K/V into their slots
         o = attend(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc,
                    self.D ** -0.5, meta.max_query_len, meta.max_seq_len)  # (N, H, D)
@@ -778,7 +867,9 @@ class Llama(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        # Given a weight, Embedding skips its random init, which even on the meta device (load_model) costs
+        # seconds: normal_ there runs a Python decomposition. The checkpoint's weights replace it anyway.
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, _weight=torch.empty(cfg.vocab_size, cfg.hidden_size))
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
@@ -834,6 +925,41 @@ def resolve_dtype(dtype, checkpoint_dtype, device) -> torch.dtype:
     if dtype not in names:
         raise ValueError(f"dtype must be 'auto' or one of {sorted(names)}, got {dtype!r}")
     return names[dtype]
+
+
+def choose_cpu_threads(idle_cpus: Optional[float] = None, probe_s: float = 0.05) -> int:
+    """The number of threads torch should use on the CPU, for torch.set_num_threads.
+
+    A choice made by hand wins: MINILLM_NUM_THREADS, else OMP_NUM_THREADS (torch has read it: its current
+    count). Otherwise torch's current count (its default, the physical cores, or what torch.set_num_threads
+    made it) is lowered to the cores that are free now. Torch's threads wait for each other at every op, so
+    one of them on a core another process keeps busy stalls them all: beside one busy process, 2 threads on
+    2 cores ran 10x slower than 1. A core is free when it is at least 75% idle; `idle_cpus` is measured from
+    Linux's /proc/stat over `probe_s` seconds when not given (elsewhere: the CPUs less the load average)."""
+    if os.environ.get("MINILLM_NUM_THREADS"):
+        value = os.environ["MINILLM_NUM_THREADS"]
+        if not value.isdigit() or int(value) < 1:
+            raise ValueError(f"MINILLM_NUM_THREADS must be a positive integer, got {value!r}")
+        return int(value)
+    if os.environ.get("OMP_NUM_THREADS"):
+        return torch.get_num_threads()
+    cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else range(os.cpu_count() or 1)
+
+    def ticks() -> tuple[int, int]:  # clock ticks so far, summed over our CPUs: (idle + iowait, all)
+        idle = total = 0
+        for line in open("/proc/stat"):
+            name, *t = line.split()  # cpuN user nice system idle iowait irq softirq steal ...
+            if name.startswith("cpu") and name[3:].isdigit() and int(name[3:]) in cpus:
+                idle, total = idle + int(t[3]) + int(t[4]), total + sum(map(int, t[:8]))
+        return idle, total
+    if idle_cpus is None and os.path.exists("/proc/stat"):
+        idle0, total0 = ticks()
+        time.sleep(probe_s)
+        idle1, total1 = ticks()
+        idle_cpus = len(cpus) * (idle1 - idle0) / max(total1 - total0, 1)
+    elif idle_cpus is None:
+        idle_cpus = len(cpus) - os.getloadavg()[0]
+    return max(1, min(torch.get_num_threads(), int(idle_cpus + 0.25)))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1556,6 +1682,8 @@ class LLMEngine:
             if value < 1:
                 raise ValueError(f"{name} must be at least 1, got {value}")
         self.device = check_device(device)
+        if self.device.type == "cpu":  # as many threads as there are free cores (MINILLM_NUM_THREADS overrides)
+            torch.set_num_threads(choose_cpu_threads())
         model_path = model or default_model_path()
         llama, self.cfg, gguf_tokenizer = load_model(model_path, self.device, dtype, max_model_len)
         self.tokenizer = load_tokenizer(tokenizer or model_path) if (tokenizer or not gguf_tokenizer) else gguf_tokenizer

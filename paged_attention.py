@@ -51,6 +51,7 @@ import functools
 import math
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -96,6 +97,75 @@ def paged_attention_ref(q, k_cache, v_cache, block_tables, seq_lens, query_start
         probs = scores.softmax(dim=-1)  # (H, q_len, seq_len)
         out[start:end] = torch.einsum("hqk,khd->qhd", probs, v).to(out.dtype)
     return out
+
+
+# ----------------------------------------------------------------------------
+# the CPU path: the decoding sequences in one scaled_dot_product_attention call
+# ----------------------------------------------------------------------------
+# The reference above loops over the sequences in Python: a dozen small ops per
+# sequence per layer, which on a CPU cost more than the arithmetic of a decode step.
+# Here all decoding sequences (one new token each) are attended at once: their keys
+# and values gathered into padded (b, KVH, L, D) tensors (L = the longest sequence),
+# a mask that keeps each query to its own sequence's positions, and one SDPA call.
+# Grouped-query attention costs no copy: the GROUP query heads that share a KV head
+# are rows of one attention over that head. A prefilling sequence (a prompt or a
+# chunk of one) gets a call of its own: its queries are many, so the call's overhead
+# is small next to its work, and padding them to one length would multiply it.
+
+def write_kv_cache_cpu(k, v, k_cache, v_cache, slot_mapping):
+    """write_kv_cache_ref's contract in two copies: slots as rows of the flattened caches."""
+    N, KVH, D = k.shape
+    slots = slot_mapping.long()
+    if (slots < 0).any():  # padding rows (only CUDA-graph batches have them): drop them first
+        keep = slots >= 0
+        k, v, slots = k[keep], v[keep], slots[keep]
+    k_cache.view(-1, KVH * D).index_copy_(0, slots, k.reshape(-1, KVH * D).to(k_cache.dtype))
+    v_cache.view(-1, KVH * D).index_copy_(0, slots, v.reshape(-1, KVH * D).to(v_cache.dtype))
+
+
+def paged_attention_cpu(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc,
+                        scale, max_query_len, max_seq_len, out=None):
+    """paged_attention_ref's contract: one SDPA call for the decodes, one per prefilling sequence."""
+    out = torch.empty_like(q) if out is None else out
+    q_lens = query_start_loc.diff()                                         # (B,)
+    decoding = (q_lens == 1).nonzero()[:, 0]                                # (b,)
+    if len(decoding) == len(q_lens):  # a pure decode step, the common case: the batch as it is
+        out.copy_(_attend(q, k_cache, v_cache, block_tables, seq_lens, 1, scale))
+    elif len(decoding):
+        rows = query_start_loc[decoding].long()                             # (b,) their tokens
+        out[rows] = _attend(q[rows], k_cache, v_cache, block_tables[decoding], seq_lens[decoding], 1, scale)
+    for b in (q_lens > 1).nonzero()[:, 0].tolist():
+        start, end = int(query_start_loc[b]), int(query_start_loc[b + 1])
+        out[start:end] = _attend(q[start:end], k_cache, v_cache, block_tables[b:b + 1], seq_lens[b:b + 1],
+                                 end - start, scale)
+    return out
+
+
+def _attend(q, k_cache, v_cache, block_tables, seq_lens, q_len, scale):
+    """q (b * q_len, H, D): the last q_len tokens of each of b sequences -> (b * q_len, H, D).
+    Positions past a sequence's end read its last position rather than whatever its block
+    table holds there: masked-out keys must still be finite, or 0 * NaN would spoil the sum."""
+    (n, H, D), (_, block_size, KVH, _), b = q.shape, k_cache.shape, seq_lens.shape[0]
+    G, Q, L = H // KVH, q_len, max(int(seq_lens.max()), 1)
+    arange = functools.partial(torch.arange, device=q.device)
+    seq_lens = seq_lens.long()
+    # -- gather K/V of positions 0..L-1 through the block tables, clamped to each sequence --
+    pos = torch.minimum(arange(L)[None, :], (seq_lens[:, None] - 1).clamp(min=0))  # (b, L)
+    blocks = block_tables.long().gather(1, pos // block_size)                    # (b, L)
+    blocks = torch.where(seq_lens[:, None] > 0, blocks, 0)  # padding rows: any real block
+    slots = (blocks * block_size + pos % block_size).view(-1)                    # (b*L,)
+    gather = lambda cache: cache.view(-1, KVH * D).index_select(0, slots).view(b, L, KVH, D)
+    k, v = gather(k_cache).transpose(1, 2), gather(v_cache).transpose(1, 2)      # (b, KVH, L, D) each
+    # -- the GROUP heads of a KV head become rows of one attention: row r*G + g is query r, head g --
+    q = q.view(b, Q, KVH, G, D).transpose(1, 2).reshape(b, KVH, Q * G, D)        # (b, KVH, Q*G, D)
+    # -- causal mask: query r of a sequence sits at position seq_len - Q + r --
+    q_pos = seq_lens[:, None] - Q + arange(Q)[None, :]                           # (b, Q)
+    mask = arange(L)[None, None, :] <= q_pos[:, :, None]                         # (b, Q, L)
+    mask = mask[:, None, :, None].expand(b, 1, Q, G, L).reshape(b, 1, Q * G, L)  # a view when Q == 1
+    o = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, scale=scale)
+    o = o.view(b, KVH, Q, G, D).transpose(1, 2)                                  # (b, Q, KVH, G, D)
+    o = torch.where(seq_lens[:, None, None, None, None] > 0, o, 0)  # padding rows get zeros
+    return o.reshape(n, H, D)
 
 
 # ----------------------------------------------------------------------------

@@ -1,12 +1,19 @@
 """minillm against HF transformers `generate` on the CPU, default model (SmolLM2-135M-Instruct GGUF), same run.
 
-    python benchmarks/cpu_vs_hf.py [--prompts 16] [--max-tokens 64]
+    python benchmarks/cpu_vs_hf.py [--prompts 16] [--max-tokens 64] [--threads N] [--busy] [--no-hf]
 
 Both get the same prompts (examples/prompts.txt, repeated) and make exactly --max-tokens greedy tokens
-each; HF runs them as one left-padded batch. Prints tokens/s for both and the ratio.
+each; HF runs them as one left-padded batch. Both use the same torch thread count: the one minillm
+chooses (choose_cpu_threads: the free cores), or --threads. Prints a table of tokens/s, the ratio,
+and whether the greedy outputs agree (up to the first EOS).
+
+--busy then starts one busy-loop process beside it (ended by its pid) and runs minillm again, with
+the thread count chosen afresh (as a new LLM() would) and, when that differs, with the quiet count:
+the collapse the choice avoids.
 """
 import argparse
 import os
+import subprocess
 import sys
 import time
 
@@ -17,23 +24,21 @@ sys.path.insert(0, ROOT)
 import minillm  # noqa: E402
 
 
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--prompts", type=int, default=16)
-    ap.add_argument("--max-tokens", type=int, default=64)
-    args = ap.parse_args()
-    lines = [l.strip() for l in open(os.path.join(ROOT, "examples", "prompts.txt")) if l.strip()]
-    prompts = [lines[i % len(lines)] + f" ({i})" for i in range(args.prompts)]
+def cpu_name() -> str:
+    for line in open("/proc/cpuinfo") if os.path.exists("/proc/cpuinfo") else []:
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return "unknown CPU"
 
-    llm = minillm.LLM(None, device="cpu")
-    ids = [llm.get_tokenizer().encode(p) for p in prompts]
-    sp = minillm.SamplingParams(temperature=0, max_tokens=args.max_tokens, ignore_eos=True)
+
+def time_minillm(llm, prompts, sp) -> tuple[float, list]:
     llm.generate(prompts[:2], minillm.SamplingParams(max_tokens=2), use_tqdm=False)  # warm-up
     t = time.perf_counter()
     outs = llm.generate(prompts, sp, use_tqdm=False)
-    t_mini = time.perf_counter() - t
-    n_mini = sum(len(o.outputs[0].token_ids) for o in outs)
+    return time.perf_counter() - t, outs
 
+
+def time_hf(ids, max_tokens) -> tuple[float, torch.Tensor, int]:
     from transformers import AutoModelForCausalLM
     path = minillm.default_model_path()
     hf = AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
@@ -43,27 +48,66 @@ def main():
     mask = torch.zeros_like(x)
     for i, p in enumerate(ids):
         x[i, width - len(p):], mask[i, width - len(p):] = torch.tensor(p), 1
-    hf.generate(input_ids=x[:2], attention_mask=mask[:2], max_new_tokens=2, do_sample=False, pad_token_id=0)  # warm-up
-    t = time.perf_counter()
     with torch.no_grad():
-        out = hf.generate(input_ids=x, attention_mask=mask, max_new_tokens=args.max_tokens,
-                          min_new_tokens=args.max_tokens, do_sample=False, pad_token_id=0)
-    t_hf = time.perf_counter() - t
-    n_hf = (out.shape[1] - width) * len(ids)
-    # HF's min_new_tokens masks EOS, while ignore_eos (vLLM's meaning) only keeps going after it: compare up
-    # to the first EOS minillm picks
-    def upto_eos(ids):
-        return ids[: next((j for j, t in enumerate(ids) if t in llm.llm_engine.eos_ids), len(ids))]
-    mine = [upto_eos(o.outputs[0].token_ids) for o in outs]
-    same = sum(m == out[i, width:width + len(m)].tolist() for i, m in enumerate(mine))
+        hf.generate(input_ids=x[:2], attention_mask=mask[:2], max_new_tokens=2, do_sample=False, pad_token_id=0)  # warm-up
+        t = time.perf_counter()
+        out = hf.generate(input_ids=x, attention_mask=mask, max_new_tokens=max_tokens,
+                          min_new_tokens=max_tokens, do_sample=False, pad_token_id=0)
+    return time.perf_counter() - t, out[:, width:], (out.shape[1] - width) * len(ids)
 
-    print(f"\ndevice: cpu ({torch.get_num_threads()} threads), torch {torch.__version__}, "
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--prompts", type=int, default=16)
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads for both (default: minillm's choice)")
+    ap.add_argument("--busy", action="store_true", help="then run minillm again beside one busy process")
+    ap.add_argument("--no-hf", action="store_true", help="skip HF transformers")
+    args = ap.parse_args()
+    lines = [l.strip() for l in open(os.path.join(ROOT, "examples", "prompts.txt")) if l.strip()]
+    prompts = [lines[i % len(lines)] + f" ({i})" for i in range(args.prompts)]
+    sp = minillm.SamplingParams(temperature=0, max_tokens=args.max_tokens, ignore_eos=True)
+
+    threads = args.threads or minillm.choose_cpu_threads()
+    torch.set_num_threads(threads)  # as LLM() does; HF then runs with the same count
+    llm = minillm.LLM(None, device="cpu")
+    rows = []  # (engine, threads, tokens, seconds)
+    t_mini, outs = time_minillm(llm, prompts, sp)
+    rows.append(("minillm LLM.generate", threads, sum(len(o.outputs[0].token_ids) for o in outs), t_mini))
+    same = None
+    if not args.no_hf:
+        t_hf, hf_out, n_hf = time_hf([llm.get_tokenizer().encode(p) for p in prompts], args.max_tokens)
+        rows.append(("HF generate (padded batch)", threads, n_hf, t_hf))
+        # HF's min_new_tokens masks EOS, while ignore_eos (vLLM's meaning) only keeps going after it:
+        # compare up to the first EOS minillm picks
+        upto_eos = lambda ids: ids[: next((j for j, t in enumerate(ids) if t in llm.llm_engine.eos_ids), len(ids))]
+        same = sum(upto_eos(o.outputs[0].token_ids) == hf_out[i, :len(upto_eos(o.outputs[0].token_ids))].tolist()
+                   for i, o in enumerate(outs))
+    busy_rows = []
+    if args.busy:
+        busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+        try:
+            time.sleep(1.0)  # let it take its core
+            for n in dict.fromkeys([args.threads or minillm.choose_cpu_threads(), threads]):  # chosen now, quiet
+                torch.set_num_threads(n)
+                t, outs_busy = time_minillm(llm, prompts, sp)
+                busy_rows.append(("minillm, 1 busy process", n, sum(len(o.outputs[0].token_ids) for o in outs_busy), t))
+        finally:
+            busy.kill()
+            busy.wait()
+
+    print(f"\ndevice: {cpu_name()}, {len(os.sched_getaffinity(0))} CPUs; torch {torch.__version__}; "
           f"{args.prompts} prompts x {args.max_tokens} greedy tokens, default model (float32)")
-    print(f"{'engine':<28} {'out tokens':>10} {'wall s':>8} {'out tok/s':>10}")
-    print(f"{'minillm LLM.generate':<28} {n_mini:>10} {t_mini:>8.2f} {n_mini / t_mini:>10.1f}")
-    print(f"{'HF generate (padded batch)':<28} {n_hf:>10} {t_hf:>8.2f} {n_hf / t_hf:>10.1f}")
-    print(f"minillm / HF: {(n_mini / t_mini) / (n_hf / t_hf):.2f}x;  identical greedy outputs (up to EOS): {same}/{len(outs)}")
-
+    print(f"{'engine':<28} {'threads':>7} {'out tokens':>10} {'wall s':>8} {'out tok/s':>10}")
+    for name, n, tokens, t in rows + busy_rows:
+        print(f"{name:<28} {n:>7} {tokens:>10} {t:>8.2f} {tokens / t:>10.1f}")
+    if same is not None:
+        (_, _, n_mini, t_mini), (_, _, n_hf, t_hf) = rows
+        print(f"minillm / HF: {(n_mini / t_mini) / (n_hf / t_hf):.2f}x;  "
+              f"identical greedy outputs (up to EOS): {same}/{len(outs)}")
+    if busy_rows:
+        how = "as given" if args.threads else "chosen afresh"
+        print(f"beside a busy process, threads {how}: {busy_rows[0][3] / rows[0][3]:.2f}x the quiet time")
 
 if __name__ == "__main__":
     main()

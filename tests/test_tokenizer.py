@@ -14,7 +14,7 @@ import pytest
 import tokenizers
 from tokenizers import pre_tokenizers
 
-from minillm import Detokenizer, load_tokenizer, tokenizer_from_gguf
+from minillm import Detokenizer, load_tokenizer
 
 
 def package_file(package, name, pip_name):
@@ -85,7 +85,7 @@ def llama3_model():
 
 @pytest.fixture(scope="module")
 def smol_gguf():
-    return tokenizer_from_gguf(gguf.GGUFReader(SMOL_GGUF()))
+    return load_tokenizer(SMOL_GGUF())
 
 
 @pytest.fixture(scope="module")
