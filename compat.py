@@ -372,21 +372,33 @@ class ProfilerConfig:
     torch_profiler_use_gzip: bool = True
 
 
-def start_torch_profiler(config: Optional[ProfilerConfig]):
-    """The running torch.profiler.profile of LLM.start_profile(). Without a config, vLLM's older spelling, the
-    folder in $VLLM_TORCH_PROFILER_DIR, is taken; with neither it is an error, as in vLLM."""
-    folder = config.torch_profiler_dir if config and config.profiler == "torch" else os.environ.get("VLLM_TORCH_PROFILER_DIR")
-    if not folder:
-        raise RuntimeError("Profiler is not enabled: pass profiler_config={'profiler': 'torch', "
-                           "'torch_profiler_dir': FOLDER} (or set VLLM_TORCH_PROFILER_DIR)")
-    c = config if config and config.profiler == "torch" else ProfilerConfig("torch", folder)
-    activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
-    profiler = torch.profiler.profile(
-        activities=activities, record_shapes=c.torch_profiler_record_shapes, profile_memory=c.torch_profiler_with_memory,
-        with_stack=c.torch_profiler_with_stack, with_flops=c.torch_profiler_with_flops,
-        on_trace_ready=torch.profiler.tensorboard_trace_handler(folder, worker_name="minillm", use_gzip=c.torch_profiler_use_gzip))
-    profiler.start()
-    return profiler
+class Profiler:
+    """LLM.start_profile() / stop_profile(): a torch.profiler trace of what runs between them. Without a config,
+    vLLM's older spelling, a folder in $VLLM_TORCH_PROFILER_DIR, is taken; with neither it is an error, as in vLLM."""
+
+    def __init__(self, config: Optional[ProfilerConfig]):
+        self.config, self.running = config, None
+
+    def start(self) -> None:
+        c = self.config if self.config and self.config.profiler == "torch" else None
+        folder = c.torch_profiler_dir if c else os.environ.get("VLLM_TORCH_PROFILER_DIR")
+        if not folder:
+            raise RuntimeError("Profiler is not enabled: pass profiler_config={'profiler': 'torch', "
+                               "'torch_profiler_dir': FOLDER} (or set VLLM_TORCH_PROFILER_DIR)")
+        c = c or ProfilerConfig("torch", folder)
+        P = torch.profiler
+        self.running = P.profile(
+            activities=[P.ProfilerActivity.CPU] + ([P.ProfilerActivity.CUDA] if torch.cuda.is_available() else []),
+            record_shapes=c.torch_profiler_record_shapes, profile_memory=c.torch_profiler_with_memory,
+            with_stack=c.torch_profiler_with_stack, with_flops=c.torch_profiler_with_flops,
+            on_trace_ready=P.tensorboard_trace_handler(folder, worker_name="minillm", use_gzip=c.torch_profiler_use_gzip))
+        self.running.start()
+
+    def stop(self) -> None:  # writes the trace
+        if self.running is None:
+            raise RuntimeError("stop_profile() without start_profile()")
+        self.running, running = None, self.running
+        running.stop()
 
 
 def set_random_seed(seed: int) -> None:
@@ -399,6 +411,25 @@ def set_random_seed(seed: int) -> None:
     except ImportError:
         pass
     torch.manual_seed(seed)
+
+
+def decoded_token(tokenizer: "HFTokenizerAPI", token: int, context: list[int]) -> str:
+    """vLLM's Logprob.decoded_token: the token decoded alone. A text ending in U+FFFD (a character whose bytes
+    are split over tokens) is decoded again after the last 1..4 tokens of `context`, until it completes, and
+    keeps what comes after those tokens' own text; "" if it never completes."""
+    text = tokenizer.decode([token])
+    if not text.endswith("\ufffd"):
+        return text
+    for n in range(1, min(4, len(context)) + 1):
+        before = context[-n:]
+        full = tokenizer.decode(before + [token])
+        if full.endswith("\ufffd"):
+            continue
+        clean = n  # leading context tokens that are whole characters; the rest belong to this one
+        while clean and tokenizer.decode([before[clean - 1]]).endswith("\ufffd"):
+            clean -= 1
+        return full[len(os.path.commonprefix([tokenizer.decode(before[:clean]), full])):]
+    return ""
 
 
 # ----------------------------------------------------------------------------------------------

@@ -17,8 +17,8 @@ What happens inside, in the order this file is written:
   8. model runner   the device side: KV cache sizing, CUDA graphs, one step's inputs in, sampled tokens out
   9. engine         LLMEngine (requests, steps, landing tokens, outputs) and LLM (generate, chat)
  10. generate, CLI  `python minillm.py --prompts file.txt`
-The vLLM and HF API surface the engine itself does not need (EngineArgs, hub ids, the HF tokenizer calls)
-is in compat.py; every name in it is importable from here.
+The vLLM and HF API surface the engine itself does not need (EngineArgs, hub ids, prompt dicts, metric
+objects, the profiler, the HF tokenizer calls) is in compat.py; every name in it is importable from here.
 
 Dimension legend used in shape comments:
   N           tokens in one engine step (the new tokens of every scheduled sequence, packed)
@@ -87,9 +87,9 @@ import lora
 import paged_attention as pa
 import timeline
 from compat import (BatchEncoding, Counter, EngineArgs, FlexibleArgumentParser, Gauge, HFTokenizerAPI, Histogram,  # noqa: F401
-                    Metric, ProfilerConfig, RequestOutputKind, RequestStateStats, TextPrompt, TokensPrompt, Vector,
-                    cut_after_final_message, default_sampling_params, metrics_snapshot, resolve_model, set_random_seed,
-                    start_torch_profiler, text_content)
+                    Metric, Profiler, ProfilerConfig, RequestOutputKind, RequestStateStats, TextPrompt, TokensPrompt,
+                    Vector, cut_after_final_message, decoded_token, default_sampling_params, metrics_snapshot,
+                    resolve_model, set_random_seed, text_content)
 from lora import LoRARequest
 
 # ----------------------------------------------------------------------------------------------
@@ -1596,7 +1596,7 @@ class LLMEngine:
         # vLLM's metrics (get_metrics): two counters, and (time to first token, end-to-end) per finished sequence
         self.num_prompt_tokens = self.num_generation_tokens = 0
         self.latencies: list[tuple[float, float]] = []
-        self.profiler_config, self.profiler = args.profiler_config, None
+        self.profiler = Profiler(args.profiler_config)  # LLM.start_profile() / stop_profile()
 
     @classmethod
     def from_engine_args(cls, engine_args: EngineArgs, usage_context=None) -> "LLMEngine":
@@ -1913,16 +1913,6 @@ class LLMEngine:
         gauges = dict(num_requests_running=len(self.scheduler.running), num_requests_waiting=len(self.scheduler.waiting))
         return metrics_snapshot(self.model_name, counters, gauges, [t for t, _ in self.latencies], [e for _, e in self.latencies])
 
-    def start_profile(self) -> None:
-        self.profiler = start_torch_profiler(self.profiler_config)
-
-    def stop_profile(self) -> None:
-        """Stop the profiler and write its trace (profiler_config's folder)."""
-        if self.profiler is None:
-            raise RuntimeError("stop_profile() without start_profile()")
-        self.profiler, profiler = None, self.profiler
-        profiler.stop()
-
 
 def find_stop_string(seq: Sequence, old_len: int) -> bool:
     """Look for a stop string that ends in the newly added text; cut the text there if found. Of several, the
@@ -1938,25 +1928,6 @@ def find_stop_string(seq: Sequence, old_len: int) -> bool:
     seq.text = seq.text[: i + len(stop) if p.include_stop_str_in_output else i]
     seq.finish_reason, seq.stop_reason = "stop", stop
     return True
-
-
-def decoded_token(tokenizer: "Tokenizer", token: int, context: list[int]) -> str:
-    """vLLM's Logprob.decoded_token: the token decoded alone. A text ending in U+FFFD (a character whose bytes
-    are split over tokens) is decoded again after the last 1..4 tokens of `context`, until it completes, and
-    keeps what comes after those tokens' own text; "" if it never completes."""
-    text = tokenizer.decode([token])
-    if not text.endswith("\ufffd"):
-        return text
-    for n in range(1, min(4, len(context)) + 1):
-        before = context[-n:]
-        full = tokenizer.decode(before + [token])
-        if full.endswith("\ufffd"):
-            continue
-        clean = n  # leading context tokens that are whole characters; the rest belong to this one
-        while clean and tokenizer.decode([before[clean - 1]]).endswith("\ufffd"):
-            clean -= 1
-        return full[len(os.path.commonprefix([tokenizer.decode(before[:clean]), full])):]
-    return ""
 
 
 class LLM:
@@ -1983,10 +1954,10 @@ class LLM:
         return self.llm_engine.get_metrics()
 
     def start_profile(self) -> None:
-        self.llm_engine.start_profile()
+        self.llm_engine.profiler.start()
 
     def stop_profile(self) -> None:
-        self.llm_engine.stop_profile()
+        self.llm_engine.profiler.stop()
 
     def generate(self, prompts, sampling_params=None, *, use_tqdm: bool | Callable = True, lora_request=None,
                  priority: Optional[list[int]] = None) -> list[RequestOutput]:
