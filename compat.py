@@ -1,7 +1,8 @@
 """
 The vLLM and Hugging Face API surface that offline scripts call and the engine does not need: vLLM's engine
 arguments (`EngineArgs`, `FlexibleArgumentParser`), models by hub id (`resolve_model`), a checkpoint's
-generation_config.json as the default SamplingParams, and the HF tokenizer calls (`tok(text).input_ids`,
+generation_config.json as the default SamplingParams, the shapes vLLM hands back or takes (prompt dicts,
+metrics, a request's timestamps, the profiler's config), and the HF tokenizer calls (`tok(text).input_ids`,
 `batch_decode`, `eos_token_id`, `convert_tokens_to_ids`, OpenAI content parts in chat templates, ...).
 
 It lives beside minillm.py so that the engine reads top to bottom without it; minillm imports every name
@@ -11,12 +12,14 @@ here, so `from minillm import EngineArgs` works as `from vllm import EngineArgs`
 from __future__ import annotations
 
 import argparse
+import enum
 import functools
 import json
 import os
+import random
 import sys
 from dataclasses import dataclass, fields
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, TypedDict
 
 import torch
 
@@ -38,13 +41,15 @@ class EngineArgs:
     download_dir: Optional[str] = None   # a Hugging Face cache to use instead of the default one
     hf_token: Optional[str] = None       # for gated hub repositories
     dtype: str = "auto"                  # "auto", "float16"/"half", "bfloat16", "float32"/"float"
-    seed: int = 0                        # the engine's sampling stream (requests with a seed have their own)
+    seed: Optional[int] = 0              # the engine's sampling stream (requests with a seed have their own), and
+    #                                      Python's, NumPy's and torch's global generators; None: no seeding
     max_model_len: Optional[int] = None  # prompt + output; None: the checkpoint's max_position_embeddings
     hf_overrides: Any = None             # a dict merged into config.json, or a function of the config
     generation_config: str = "auto"      # the default SamplingParams: "auto" generation_config.json's, "vllm" none, or a folder's
     override_generation_config: Optional[dict] = None  # merged over those defaults
     max_logprobs: int = 20               # the most logprobs / prompt_logprobs a request may ask for; -1: no cap
-    device: Optional[str] = "auto"       # "auto" or None (cuda when available), "cuda" or "cpu"
+    device: Optional[str] = "auto"       # "auto" or None (cuda when available), "cuda", "cuda:N" or "cpu"
+    profiler_config: Any = None          # a ProfilerConfig or its dict: where start_profile() / stop_profile() write
     # KV cache and scheduler
     block_size: Optional[int] = None     # token slots per KV cache block; None: 16
     gpu_memory_utilization: float = 0.9  # the share of the GPU's memory for weights, activations and KV cache
@@ -94,6 +99,8 @@ class EngineArgs:
     compilation_config: Any = None
     async_scheduling: bool = False
     max_parallel_loading_workers: Optional[int] = None
+    # minillm's own
+    trace: bool = False                  # record what every engine step did (LLM.last_trace; timeline.py draws it)
 
     ONLY = dict(tensor_parallel_size=[1], pipeline_parallel_size=[1], data_parallel_size=[1],
                 distributed_executor_backend=[None, "uni", "mp"], quantization=[None, "gguf"], kv_cache_dtype=["auto"],
@@ -102,7 +109,7 @@ class EngineArgs:
                 convert=["auto", "none"], model_impl=["auto", "vllm"], skip_tokenizer_init=[False],
                 enable_prompt_embeds=[False], enable_chunked_prefill=[None, True], enable_sleep_mode=[False],
                 logprobs_mode=["raw_logprobs"], logits_processors=[None], speculative_config=[None],
-                device=["auto", None, "cuda", "cpu"], scheduling_policy=["fcfs", "priority"],
+                scheduling_policy=["fcfs", "priority"],
                 dtype=["auto", "float16", "half", "bfloat16", "float32", "float",
                        torch.float16, torch.bfloat16, torch.float32])
 
@@ -127,13 +134,18 @@ class EngineArgs:
             raise ValueError(f"generation_config must be 'auto', 'vllm' or a folder, got {self.generation_config!r}")
         if self.hf_overrides is not None and not (isinstance(self.hf_overrides, dict) or callable(self.hf_overrides)):
             raise ValueError(f"hf_overrides must be a dict or a function of the config, got {self.hf_overrides!r}")
+        if isinstance(self.profiler_config, dict):
+            self.profiler_config = ProfilerConfig(**self.profiler_config)
+        if self.profiler_config is not None and self.profiler_config.profiler not in (None, "torch"):
+            raise ValueError(f"profiler_config: profiler={self.profiler_config.profiler!r} is not supported; "
+                             f"minillm takes None or 'torch'")
 
     @staticmethod
     def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         """Every field as a flag spelled as vLLM spells it: `--max-model-len`, `--enforce-eager` / `--no-enforce-eager`,
         `-tp`; JSON for the dicts (`--hf-overrides '{"rope_theta": 1e6}'`); "None" for an optional value's None."""
         types = dict(hf_overrides=json.loads, override_generation_config=json.loads, speculative_config=json.loads,
-                     compilation_config=json.loads, **dict.fromkeys(
+                     compilation_config=json.loads, profiler_config=json.loads, **dict.fromkeys(
                          ["max_model_len", "block_size", "kv_cache_memory_bytes", "num_gpu_blocks_override", "max_num_seqs",
                           "max_num_batched_tokens", "max_cpu_loras", "max_parallel_loading_workers"], int))
         short = dict(tensor_parallel_size="-tp", pipeline_parallel_size="-pp", data_parallel_size="-dp",
@@ -264,6 +276,163 @@ def default_sampling_params(model_path: str, generation_config: str = "auto",
 
 
 # ----------------------------------------------------------------------------------------------
+# What vLLM takes and hands back beside the engine: prompt dicts, output kinds, metrics, request timestamps,
+# the profiler, the global seeds
+
+
+class TextPrompt(TypedDict, total=False):    # vLLM's (vllm.inputs): a prompt as text
+    prompt: str
+
+
+class TokensPrompt(TypedDict, total=False):  # vLLM's: a prompt as token ids (minillm also keeps a text beside them)
+    prompt_token_ids: list[int]
+    prompt: str
+
+
+class RequestOutputKind(enum.IntEnum):  # SamplingParams.output_kind: what LLMEngine.step returns of a request
+    CUMULATIVE = 0  # its outputs so far, after every step that gave it a token
+    DELTA = 1       # only what is new (streaming deltas: not in minillm)
+    FINAL_ONLY = 2  # only its finished output
+
+
+@dataclass
+class RequestStateStats:
+    """RequestOutput.metrics, as vLLM's v1 engine keeps it: arrival_time is wall-clock (time.time()), the _ts
+    fields are time.monotonic(); first_token_latency = first token's wall time - arrival_time."""
+    num_generation_tokens: int = 0
+    arrival_time: float = 0.0
+    queued_ts: float = 0.0
+    scheduled_ts: float = 0.0      # first scheduled (a preemption does not move it)
+    first_token_ts: float = 0.0
+    last_token_ts: float = 0.0
+    first_token_latency: float = 0.0
+
+
+# vLLM's metric objects (vllm.v1.metrics.reader), as LLM.get_metrics() returns them
+@dataclass
+class Metric:
+    name: str
+    labels: dict[str, str]
+
+
+@dataclass
+class Counter(Metric):
+    value: int
+
+
+@dataclass
+class Vector(Metric):  # (vLLM's speculative-decoding metric; minillm reports none)
+    values: list[int]
+
+
+@dataclass
+class Gauge(Metric):
+    value: float
+
+
+@dataclass
+class Histogram(Metric):
+    count: int
+    sum: float
+    buckets: dict[str, int]  # upper bound as Prometheus writes it ("0.5", "+Inf") -> observations <= it
+
+
+# vLLM's bucket bounds (vllm/v1/metrics/loggers.py) for the two latency histograms, in seconds
+TTFT_BUCKETS = [0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0,
+                40.0, 80.0, 160.0, 640.0, 2560.0]
+E2E_BUCKETS = [0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0,
+               480.0, 960.0, 1920.0, 7680.0]
+
+
+def histogram(name: str, labels: dict, values: list[float], bounds: list[float]) -> Histogram:
+    buckets = {repr(float(b)): sum(v <= b for v in values) for b in bounds}  # cumulative, as Prometheus counts
+    return Histogram(name, labels, len(values), float(sum(values)), {**buckets, "+Inf": len(values)})
+
+
+def metrics_snapshot(model_name: str, counters: dict, gauges: dict, ttfts: list[float], e2es: list[float]) -> list:
+    """vLLM's metric names and kinds, labelled as its one engine labels them."""
+    labels = {"model_name": model_name, "engine": "0"}
+    return [*(Counter(f"vllm:{k}", dict(labels), int(v)) for k, v in counters.items()),
+            *(Gauge(f"vllm:{k}", dict(labels), float(v)) for k, v in gauges.items()),
+            histogram("vllm:time_to_first_token_seconds", dict(labels), ttfts, TTFT_BUCKETS),
+            histogram("vllm:e2e_request_latency_seconds", dict(labels), e2es, E2E_BUCKETS)]
+
+
+@dataclass
+class ProfilerConfig:
+    """vLLM's profiler_config (vllm.config.ProfilerConfig): with profiler="torch", LLM.start_profile() ...
+    stop_profile() record a torch.profiler trace of what ran between them into torch_profiler_dir (a file
+    `*.pt.trace.json[.gz]`, for Perfetto or chrome://tracing)."""
+    profiler: Optional[str] = None
+    torch_profiler_dir: str = ""
+    torch_profiler_record_shapes: bool = False
+    torch_profiler_with_memory: bool = False
+    torch_profiler_with_stack: bool = True
+    torch_profiler_with_flops: bool = False
+    torch_profiler_use_gzip: bool = True
+
+
+class Profiler:
+    """LLM.start_profile() / stop_profile(): a torch.profiler trace of what runs between them. Without a config,
+    vLLM's older spelling, a folder in $VLLM_TORCH_PROFILER_DIR, is taken; with neither it is an error, as in vLLM."""
+
+    def __init__(self, config: Optional[ProfilerConfig]):
+        self.config, self.running = config, None
+
+    def start(self) -> None:
+        c = self.config if self.config and self.config.profiler == "torch" else None
+        folder = c.torch_profiler_dir if c else os.environ.get("VLLM_TORCH_PROFILER_DIR")
+        if not folder:
+            raise RuntimeError("Profiler is not enabled: pass profiler_config={'profiler': 'torch', "
+                               "'torch_profiler_dir': FOLDER} (or set VLLM_TORCH_PROFILER_DIR)")
+        c = c or ProfilerConfig("torch", folder)
+        P = torch.profiler
+        self.running = P.profile(
+            activities=[P.ProfilerActivity.CPU] + ([P.ProfilerActivity.CUDA] if torch.cuda.is_available() else []),
+            record_shapes=c.torch_profiler_record_shapes, profile_memory=c.torch_profiler_with_memory,
+            with_stack=c.torch_profiler_with_stack, with_flops=c.torch_profiler_with_flops,
+            on_trace_ready=P.tensorboard_trace_handler(folder, worker_name="minillm", use_gzip=c.torch_profiler_use_gzip))
+        self.running.start()
+
+    def stop(self) -> None:  # writes the trace
+        if self.running is None:
+            raise RuntimeError("stop_profile() without start_profile()")
+        self.running, running = None, self.running
+        running.stop()
+
+
+def set_random_seed(seed: int) -> None:
+    """What vLLM's worker does with the engine's seed: seed Python's, NumPy's (when installed) and torch's
+    global generators (torch.manual_seed covers every CUDA device too)."""
+    random.seed(seed)
+    try:
+        import numpy
+        numpy.random.seed(seed % 2**32)  # (NumPy takes 32 bits)
+    except ImportError:
+        pass
+    torch.manual_seed(seed)
+
+
+def decoded_token(tokenizer: "HFTokenizerAPI", token: int, context: list[int]) -> str:
+    """vLLM's Logprob.decoded_token: the token decoded alone. A text ending in U+FFFD (a character whose bytes
+    are split over tokens) is decoded again after the last 1..4 tokens of `context`, until it completes, and
+    keeps what comes after those tokens' own text; "" if it never completes."""
+    text = tokenizer.decode([token])
+    if not text.endswith("\ufffd"):
+        return text
+    for n in range(1, min(4, len(context)) + 1):
+        before = context[-n:]
+        full = tokenizer.decode(before + [token])
+        if full.endswith("\ufffd"):
+            continue
+        clean = n  # leading context tokens that are whole characters; the rest belong to this one
+        while clean and tokenizer.decode([before[clean - 1]]).endswith("\ufffd"):
+            clean -= 1
+        return full[len(os.path.commonprefix([tokenizer.decode(before[:clean]), full])):]
+    return ""
+
+
+# ----------------------------------------------------------------------------------------------
 # The HF tokenizer surface (minillm.Tokenizer inherits it; its byte-level tables come from there)
 
 
@@ -344,21 +513,27 @@ class HFTokenizerAPI:
 # ---- chat templates: OpenAI content parts and continue_final_message ----
 
 
-def text_content(conversation: list[dict], template: str) -> list[dict]:
+def text_content(conversation: list[dict], template: str, content_format: str = "auto") -> list[dict]:
     """OpenAI-style content parts ([{"type": "text", "text": ...}, ...]) as vLLM's chat() passes them: kept as a
-    list for a template that loops over a message's content, joined with newlines for one that prints it.
-    Text is all our models read: any other part is refused."""
-    if not any(isinstance(m.get("content"), list) for m in conversation):
+    list for a template that loops over a message's content, joined with newlines for one that prints it
+    (content_format "auto"; vLLM's chat_template_content_format "string" always joins, "openai" always gives
+    parts, a string content too). Text is all our models read: any other part is refused."""
+    if content_format not in ("auto", "string", "openai"):
+        raise ValueError(f"chat_template_content_format must be 'auto', 'string' or 'openai', got {content_format!r}")
+    if content_format != "openai" and not any(isinstance(m.get("content"), list) for m in conversation):
         return conversation
+    as_parts = template_loops_over_content(template) if content_format == "auto" else content_format == "openai"
     out = []
     for i, m in enumerate(conversation):
         parts = m.get("content")
+        if isinstance(parts, str) and as_parts:
+            m = {**m, "content": [{"type": "text", "text": parts}]}
         if isinstance(parts, list):
             for p in parts:
                 if not isinstance(p, dict) or p.get("type") != "text":
                     kind = p.get("type") if isinstance(p, dict) else type(p).__name__
                     raise ValueError(f"message {i}: content part of type {kind!r} is not supported (text only)")
-            if not template_loops_over_content(template):
+            if not as_parts:
                 m = {**m, "content": "\n".join(p["text"] for p in parts)}
         out.append(m)
     return out

@@ -17,8 +17,8 @@ What happens inside, in the order this file is written:
   8. model runner   the device side: KV cache sizing, CUDA graphs, one step's inputs in, sampled tokens out
   9. engine         LLMEngine (requests, steps, landing tokens, outputs) and LLM (generate, chat)
  10. generate, CLI  `python minillm.py --prompts file.txt`
-The vLLM and HF API surface the engine itself does not need (EngineArgs, hub ids, the HF tokenizer calls)
-is in compat.py; every name in it is importable from here.
+The vLLM and HF API surface the engine itself does not need (EngineArgs, hub ids, prompt dicts, metric
+objects, the profiler, the HF tokenizer calls) is in compat.py; every name in it is importable from here.
 
 Dimension legend used in shape comments:
   N           tokens in one engine step (the new tokens of every scheduled sequence, packed)
@@ -39,6 +39,7 @@ from __future__ import annotations
 import argparse
 import base64
 import codecs
+import copy
 import functools
 import hashlib
 import importlib.util
@@ -50,6 +51,7 @@ import os
 import struct
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field, replace
 from enum import Enum
 from typing import Any, Callable, Optional
@@ -87,8 +89,10 @@ from tqdm import tqdm
 import lora
 import paged_attention as pa
 import timeline
-from compat import (BatchEncoding, EngineArgs, FlexibleArgumentParser, HFTokenizerAPI, cut_after_final_message,  # noqa: F401
-                    default_sampling_params, resolve_model, text_content)
+from compat import (BatchEncoding, Counter, EngineArgs, FlexibleArgumentParser, Gauge, HFTokenizerAPI, Histogram,  # noqa: F401
+                    Metric, Profiler, ProfilerConfig, RequestOutputKind, RequestStateStats, TextPrompt, TokensPrompt,
+                    Vector, cut_after_final_message, decoded_token, default_sampling_params, metrics_snapshot,
+                    resolve_model, set_random_seed, text_content)
 from lora import LoRARequest
 
 # ----------------------------------------------------------------------------------------------
@@ -145,11 +149,15 @@ class ModelConfig:
         )
 
 
+SAMPLING_EPS = 1e-5     # vLLM's: a temperature below it is greedy
+MIN_TEMPERATURE = 0.01  # vLLM's: a lower positive temperature is raised to it (logits / T would overflow)
+
+
 @dataclass
 class SamplingParams:
     """How to sample one request; vLLM's names, defaults and validation rules."""
     n: int = 1                       # completions per prompt
-    temperature: float = 1.0         # 0 = greedy
+    temperature: float = 1.0         # 0 (below SAMPLING_EPS) = greedy
     top_p: float = 1.0               # keep the smallest set of tokens whose probability reaches top_p
     top_k: int = 0                   # keep the k most likely tokens; 0 or -1 = off
     min_p: float = 0.0               # drop tokens below min_p * (probability of the most likely token)
@@ -166,13 +174,34 @@ class SamplingParams:
     presence_penalty: float = 0.0    # subtracted from the logit of every token already in the output
     frequency_penalty: float = 0.0   # subtracted once per occurrence in the output
     repetition_penalty: float = 1.0  # divides positive / multiplies negative logits of prompt and output tokens
+    detokenize: bool = True          # False: no text (text "", decoded_token None), so no stop strings either
+    spaces_between_special_tokens: bool = True  # (no effect: byte-level BPE puts no spaces between any tokens)
+    output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE  # what LLMEngine.step returns (not DELTA)
+    extra_args: Optional[dict] = None  # for custom samplers and plugins: minillm's sampler reads none
 
     def __post_init__(self):
+        """vLLM's normalizations, before the checks: seed -1 is no seed, logprobs=True is 1, a tiny positive
+        temperature is raised to MIN_TEMPERATURE, and greedy sampling ignores top_p, top_k and min_p."""
         if self.stop is None or isinstance(self.stop, str):
             self.stop = [self.stop] if self.stop else []
         if self.stop_token_ids is None or isinstance(self.stop_token_ids, tuple):
             self.stop_token_ids = list(self.stop_token_ids or [])
+        self.seed = None if self.seed == -1 else self.seed
+        self.logprobs, self.prompt_logprobs = [1 if v is True else v for v in (self.logprobs, self.prompt_logprobs)]
+        if isinstance(self.temperature, float) and 0 < self.temperature < MIN_TEMPERATURE:
+            warnings.warn(f"temperature {self.temperature} is below {MIN_TEMPERATURE}, which may cause nan or inf; "
+                          f"raised to {MIN_TEMPERATURE} (as vLLM does)")
+            self.temperature = MIN_TEMPERATURE
+        if self.greedy:
+            self.top_p, self.top_k, self.min_p = 1.0, 0, 0.0
         self.verify()
+
+    @property
+    def greedy(self) -> bool:
+        return isinstance(self.temperature, (int, float)) and self.temperature < SAMPLING_EPS
+
+    def clone(self) -> "SamplingParams":
+        return copy.deepcopy(self)
 
     def verify(self) -> None:
         """vLLM's rules, each error naming its field. generate checks again: a field may have been set since."""
@@ -182,6 +211,7 @@ class SamplingParams:
         is_int = lambda v: isinstance(v, int) and not isinstance(v, bool)
         is_num = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
         need(is_int(self.n) and self.n >= 1, "n", "an integer of at least 1")
+        need(not (self.greedy and self.n > 1), "n", "1 when using greedy sampling")
         need(is_num(self.temperature) and self.temperature >= 0, "temperature", "a finite number >= 0")
         need(is_num(self.top_p) and 0 < self.top_p <= 1, "top_p", "in (0, 1]")
         need(is_int(self.top_k) and self.top_k >= -1, "top_k", "0 or -1 (off), or an integer of at least 1")
@@ -192,6 +222,9 @@ class SamplingParams:
              f"an integer >= 0 and <= max_tokens={self.max_tokens}")
         need(isinstance(self.stop, list) and all(isinstance(s, str) and s for s in self.stop), "stop",
              "a non-empty str or a list of them")
+        need(not self.stop or self.detokenize is not False, "stop", "empty with detokenize=False (no text to search)")
+        need(self.output_kind in (RequestOutputKind.CUMULATIVE, RequestOutputKind.FINAL_ONLY), "output_kind",
+             "CUMULATIVE or FINAL_ONLY (minillm streams no deltas)")
         need(isinstance(self.stop_token_ids, list) and all(is_int(t) and t >= 0 for t in self.stop_token_ids),
              "stop_token_ids", "a list of non-negative integers")
         # torch's generators take 64 bits; child i of a request with n > 1 uses seed + i
@@ -203,7 +236,8 @@ class SamplingParams:
         for name in ("presence_penalty", "frequency_penalty"):
             need(is_num(getattr(self, name)) and -2 <= getattr(self, name) <= 2, name, "in [-2, 2]")
         need(is_num(self.repetition_penalty) and self.repetition_penalty > 0, "repetition_penalty", "a finite number > 0")
-        for name in ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens"):
+        for name in ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens", "detokenize",
+                     "spaces_between_special_tokens"):
             need(isinstance(getattr(self, name), bool), name, "True or False")
 
     @property
@@ -228,6 +262,7 @@ class CompletionOutput:
     logprobs: Optional[list] = None          # per token {token_id: Logprob}: the token itself and the top-k
     finish_reason: Optional[str] = None      # "stop" (EOS, stop string or stop token) or "length"
     stop_reason: Any = None                  # the stop string or stop token id that ended it; None for EOS
+    lora_request: Any = None
 
 
 @dataclass
@@ -240,6 +275,7 @@ class RequestOutput:
     prompt_logprobs: Optional[list] = None   # per prompt token as CompletionOutput.logprobs; the first is None
     num_cached_tokens: int = 0               # prompt tokens whose K/V came from the prefix cache
     lora_request: Any = None
+    metrics: Optional[RequestStateStats] = None  # its timestamps (for n > 1: completion 0's)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -551,7 +587,7 @@ class Tokenizer(HFTokenizerAPI):
         template = chat_template or self.chat_template
         if template is None:
             raise ValueError("this model's tokenizer has no chat template; pass chat_template=")
-        conversation = text_content(conversation, template)
+        conversation = text_content(conversation, template, template_kwargs.pop("chat_template_content_format", "auto"))
         text = render_chat_template(template, conversation, tools=tools, documents=documents,
                                     add_generation_prompt=add_generation_prompt, **template_kwargs,
                                     bos_token=self.bos_token or "", eos_token=self.eos_token or "",
@@ -887,10 +923,12 @@ class Llama(nn.Module):
         return self.lm_head(h).float()
 
 
-def load_model(path: str, device, dtype: str | torch.dtype, max_model_len: Optional[int]):
+def load_model(path: str, device, dtype: str | torch.dtype, max_model_len: Optional[int], hf_overrides=None):
     """A checkpoint path -> (model in eval mode on `device`, config, tokenizer or None)."""
     device = torch.device(device)
     if path.endswith(".gguf"):
+        if hf_overrides:
+            raise ValueError(f"hf_overrides patches a config.json, and {path} is a GGUF file")
         peek_dtype = None
     elif os.path.isdir(path):
         cfg_file = os.path.join(path, "config.json")
@@ -902,7 +940,7 @@ def load_model(path: str, device, dtype: str | torch.dtype, max_model_len: Optio
     if path.endswith(".gguf"):
         cfg, weights, tokenizer = load_gguf_checkpoint(path, device, dtype)
     else:
-        (cfg, weights), tokenizer = load_hf_checkpoint(path, device, dtype), None
+        (cfg, weights), tokenizer = load_hf_checkpoint(path, device, dtype, hf_overrides), None
     if cfg.tie_word_embeddings or "lm_head.weight" not in weights:
         weights["lm_head.weight"] = weights["embed_tokens.weight"]
     with torch.device("meta"):  # no memory, no random init: the loaded tensors become the parameters
@@ -1128,7 +1166,7 @@ def kv_bytes_per_block(cfg: ModelConfig, block_size: int, dtype) -> int:
 @dataclass
 class SamplingTensors:
     """One step's sampling parameters, one row per sampled sequence, on the device."""
-    temperature: torch.Tensor   # (B,) 0 = greedy
+    temperature: torch.Tensor   # (B,) below SAMPLING_EPS = greedy
     top_k: torch.Tensor         # (B,) V = off
     top_p: torch.Tensor         # (B,) 1 = off
     min_p: torch.Tensor         # (B,) 0 = off
@@ -1188,7 +1226,7 @@ def sample(logits: torch.Tensor, st: SamplingTensors, generator: torch.Generator
     for row, g in st.generators.items():
         q[row].exponential_(generator=g)
     sampled = (fused(gumbel_argmax) if logits.is_cuda else gumbel_argmax)(logits, temperature, q)  # one pass on the GPU
-    return torch.where(st.temperature == 0, greedy, sampled)
+    return torch.where(st.temperature < SAMPLING_EPS, greedy, sampled)
 
 
 def gather_logprobs(logprobs: torch.Tensor, token_ids: torch.Tensor, k: int) -> torch.Tensor:
@@ -1245,6 +1283,7 @@ class Sequence:
         self.cumulative_logprob = 0.0
         self.prompt_logprobs = [None] if params.prompt_logprobs is not None else None  # the first token has none
         self.num_prompt_logprobs = 1  # entries made or on their way from the device
+        self.stats = RequestStateStats(arrival_time=time.time(), queued_ts=time.monotonic())  # RequestOutput.metrics
 
     @property
     def num_tokens(self) -> int:
@@ -1341,8 +1380,8 @@ class Scheduler:
             self.block_manager.allocate(seq, n, cached)
             if self.events is not None:
                 self.events.admitted(seq, seq.num_computed_tokens)
-            if seq.num_cached_tokens is None:
-                seq.num_cached_tokens = seq.num_computed_tokens
+            if seq.num_cached_tokens is None:  # its first time
+                seq.num_cached_tokens, seq.stats.scheduled_ts = seq.num_computed_tokens, time.monotonic()
             seq.status = SequenceStatus.RUNNING
             insert_sorted(self.running, seq)
             batch.append((seq, n))
@@ -1434,15 +1473,18 @@ class ModelRunner:
 
     def __init__(self, model: "Llama", *, block_size: int, max_num_seqs: int, max_num_batched_tokens: int,
                  max_model_len: int, gpu_memory_utilization: float, num_gpu_blocks_override: Optional[int],
-                 enforce_eager: bool, seed: int, lora_manager=None):
+                 kv_cache_memory_bytes: Optional[int], enforce_eager: bool, seed: Optional[int], lora_manager=None):
         self.model, self.cfg, self.lora = model, model.cfg, lora_manager
         self.device, self.dtype = model.embed_tokens.weight.device, model.embed_tokens.weight.dtype
         self.block_size, self.max_num_seqs, self.max_model_len = block_size, max_num_seqs, max_model_len
-        self.generator = torch.Generator(device=self.device).manual_seed(seed)
+        self.generator = torch.Generator(device=self.device)
+        self.generator.seed() if seed is None else self.generator.manual_seed(seed)  # seed None: a fresh stream
         if self.device.type == "cuda":
             self.warm_up()
         if num_gpu_blocks_override is not None:
             self.num_blocks = num_gpu_blocks_override
+        elif kv_cache_memory_bytes is not None:
+            self.num_blocks = kv_cache_memory_bytes // kv_bytes_per_block(self.cfg, block_size, self.dtype)
         elif self.device.type == "cuda":
             self.num_blocks = self.profile_num_blocks(gpu_memory_utilization, max_num_batched_tokens)
         else:
@@ -1612,8 +1654,8 @@ class ModelRunner:
             rows = rows.pin_memory().to(self.device, non_blocking=True)
         st = SamplingTensors(
             temperature=rows[0], top_p=rows[1], min_p=rows[2], top_k=rows[3].long(),
-            generators={row: g for row, (g, p) in enumerate(zip(step.generators, ps)) if g is not None and p.temperature > 0},
-            all_greedy=all(p.temperature == 0 for p in ps), any_top_k_top_p=any(k < V for k in top_k) or any(p.top_p < 1 for p in ps),
+            generators={row: g for row, (g, p) in enumerate(zip(step.generators, ps)) if g is not None and not p.greedy},
+            all_greedy=all(p.greedy for p in ps), any_top_k_top_p=any(k < V for k in top_k) or any(p.top_p < 1 for p in ps),
             any_min_p=any(p.min_p > 0 for p in ps),
             penalties=(*self.seen_tokens(step.penalty_ids, last_ids, V), *rows[4:]) if step.penalty_ids else None)
         return sample(logits, st, self.generator)
@@ -1645,16 +1687,6 @@ class ModelRunner:
 # 9. The engine: requests in, RequestOutputs out
 
 
-def check_params(params, label: str) -> SamplingParams:
-    if not isinstance(params, SamplingParams):
-        raise TypeError(f"{label}: expected a SamplingParams, got {type(params).__name__}")
-    try:
-        params.verify()  # again: a field may have been set since it was made
-    except ValueError as e:
-        raise ValueError(f"{label}: {e}") from None
-    return params
-
-
 def check_priority(priority, label: str) -> int:
     if not isinstance(priority, int) or isinstance(priority, bool):
         raise TypeError(f"{label}: expected an integer, got {priority!r}")
@@ -1666,45 +1698,54 @@ class LLMEngine:
     It owns the text side (prompts, the scheduler and block manager, landing sampled tokens, detokenizing, stop
     conditions, outputs) and hands each step to the ModelRunner. LLM.generate drives it."""
 
-    def __init__(self, model: Optional[str] = None, *, tokenizer: Optional[str] = None, dtype="auto", device=None,
-                 seed: int = 0, max_model_len: Optional[int] = None, max_num_seqs: int = 256,
-                 max_num_batched_tokens: int = 8192, block_size: int = 16, gpu_memory_utilization: float = 0.9,
-                 num_gpu_blocks_override: Optional[int] = None, scheduling_policy: str = "fcfs",
-                 enforce_eager: bool = False, enable_prefix_caching: bool = True, enable_lora: bool = False,
-                 max_loras: int = 4, max_lora_rank: int = 64, trace: bool = False):
-        if scheduling_policy not in ("fcfs", "priority"):
-            raise ValueError(f"scheduling_policy must be 'fcfs' or 'priority', got {scheduling_policy!r}")
-        if block_size < 1 or block_size & (block_size - 1):
-            raise ValueError(f"block_size must be a power of two, got {block_size}")
-        if not 0.0 < gpu_memory_utilization <= 1.0:
-            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization}")
-        for name, value in (("max_num_seqs", max_num_seqs), ("max_num_batched_tokens", max_num_batched_tokens)):
-            if value < 1:
-                raise ValueError(f"{name} must be at least 1, got {value}")
-        self.device = check_device(device)
+    def __init__(self, args: EngineArgs):
+        """Everything from one EngineArgs (checked there): the model and tokenizer, LoRA slots, the model runner
+        with its KV cache, the block manager and the scheduler. As vLLM's worker, it seeds Python's, NumPy's and
+        torch's global generators with args.seed (scripts rely on it)."""
+        self.device = check_device(None if args.device == "auto" else args.device)
         if self.device.type == "cpu":  # as many threads as there are free cores (MINILLM_NUM_THREADS overrides)
             torch.set_num_threads(choose_cpu_threads())
-        model_path = model or default_model_path()
-        llama, self.cfg, gguf_tokenizer = load_model(model_path, self.device, dtype, max_model_len)
+        if args.seed is not None:
+            set_random_seed(args.seed)
+        hub = dict(download_dir=args.download_dir, token=args.hf_token)
+        model_path = resolve_model(args.model, args.revision, **hub) if args.model else default_model_path()
+        llama, self.cfg, gguf_tokenizer = load_model(model_path, self.device, args.dtype, args.max_model_len, args.hf_overrides)
+        tokenizer = args.tokenizer and resolve_model(args.tokenizer, args.tokenizer_revision, **hub)
         self.tokenizer = load_tokenizer(tokenizer or model_path) if (tokenizer or not gguf_tokenizer) else gguf_tokenizer
+        # vLLM's EOS is the tokenizer's; the checkpoint's other EOS ids stop as stop tokens (stop_reason = the id)
         self.eos_ids = set(self.cfg.eos_token_ids) | self.tokenizer.eos_ids
+        self.eos_token_id = next((i for i in sorted(self.tokenizer.eos_ids)
+                                  if self.tokenizer.decode([i]) == self.tokenizer.eos_token), None)
+        self.default_params = default_sampling_params(model_path, args.generation_config, args.override_generation_config)
+        self.model_name, self.max_logprobs = args.served_model_name or args.model or model_path, args.max_logprobs
         # LoRA: adapter slots on the device, before the KV cache takes what memory is left
-        self.lora = lora.LoRAManager(llama, max_loras, max_lora_rank) if enable_lora else None
-        self.max_model_len = max_model_len or self.cfg.max_position_embeddings
-        self.runner = ModelRunner(llama, block_size=block_size, max_num_seqs=max_num_seqs,
-                                  max_num_batched_tokens=max_num_batched_tokens, max_model_len=self.max_model_len,
-                                  gpu_memory_utilization=gpu_memory_utilization, num_gpu_blocks_override=num_gpu_blocks_override,
-                                  enforce_eager=enforce_eager, seed=seed, lora_manager=self.lora)
+        self.lora = lora.LoRAManager(llama, args.max_loras, args.max_lora_rank) if args.enable_lora else None
+        self.max_model_len = args.max_model_len or self.cfg.max_position_embeddings
+        block_size, max_num_seqs, max_tokens = args.block_size or 16, args.max_num_seqs or 256, args.max_num_batched_tokens or 8192
+        self.runner = ModelRunner(llama, block_size=block_size, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_tokens,
+                                  max_model_len=self.max_model_len, gpu_memory_utilization=args.gpu_memory_utilization,
+                                  num_gpu_blocks_override=args.num_gpu_blocks_override,
+                                  kv_cache_memory_bytes=args.kv_cache_memory_bytes, enforce_eager=args.enforce_eager,
+                                  seed=args.seed, lora_manager=self.lora)
         self.max_seq_len = self.runner.max_seq_len
-        self.block_manager = BlockManager(self.runner.num_blocks, block_size, enable_prefix_caching)
-        self.scheduler = Scheduler(self.block_manager, max_num_seqs, max_num_batched_tokens, max_loras if enable_lora else 0)
-        self.scheduling_policy = scheduling_policy
-        self.trace = timeline.Recorder(self, model_path) if trace else None  # what each step did (timeline.py)
+        self.block_manager = BlockManager(self.runner.num_blocks, block_size, args.enable_prefix_caching is not False)
+        self.scheduler = Scheduler(self.block_manager, max_num_seqs, max_tokens, args.max_loras if args.enable_lora else 0)
+        self.scheduling_policy = args.scheduling_policy
+        self.trace = timeline.Recorder(self, model_path) if args.trace else None  # what each step did (timeline.py)
         self.block_manager.events = self.scheduler.events = self.trace
         self.requests: dict[str, list[Sequence]] = {}  # the unfinished requests, each its n sequences
         self.streaming: set[str] = set()  # requests whose output is wanted after every step, not only at the end
         self.next_seq_id = 0
         self.in_flight = None  # the last step's (SampledTokens, [(sequence, index of its PENDING token)], scored)
+        # vLLM's metrics (get_metrics): two counters, and (time to first token, end-to-end) per finished sequence
+        self.num_prompt_tokens = self.num_generation_tokens = 0
+        self.latencies: list[tuple[float, float]] = []
+        self.profiler = Profiler(args.profiler_config)  # LLM.start_profile() / stop_profile()
+
+    @classmethod
+    def from_engine_args(cls, engine_args: EngineArgs, usage_context=None) -> "LLMEngine":
+        """vLLM's way to build one (usage_context is accepted and has no effect)."""
+        return cls(engine_args)
 
     # -- requests --
 
@@ -1738,13 +1779,30 @@ class LLMEngine:
         request_id = str(request_id)
         if request_id in self.requests:
             raise ValueError(f"request {request_id!r} is already in the engine")
-        params = check_params(params or SamplingParams(), "sampling_params")
+        params = self.check_params(params or SamplingParams(**self.default_params), "sampling_params")
         if priority != 0 and self.scheduling_policy != "priority":
             raise ValueError("priority is only honoured with scheduling_policy='priority'")
         check_priority(priority, "priority")
         text, ids = self.tokenize_prompt("prompt", prompt)
         self.add_checked(request_id, text, ids, params, lora.per_prompt(lora_request, 1, self.lora)[0], priority)
-        self.streaming.add(request_id)
+        if params.output_kind != RequestOutputKind.FINAL_ONLY:
+            self.streaming.add(request_id)
+
+    def check_params(self, params, label: str) -> SamplingParams:
+        """Checked again (a field may have been set since it was made), and against the engine: max_logprobs caps
+        logprobs and prompt_logprobs, -1 counting as the whole vocabulary (as in vLLM)."""
+        if not isinstance(params, SamplingParams):
+            raise TypeError(f"{label}: expected a SamplingParams, got {type(params).__name__}")
+        try:
+            params.verify()
+            V, cap = self.cfg.vocab_size, self.cfg.vocab_size if self.max_logprobs == -1 else self.max_logprobs
+            for name, asked in (("logprobs", params.logprobs), ("prompt_logprobs", params.prompt_logprobs)):
+                if asked is not None and (V if asked == -1 else asked) > cap:
+                    raise ValueError(f"requested {name}={asked}, more than max_logprobs={self.max_logprobs} "
+                                     f"allows (an engine argument)")
+        except ValueError as e:
+            raise ValueError(f"{label}: {e}") from None
+        return params
 
     def add_checked(self, request_id: str, text, token_ids, params, lora_request, priority) -> None:
         """Queue a request whose inputs are checked. n > 1 is n sequences (vLLM's child requests): they share the
@@ -1868,19 +1926,30 @@ class LLMEngine:
         for r, (seq, kind, k) in enumerate(scored):
             row = rows[r * width:(r + 1) * width]
             if kind == "prompt_logprobs":
-                seq.prompt_logprobs.append(self.logprob_entry(row, k))
+                seq.prompt_logprobs.append(self.logprob_entry(row, k, seq.prompt_logprobs, seq.params.detokenize))
             elif seq.finish_reason is None:  # (else its token is dropped below)
-                seq.logprobs.append(self.logprob_entry(row, k))
+                seq.logprobs.append(self.logprob_entry(row, k, seq.logprobs, seq.params.detokenize))
                 seq.cumulative_logprob += row[1]
-        progressed = {}
+        progressed, now, wall = {}, time.monotonic(), time.time()
         for (seq, i), token in zip(landing, tokens):
             if seq.finish_reason is not None:
                 continue  # it finished on an earlier token, or was aborted: this one was computed in vain
             seq.token_ids[i] = token
             progressed[seq.request_id] = True
+            self.count_token(seq, now, wall)
             if self.process_token(seq, i):
                 self.scheduler.finish(seq)
+                self.latencies.append((seq.stats.first_token_latency, wall - seq.stats.arrival_time))
         return progressed
+
+    def count_token(self, seq: Sequence, now: float, wall: float) -> None:
+        """vLLM's token counters and the sequence's timestamps: its prompt counts as processed at its first token."""
+        if seq.stats.num_generation_tokens == 0:
+            self.num_prompt_tokens += len(seq.prompt_token_ids)
+            seq.stats.first_token_ts, seq.stats.first_token_latency = now, wall - seq.stats.arrival_time
+        seq.stats.num_generation_tokens += 1
+        seq.stats.last_token_ts = now
+        self.num_generation_tokens += 1
 
     def recover(self, abort=()) -> None:
         """Back to a consistent state after an exception (KeyboardInterrupt included) at any point of a step or
@@ -1925,16 +1994,18 @@ class LLMEngine:
         s0 = seqs[0]
         completions = [CompletionOutput(s.index, s.text, [t for t in s.output_token_ids if t != PENDING],
                                         None if s.logprobs is None else s.cumulative_logprob, s.logprobs,
-                                        s.finish_reason, s.stop_reason) for s in seqs]
+                                        s.finish_reason, s.stop_reason, s.lora_request) for s in seqs]
         return RequestOutput(request_id, s0.prompt, s0.prompt_token_ids, completions, finished=finished,
                              prompt_logprobs=s0.prompt_logprobs, num_cached_tokens=max(s.num_cached_tokens or 0 for s in seqs),
-                             lora_request=s0.lora_request)
+                             lora_request=s0.lora_request, metrics=s0.stats)
 
-    def logprob_entry(self, row: list[float], k: int) -> dict:
-        """A row of gather_logprobs -> vLLM's {token_id: Logprob}: the scored token, then the top k (-1: all)."""
+    def logprob_entry(self, row: list[float], k: int, earlier: list, detokenize: bool) -> dict:
+        """A row of gather_logprobs -> vLLM's {token_id: Logprob}: the scored token, then the top k (-1: all).
+        `earlier`: the entries before it, whose scored tokens are the context a decoded_token may need."""
         width = (len(row) - 3) // 2
         k = width if k < 0 else k
-        decode = lambda t: self.tokenizer.decode([t], skip_special_tokens=False)
+        context = [next(iter(e)) for e in earlier[-4:] if e]
+        decode = (lambda t: decoded_token(self.tokenizer, t, context)) if detokenize else (lambda t: None)
         token = int(row[0])
         entry = {token: Logprob(row[1], int(row[2]), decode(token))}
         for rank, (t, logprob) in enumerate(zip(row[3:3 + k], row[3 + width:3 + width + k]), start=1):
@@ -1942,51 +2013,95 @@ class LLMEngine:
         return entry
 
     def process_token(self, seq: Sequence, i: int) -> bool:
-        """Token i of `seq` has landed: extend the text and decide whether the sequence is finished."""
-        p, token = seq.params, seq.token_ids[i]
-        old_len = len(seq.text)
-        seq.text += seq.detokenizer.add(token)
-        if i + 1 - len(seq.prompt_token_ids) >= p.min_tokens:
-            if not p.ignore_eos and token in self.eos_ids:
-                seq.finish_reason = "stop"
+        """Token i of `seq` has landed: extend the text and decide whether the sequence is finished, by vLLM's
+        rules. EOS and stop tokens count once min_tokens tokens exist, and their own text is left out unless
+        include_stop_str_in_output. Stop strings are looked for once the output is longer than min_tokens."""
+        p, token, n = seq.params, seq.token_ids[i], i + 1 - len(seq.prompt_token_ids)  # n: output tokens so far
+        if n >= p.min_tokens:
+            if not p.ignore_eos and token in self.eos_ids:  # the tokenizer's EOS: no stop_reason
+                seq.finish_reason, seq.stop_reason = "stop", None if token == self.eos_token_id else token
             elif token in p.stop_token_ids:
                 seq.finish_reason, seq.stop_reason = "stop", token
-            elif p.stop:
-                find_stop_string(seq, old_len)  # sets the finish reason when one matched
+        old_len = len(seq.text)
+        if p.detokenize and (seq.finish_reason is None or p.include_stop_str_in_output):
+            seq.text += seq.detokenizer.add(token)
+        if p.stop and n > p.min_tokens:
+            find_stop_string(seq, old_len)  # sets the finish reason when one matched
         if seq.finish_reason is None and i + 1 >= seq.max_len:
             seq.finish_reason = "length"
         if seq.finish_reason is None:
             return False
         del seq.token_ids[i + 1:]  # a token sampled after this one, still in flight, is dropped
-        if not isinstance(seq.stop_reason, str):  # (a stop string already cut the text)
+        if p.detokenize and not isinstance(seq.stop_reason, str):  # (a stop string already cut the text)
             seq.text += seq.detokenizer.finish()
-            if p.stop:  # the flushed tail may complete a stop string
+            if p.stop and n > p.min_tokens:  # the flushed tail may complete a stop string
                 find_stop_string(seq, old_len)
         return True
 
+    # -- the rest of vLLM's engine API --
+
+    def reset_prefix_cache(self) -> bool:
+        """Forget every cached block, as vLLM's: only while no request holds a block (else False, and nothing changes)."""
+        if any(block.ref_count for block in self.block_manager.blocks):
+            return False
+        self.block_manager.cached.clear()
+        for block in self.block_manager.blocks:
+            block.hash = None
+        return True
+
+    def get_metrics(self) -> list[Metric]:
+        """vLLM's metrics under its names: prompt and generation token counters, preemptions, running and
+        waiting sequences, and histograms of each finished sequence's time to first token and end-to-end latency."""
+        counters = dict(prompt_tokens=self.num_prompt_tokens, generation_tokens=self.num_generation_tokens,
+                        num_preemptions=self.scheduler.num_preemptions)
+        gauges = dict(num_requests_running=len(self.scheduler.running), num_requests_waiting=len(self.scheduler.waiting))
+        return metrics_snapshot(self.model_name, counters, gauges, [t for t, _ in self.latencies], [e for _, e in self.latencies])
+
 
 def find_stop_string(seq: Sequence, old_len: int) -> bool:
-    """Look for a stop string that ends in the newly added text; cut the text there if found."""
-    p = seq.params
+    """Look for a stop string that ends in the newly added text; cut the text there if found. Of several, the
+    one that completes first wins, ties going to list order (vLLM's rule)."""
+    p, best = seq.params, None
     for stop in p.stop:
         i = seq.text.find(stop, max(0, old_len - len(stop) + 1))
-        if i != -1:
-            seq.text = seq.text[: i + len(stop) if p.include_stop_str_in_output else i]
-            seq.finish_reason, seq.stop_reason = "stop", stop
-            return True
-    return False
+        if i != -1 and (best is None or i + len(stop) < best[0] + len(best[1])):
+            best = i, stop
+    if best is None:
+        return False
+    i, stop = best
+    seq.text = seq.text[: i + len(stop) if p.include_stop_str_in_output else i]
+    seq.finish_reason, seq.stop_reason = "stop", stop
+    return True
 
 
 class LLM:
     """An offline engine: load a model once, then `generate` batches of prompts. model: None (the built-in
-    SmolLM2-135M-Instruct), a HF checkpoint folder, or a .gguf file; the keyword arguments are LLMEngine's."""
+    SmolLM2-135M-Instruct), a HF checkpoint folder, a .gguf file or a hub id; the keyword arguments are
+    EngineArgs' (vLLM's engine arguments), and a TypeError or ValueError comes from there."""
 
     def __init__(self, model: Optional[str] = None, **engine_args):
-        self.llm_engine = LLMEngine(model, **engine_args)
+        self.llm_engine = LLMEngine.from_engine_args(EngineArgs(model=model, **engine_args))
+        self.request_counter = itertools.count()  # request ids: one per prompt, counting on across calls
         self.last_trace: Optional[dict] = None  # with trace=True: what the last generate call did, step by step
 
     def get_tokenizer(self) -> "Tokenizer":
         return self.llm_engine.tokenizer
+
+    def get_default_sampling_params(self) -> SamplingParams:
+        """What generate and chat use without sampling_params: generation_config.json's values (EngineArgs.generation_config)."""
+        return SamplingParams(**self.llm_engine.default_params)
+
+    def reset_prefix_cache(self) -> bool:
+        return self.llm_engine.reset_prefix_cache()
+
+    def get_metrics(self) -> list[Metric]:
+        return self.llm_engine.get_metrics()
+
+    def start_profile(self) -> None:
+        self.llm_engine.profiler.start()
+
+    def stop_profile(self) -> None:
+        self.llm_engine.profiler.stop()
 
     def generate(self, prompts, sampling_params=None, *, use_tqdm: bool | Callable = True, lora_request=None,
                  priority: Optional[list[int]] = None) -> list[RequestOutput]:
@@ -1999,7 +2114,7 @@ class LLM:
         ids = []
         try:
             for request in requests:
-                ids.append(str(engine.next_seq_id))
+                ids.append(str(next(self.request_counter)))
                 engine.add_checked(ids[-1], *request)
             outputs = self.run_engine(len(ids), use_tqdm)
         except BaseException:
@@ -2011,10 +2126,11 @@ class LLM:
     def check_batch(self, prompts, sampling_params, lora_request, priority) -> list[tuple]:
         """Every input of a generate call, checked before any is queued: [(text, ids, params, lora, priority)]."""
         prompts = [prompts] if isinstance(prompts, (str, dict)) else list(prompts)
+        check = self.llm_engine.check_params
         if isinstance(sampling_params, SamplingParams) or sampling_params is None:
-            params = [check_params(sampling_params or SamplingParams(), "sampling_params")] * len(prompts)
+            params = [check(sampling_params or self.get_default_sampling_params(), "sampling_params")] * len(prompts)
         elif isinstance(sampling_params, (list, tuple)):
-            params = [check_params(p, f"sampling_params {i}") for i, p in enumerate(sampling_params)]
+            params = [check(p, f"sampling_params {i}") for i, p in enumerate(sampling_params)]
             if len(params) != len(prompts):
                 raise ValueError(f"the lengths of prompts ({len(prompts)}) and sampling_params ({len(params)}) must be the same")
         else:
@@ -2051,16 +2167,22 @@ class LLM:
         return outputs
 
     def chat(self, messages, sampling_params=None, *, use_tqdm: bool | Callable = True, lora_request=None,
-             chat_template: Optional[str] = None, add_generation_prompt: bool = True) -> list[RequestOutput]:
+             chat_template: Optional[str] = None, chat_template_content_format: str = "auto",
+             add_generation_prompt: bool = True, continue_final_message: bool = False, tools: Optional[list] = None,
+             chat_template_kwargs: Optional[dict] = None) -> list[RequestOutput]:
         """Generate the next message of one conversation ([{"role", "content"}, ...]) or of a list of them,
-        rendered with the model's chat template (or `chat_template`); one RequestOutput per conversation."""
+        rendered with the model's chat template (or `chat_template`); one RequestOutput per conversation.
+        tools, chat_template_kwargs (template variables) and continue_final_message reach the template as
+        vLLM passes them (see Tokenizer.apply_chat_template)."""
         import jinja2
         conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
         prompts, tokenizer = [], self.get_tokenizer()
         for i, conversation in enumerate(conversations):
             try:
-                text = tokenizer.apply_chat_template(conversation, chat_template=chat_template, tokenize=False,
-                                                     add_generation_prompt=add_generation_prompt)
+                text = tokenizer.apply_chat_template(
+                    conversation, tools, chat_template=chat_template, tokenize=False, add_generation_prompt=add_generation_prompt,
+                    continue_final_message=continue_final_message, chat_template_content_format=chat_template_content_format,
+                    **(chat_template_kwargs or {}))
             except jinja2.TemplateError as e:  # the template rejected it (raise_exception), or a field is missing
                 raise ValueError(f"conversation {i}: {e}") from e
             prompts.append({"prompt": text, "prompt_token_ids": tokenizer.encode(text, add_special_tokens=False)})

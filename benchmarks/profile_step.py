@@ -27,7 +27,8 @@ def main():
     ap.add_argument("--prompt-len", type=int, default=512)
     ap.add_argument("--enforce-eager", action="store_true")
     args = ap.parse_args()
-    engine = minillm.LLMEngine(build_random_checkpoint(tempfile.mkdtemp()), max_model_len=4096, enforce_eager=args.enforce_eager)
+    engine = minillm.LLMEngine.from_engine_args(minillm.EngineArgs(build_random_checkpoint(tempfile.mkdtemp()), max_model_len=4096,
+                                                                   enforce_eager=args.enforce_eager))
     sp = minillm.SamplingParams(temperature=0.6, max_tokens=1000, ignore_eos=True)
     for i in range(args.batch):
         ids = torch.randint(0, 128000, (args.prompt_len,)).tolist()
