@@ -18,7 +18,7 @@ apply_masks uploads the bitmask of the constrained rows in one copy and sets the
 on the device. Rows without a constraint are never touched. xgrammar is an optional dependency
 (`pip install 'minillm[structured]'`), imported on the first constrained request.
 
-Why xgrammar (measured by benchmarks/grammar_engines.py, see the README): the fastest mask per token at
+Why xgrammar (benchmarks/grammar_engines.py compares it with llguidance and outlines-core): the fastest mask per token at
 49k and 128k vocabularies, its mask equals its own token-by-token acceptance exactly (the reference test
 below holds it to that), unlimited rollback and fork for free, EBNF/GBNF, Lark, regex and JSON schema; it
 is vLLM's default backend.
@@ -56,7 +56,7 @@ class StructuredOutputsParams:
     regex: Optional[str] = None          # the whole output matches it
     choice: Optional[list[str]] = None   # the output is one of these strings
     grammar: Optional[str] = None        # EBNF as llama.cpp's GBNF (rules `name ::= ...`, root `root`), or Lark (`start: ...`)
-    json_object: Optional[bool] = None   # True: any JSON object... or any JSON value, as xgrammar's builtin JSON grammar
+    json_object: Optional[bool] = None   # True: any JSON object or array (xgrammar's builtin JSON grammar, as vLLM)
     disable_any_whitespace: bool = False  # JSON: no free whitespace between items (compact `,` and `:`)
 
     KINDS = ("json", "regex", "choice", "grammar", "json_object")
@@ -321,6 +321,9 @@ def apply_masks(logits: torch.Tensor, states: Sequence[Optional[GrammarState]]) 
     if all(s is None for s in states):
         return logits
     B, V = logits.shape
+    wrong = {s.vocab_size for s in states if s is not None} - {V}
+    if wrong:
+        raise ValueError(f"apply_masks: logits have {V} columns, a grammar state was compiled for {wrong.pop()}")
     rows, bitmask = constrained_bitmask(states, V, pin=logits.is_cuda)
     allowed = unpack_bitmask(bitmask.to(logits.device, non_blocking=True), V)  # (R, V)
     if len(rows) == B:
@@ -456,17 +459,16 @@ def apply_logits_controls(logits: torch.Tensor, controls: Sequence[Optional[Logi
     per-request processors row by row. Returns the logits (changed in place where possible)."""
     if all(c is None for c in controls):
         return logits
-    device, B, V = logits.device, *logits.shape
+    device, V = logits.device, logits.shape[1]
     todo = [(i, c) for i, c in enumerate(controls) if c is not None]
     # allowed_token_ids: keep the listed ids of the rows that have a list, -inf for the rest of those rows
     limited = [(i, c.allowed_token_ids) for i, c in todo if c.allowed_token_ids is not None]
     if limited:
-        rows = torch.tensor([i for i, _ in limited], dtype=torch.long)
-        keep = torch.zeros(len(limited), V, dtype=torch.bool)  # (L, V) on the CPU, then one copy
-        for r, (_, ids) in enumerate(limited):
-            keep[r, ids] = True
-        rows, keep = rows.to(device), keep.to(device)
-        logits[rows] = logits[rows].masked_fill(~keep, float("-inf"))
+        pairs = torch.tensor([(r, t) for r, (_, ids) in enumerate(limited) for t in ids], dtype=torch.long)  # (n, 2)
+        r, t = pairs.to(device, non_blocking=True).unbind(1)
+        keep = torch.zeros(len(limited), V, dtype=torch.bool, device=device).index_put_((r, t), torch.tensor(True, device=device))
+        rows = torch.tensor([i for i, _ in limited], dtype=torch.long).to(device, non_blocking=True)  # (L,)
+        logits[rows] = logits[rows].masked_fill(~keep, float("-inf"))  # (L, V)
     # bad_words: the (row, token) pairs to ban, then one write
     banned = [(i, t) for i, c in todo for t in c.banned_tokens(output_ids[i])]
     if banned:
