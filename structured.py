@@ -36,6 +36,7 @@ import inspect
 import json
 import math
 import os
+import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from enum import Enum, auto
@@ -143,6 +144,12 @@ def ebnf_literal(text: str) -> str:
     return '"' + "".join(map(escape, text)) + '"'
 
 
+# JSON's free whitespace, at most this many characters between two items: room for pretty-printing ("\n" and
+# 16 spaces), but a small model can no longer loop on newlines forever (greedy SmolLM2-135M did, in 8 of 32
+# outputs of tests/test_structured.py's SCHEMA, inside an array of numbers). vLLM leaves it unbounded.
+MAX_JSON_WHITESPACE = 20
+
+
 class GrammarCompiler:
     """Compiles constraints for one tokenizer and vocabulary size: the vocabulary once (here), each
     distinct constraint once (the cache). stop_ids: the engine's EOS ids; a finished grammar allows only them."""
@@ -164,16 +171,18 @@ class GrammarCompiler:
         if key not in self.cache:
             try:
                 self.cache[key] = self.compile_uncached(params)
-            except RuntimeError as e:  # xgrammar reports parse errors as RuntimeError
-                raise ValueError(f"structured_outputs.{params.kind} does not compile: {str(e).strip()}") from None
+            except RuntimeError as e:  # xgrammar reports parse errors as RuntimeError("[time] file.cc:line: what")
+                what = re.sub(r"^\[[\d:]+\] \S+:\d+: ", "", str(e).strip())
+                raise ValueError(f"structured_outputs.{params.kind} does not compile: {what}") from None
         return self.cache[key]
 
     def compile_uncached(self, params: StructuredOutputsParams):
         c, kind = self.compiler, params.kind
         if kind == "json":
             schema = params.json if isinstance(params.json, str) else json.dumps(params.json)
-            return c.compile_json_schema(schema, any_whitespace=not params.disable_any_whitespace,
-                                         separators=(",", ":") if params.disable_any_whitespace else None)
+            if params.disable_any_whitespace:
+                return c.compile_json_schema(schema, any_whitespace=False, separators=(",", ":"))
+            return c.compile_json_schema(schema, any_whitespace=True, max_whitespace_cnt=MAX_JSON_WHITESPACE)
         if kind == "json_object":
             return c.compile_builtin_json_grammar()
         if kind == "regex":

@@ -350,3 +350,77 @@ def test_batch_update_diff():
     assert u.batch_size == 2 and u.removed == [1, 2] and [a[:2] for a in u.added] == [(1, "params-c")]
     u = so.batch_update([], ["x"], info)
     assert u.removed == [] and u.added == [(0, "params-x", [0], [])]
+
+
+# -- through the engine: these run once LLM.generate takes structured_outputs (see benchmarks/NOTES-structured.md) --
+
+wired = pytest.mark.skipif("structured_outputs" not in getattr(minillm.SamplingParams, "__dataclass_fields__", {}),
+                           reason="minillm's engine does not take SamplingParams(structured_outputs=...) yet")
+
+
+def person_prompts(tok, n):
+    names = ["Ada", "Alan", "Grace", "Linus", "Ken", "Dennis", "Barbara", "Edsger"]
+    return [tok.apply_chat_template([{"role": "user", "content": f"Describe {names[i % 8]}, person {i}, as a JSON object "
+                                      "with name, age, score, role, tags and address."}]) for i in range(n)]
+
+
+@needs_xgrammar
+@wired
+def test_engine_json_schema_batch_of_32(llm):
+    jsonschema = pytest.importorskip("jsonschema")
+    params = minillm.SamplingParams(temperature=0, max_tokens=150, structured_outputs=StructuredOutputsParams(
+        json=SCHEMA, disable_any_whitespace=True))  # compact: half the tokens of the free-whitespace default
+    outs = llm.generate(person_prompts(llm.get_tokenizer(), 32), params, use_tqdm=False)
+    for o in outs:
+        assert o.outputs[0].finish_reason == "stop"
+        jsonschema.validate(json.loads(o.outputs[0].text), SCHEMA)
+
+
+@needs_xgrammar
+@wired
+def test_engine_regex_choice_n_and_mixed_batch(llm):
+    tok = llm.get_tokenizer()
+    prompts = person_prompts(tok, 6)
+    outs = llm.generate(prompts, minillm.SamplingParams(temperature=1.0, seed=1, n=2, max_tokens=30,
+                        guided_decoding=GuidedDecodingParams(regex=r"[A-Z][a-z]{1,8} \d{2}")), use_tqdm=False)
+    texts = [c.text for o in outs for c in o.outputs]
+    assert all(regex.fullmatch(r"[A-Z][a-z]{1,8} \d{2}", t) for t in texts) and len(set(texts)) > 6
+    outs = llm.generate(prompts, minillm.SamplingParams(temperature=0.8, seed=0, max_tokens=10,
+                        structured_outputs=StructuredOutputsParams(choice=["red", "green", "blue"])), use_tqdm=False)
+    assert all(o.outputs[0].text in ("red", "green", "blue") for o in outs)
+    free = minillm.SamplingParams(temperature=0, max_tokens=20)
+    number = minillm.SamplingParams(temperature=0, max_tokens=10, structured_outputs=StructuredOutputsParams(regex=r"\d{1,3}"))
+    alone = llm.generate(prompts[1::2], free, use_tqdm=False)
+    mixed = llm.generate(prompts, [number, free] * 3, use_tqdm=False)
+    assert [o.outputs[0].text for o in mixed[1::2]] == [o.outputs[0].text for o in alone]  # untouched rows
+    assert all(regex.fullmatch(r"\d{1,3}", o.outputs[0].text) for o in mixed[::2])
+
+
+@needs_xgrammar
+@wired
+def test_engine_preemption_keeps_the_grammar_state(llm):
+    small = minillm.LLM(num_gpu_blocks_override=16)  # 256 token slots for 4 sequences of ~90 tokens
+    prompts = person_prompts(llm.get_tokenizer(), 4)
+    params = minillm.SamplingParams(temperature=0, max_tokens=40, structured_outputs=StructuredOutputsParams(json=SCHEMA))
+    want = [o.outputs[0].text for o in llm.generate(prompts, params, use_tqdm=False)]
+    assert [o.outputs[0].text for o in small.generate(prompts, params, use_tqdm=False)] == want
+    assert small.scheduler.num_preemptions > 0
+
+
+@needs_xgrammar
+@wired
+def test_engine_logits_controls_and_errors_before_work(llm):
+    tok = llm.get_tokenizer()
+    p = tok.apply_chat_template([{"role": "user", "content": "Say hello world"}])
+    greedy_ = lambda **kw: llm.generate(p, minillm.SamplingParams(temperature=0, max_tokens=8, **kw), use_tqdm=False)[0].outputs[0]
+    assert greedy_().text.startswith("Hello") and not greedy_(bad_words=["Hello"]).text.startswith("Hello")
+    bang = tok.encode("!", add_special_tokens=False)[0]
+    assert greedy_(logit_bias={bang: 100}).token_ids[:3] == [bang] * 3
+    assert set(greedy_(allowed_token_ids=[bang, EOS]).token_ids) <= {bang, EOS}
+    assert greedy_(logits_processors=[lambda out, logits: logits.index_fill_(0, torch.tensor([bang]), 1e9)]).token_ids[0] == bang
+    with pytest.raises(ValueError, match=r"prompt 1: structured_outputs.regex does not compile"):
+        llm.generate([p, p], [minillm.SamplingParams(), minillm.SamplingParams(
+            structured_outputs=StructuredOutputsParams(regex="a(b"))], use_tqdm=False)
+    with pytest.raises(ValueError, match=r"prompt 0: allowed_token_ids holds ids outside the vocabulary"):
+        llm.generate(p, minillm.SamplingParams(allowed_token_ids=[10**6]), use_tqdm=False)
+    assert llm.scheduler.has_unfinished() is False
