@@ -232,7 +232,7 @@ def test_batch_of_32_random_rows_gives_valid_json(compiler, tok):
             break
     for out in outputs:
         assert out[-1] == EOS
-        jsonschema.validate(json.loads(tok.decode(out)), SCHEMA)
+        jsonschema.validate(json.loads(tok.decode(out, skip_special_tokens=True)), SCHEMA)
 
 
 @pytest.fixture(scope="module")
@@ -243,14 +243,14 @@ def llm():
 def greedy(llm, state, prompt: str, max_tokens: int) -> str:
     """The plainest loop: the whole sequence through the model each step, the mask, argmax, accept."""
     tok = llm.get_tokenizer()
-    ids = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=True)
+    ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
     out = []
     for _ in range(max_tokens):
         with torch.inference_mode():  # as the engine's step runs
             logits = so.apply_masks(llm.prompt_logits(ids + out)[-1:], [state])  # (1, V)
         t = int(logits.argmax())
         assert state.accept(t)
-        if t in llm.eos_ids:
+        if t in llm.llm_engine.eos_ids:
             return tok.decode(out)
         out.append(t)
     raise AssertionError(f"no end after {max_tokens} tokens: {tok.decode(out)!r}")
@@ -260,7 +260,7 @@ def greedy(llm, state, prompt: str, max_tokens: int) -> str:
 def test_model_outputs_follow_the_constraints(llm):
     jsonschema = pytest.importorskip("jsonschema")
     tok = llm.get_tokenizer()
-    c = so.GrammarCompiler(tok, llm.cfg.vocab_size, llm.eos_ids)
+    c = so.GrammarCompiler(tok, llm.llm_engine.cfg.vocab_size, llm.llm_engine.eos_ids)
     small = {"type": "object", "properties": {"name": {"type": "string", "pattern": "^[A-Za-z ]{1,12}$"},
                                                "age": {"type": "integer", "minimum": 0, "maximum": 120},
                                                "role": {"enum": ["admin", "user"]}},
@@ -361,7 +361,7 @@ wired = pytest.mark.skipif("structured_outputs" not in getattr(minillm.SamplingP
 def person_prompts(tok, n):
     names = ["Ada", "Alan", "Grace", "Linus", "Ken", "Dennis", "Barbara", "Edsger"]
     return [tok.apply_chat_template([{"role": "user", "content": f"Describe {names[i % 8]}, person {i}, as a JSON object "
-                                      "with name, age, score, role, tags and address."}]) for i in range(n)]
+                                      "with name, age, score, role, tags and address."}], add_generation_prompt=True, tokenize=False) for i in range(n)]
 
 
 @needs_xgrammar
@@ -404,23 +404,23 @@ def test_engine_preemption_keeps_the_grammar_state(llm):
     params = minillm.SamplingParams(temperature=0, max_tokens=40, structured_outputs=StructuredOutputsParams(json=SCHEMA))
     want = [o.outputs[0].text for o in llm.generate(prompts, params, use_tqdm=False)]
     assert [o.outputs[0].text for o in small.generate(prompts, params, use_tqdm=False)] == want
-    assert small.scheduler.num_preemptions > 0
+    assert small.llm_engine.scheduler.num_preemptions > 0
 
 
 @needs_xgrammar
 @wired
 def test_engine_logits_controls_and_errors_before_work(llm):
     tok = llm.get_tokenizer()
-    p = tok.apply_chat_template([{"role": "user", "content": "Say hello world"}])
+    p = tok.apply_chat_template([{"role": "user", "content": "Say hello world"}], add_generation_prompt=True, tokenize=False)
     greedy_ = lambda **kw: llm.generate(p, minillm.SamplingParams(temperature=0, max_tokens=8, **kw), use_tqdm=False)[0].outputs[0]
     assert greedy_().text.startswith("Hello") and not greedy_(bad_words=["Hello"]).text.startswith("Hello")
     bang = tok.encode("!", add_special_tokens=False)[0]
     assert greedy_(logit_bias={bang: 100}).token_ids[:3] == [bang] * 3
     assert set(greedy_(allowed_token_ids=[bang, EOS]).token_ids) <= {bang, EOS}
     assert greedy_(logits_processors=[lambda out, logits: logits.index_fill_(0, torch.tensor([bang]), 1e9)]).token_ids[0] == bang
-    with pytest.raises(ValueError, match=r"prompt 1: structured_outputs.regex does not compile"):
+    with pytest.raises(ValueError, match=r"sampling_params 1: structured_outputs.regex does not compile"):
         llm.generate([p, p], [minillm.SamplingParams(), minillm.SamplingParams(
             structured_outputs=StructuredOutputsParams(regex="a(b"))], use_tqdm=False)
-    with pytest.raises(ValueError, match=r"prompt 0: allowed_token_ids holds ids outside the vocabulary"):
+    with pytest.raises(ValueError, match=r"sampling_params: allowed_token_ids holds ids outside the vocabulary"):
         llm.generate(p, minillm.SamplingParams(allowed_token_ids=[10**6]), use_tqdm=False)
-    assert llm.scheduler.has_unfinished() is False
+    assert not llm.llm_engine.has_unfinished_requests()
