@@ -88,6 +88,7 @@ from tqdm import tqdm
 
 import lora
 import paged_attention as pa
+import structured
 import timeline
 from compat import (BatchEncoding, Counter, EngineArgs, FlexibleArgumentParser, Gauge, HFTokenizerAPI, Histogram,  # noqa: F401
                     Metric, Profiler, ProfilerConfig, RequestOutputKind, RequestStateStats, TextPrompt, TokensPrompt,
@@ -178,10 +179,20 @@ class SamplingParams:
     spaces_between_special_tokens: bool = True  # (no effect: byte-level BPE puts no spaces between any tokens)
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE  # what LLMEngine.step returns (not DELTA)
     extra_args: Optional[dict] = None  # for custom samplers and plugins: minillm's sampler reads none
+    structured_outputs: Optional[structured.StructuredOutputsParams] = None  # JSON schema, regex, choice, grammar
+    guided_decoding: Optional[structured.StructuredOutputsParams] = None     # the older name of the same
+    logit_bias: Optional[dict] = None         # {token id: bias}, each clamped to [-100, 100]
+    allowed_token_ids: Optional[list] = None  # sample only among these
+    bad_words: Optional[list] = None          # never complete these words (vLLM's rule: structured.bad_words_token_ids)
+    logits_processors: Optional[list] = None  # per request: fn(output_ids, logits) or fn(prompt_ids, output_ids, logits)
 
     def __post_init__(self):
         """vLLM's normalizations, before the checks: seed -1 is no seed, logprobs=True is 1, a tiny positive
         temperature is raised to MIN_TEMPERATURE, and greedy sampling ignores top_p, top_k and min_p."""
+        if self.guided_decoding is not None:
+            if self.structured_outputs is not None:
+                raise ValueError("set structured_outputs or guided_decoding (its older name), not both")
+            self.structured_outputs, self.guided_decoding = self.guided_decoding, None
         if self.stop is None or isinstance(self.stop, str):
             self.stop = [self.stop] if self.stop else []
         if self.stop_token_ids is None or isinstance(self.stop_token_ids, tuple):
@@ -1283,7 +1294,14 @@ class Sequence:
         self.cumulative_logprob = 0.0
         self.prompt_logprobs = [None] if params.prompt_logprobs is not None else None  # the first token has none
         self.num_prompt_logprobs = 1  # entries made or on their way from the device
+        self.grammar: Optional[structured.GrammarState] = None     # structured outputs: where the output is in its grammar
+        self.controls: Optional[structured.LogitsControls] = None  # logit_bias, allowed_token_ids, bad_words, processors
         self.stats = RequestStateStats(arrival_time=time.time(), queued_ts=time.monotonic())  # RequestOutput.metrics
+
+    @property
+    def needs_host_tokens(self) -> bool:
+        """Whether this sequence's logits need its output tokens up to the last one on the host."""
+        return self.grammar is not None or (self.controls is not None and self.controls.needs_output_ids)
 
     @property
     def num_tokens(self) -> int:
@@ -1619,7 +1637,7 @@ class ModelRunner:
         return ids, pos, meta, (rows.long(), scored.long(), targets.long())
 
     @torch.inference_mode()
-    def execute(self, step: StepInput) -> Optional[SampledTokens]:
+    def execute(self, step: StepInput, constrain: Optional[Callable] = None) -> Optional[SampledTokens]:
         """Run one step: the forward pass, then logits where a token is sampled or a prompt token scored,
         logprobs, and sampling. The tokens stay on the device as the next step's PENDING inputs."""
         ids, pos, meta, (rows, scored, targets) = self.prepare(step)
@@ -1631,6 +1649,8 @@ class ModelRunner:
         report = None
         if len(scored):  # as vLLM by default: logprobs of the raw logits, before any processing
             raw_logprobs = logits[scored].log_softmax(dim=-1)  # (R, V)
+        if constrain is not None and S:  # the engine's masks (structured outputs, logits controls), in place
+            constrain(logits[:S])
         tokens = self.sample(logits[:S], step, ids[rows[:S]]) if S else ids.new_zeros(0)  # (S,)
         if len(scored):
             scored_ids = torch.cat([tokens[scored[:len(step.logprob_rows)]], targets])  # (R,)
@@ -1736,6 +1756,8 @@ class LLMEngine:
         self.requests: dict[str, list[Sequence]] = {}  # the unfinished requests, each its n sequences
         self.streaming: set[str] = set()  # requests whose output is wanted after every step, not only at the end
         self.next_seq_id = 0
+        self.grammar_compiler = None  # made by the first request with structured outputs (imports xgrammar)
+        self.landed_early = {}  # requests that progressed when a step landed early (see constrain)
         self.in_flight = None  # the last step's (SampledTokens, [(sequence, index of its PENDING token)], scored)
         # vLLM's metrics (get_metrics): two counters, and (time to first token, end-to-end) per finished sequence
         self.num_prompt_tokens = self.num_generation_tokens = 0
@@ -1800,6 +1822,11 @@ class LLMEngine:
                 if asked is not None and (V if asked == -1 else asked) > cap:
                     raise ValueError(f"requested {name}={asked}, more than max_logprobs={self.max_logprobs} "
                                      f"allows (an engine argument)")
+            if params.structured_outputs is not None:  # compiled once per distinct grammar (the compiler caches)
+                if self.grammar_compiler is None:
+                    self.grammar_compiler = structured.GrammarCompiler(self.tokenizer, self.cfg.vocab_size, self.eos_ids)
+                self.grammar_compiler.compile(params.structured_outputs)
+            structured.LogitsControls.from_params(params, self.tokenizer, self.cfg.vocab_size)  # ids checked
         except ValueError as e:
             raise ValueError(f"{label}: {e}") from None
         return params
@@ -1817,6 +1844,11 @@ class LLMEngine:
             seqs.append(Sequence(self.next_seq_id, request_id, c, text, token_ids, child, priority, self.tokenizer,
                                  self.max_seq_len, generator, lora_request))
             self.next_seq_id += 1
+        controls = structured.LogitsControls.from_params(params, self.tokenizer, self.cfg.vocab_size)
+        for seq in seqs:  # each completion its own grammar state
+            seq.controls = controls
+            if params.structured_outputs is not None:
+                seq.grammar = self.grammar_compiler.new_state(params.structured_outputs)
         self.requests[request_id] = seqs
         if self.trace is not None:
             self.trace.add(seqs)
@@ -1853,7 +1885,8 @@ class LLMEngine:
                 self.trace.scheduled(batch)
             launched = self.launch(batch) if batch else None              # 2, 3, 4
             previous, self.in_flight = self.in_flight, launched
-            progressed = self.land(*previous) if previous else {}         # 5
+            progressed = self.land(*previous) if previous else {}         # 5 (or already, in constrain)
+            progressed, self.landed_early = self.landed_early | progressed, {}
             if self.trace is not None:
                 self.trace.end_step(started)
             outputs = self.collect_outputs(progressed)                    # 6
@@ -1866,7 +1899,8 @@ class LLMEngine:
 
     def launch(self, batch: list[tuple[Sequence, int]]):
         step, sampled, scored = self.prepare_step(batch)
-        tokens = self.runner.execute(step)
+        constrained = any(seq.grammar is not None or seq.controls is not None for seq in sampled)
+        tokens = self.runner.execute(step, (lambda logits: self.constrain(logits, sampled)) if constrained else None)
         for seq, n in batch:
             seq.num_computed_tokens += n
         self.block_manager.commit()  # the blocks this step filled hold their K/V now
@@ -1874,11 +1908,24 @@ class LLMEngine:
         # lands, after the next step is launched; meanwhile the runner feeds that token to the next step
         # straight from the device. So the host never waits for the GPU between two steps.
         for row, seq in enumerate(sampled):
+            if seq.finish_reason is not None:
+                continue  # it finished on the token that landed early (constrain): this row was sampled in vain
             seq.token_ids.append(PENDING)
             seq.pending_row = row
             if seq.num_tokens >= seq.max_len:  # its last token: nothing more to schedule
                 self.scheduler.finish(seq)
         return None if tokens is None else (tokens, [(seq, seq.num_tokens - 1) for seq in sampled], scored)
+
+    def constrain(self, logits: torch.Tensor, sampled: list[Sequence]) -> None:
+        """Called by the runner between this step's logits (S, V) and its sampler. A grammar's mask (and bad words,
+        and a logits processor) needs each row's last token on the host, but that token is still in flight: so the
+        last step lands now, while the GPU runs this step's forward pass, instead of after the launch."""
+        if self.in_flight is not None and any(seq.needs_host_tokens for seq in sampled):
+            self.landed_early |= self.land(*self.in_flight)
+            self.in_flight = None
+        structured.apply_masks(logits, [seq.grammar for seq in sampled])
+        structured.apply_logits_controls(logits, [seq.controls for seq in sampled],
+                                         [seq.output_token_ids for seq in sampled], [seq.prompt_token_ids for seq in sampled])
 
     def prepare_step(self, batch: list[tuple[Sequence, int]]) -> tuple[StepInput, list[Sequence], list]:
         """The batch as a StepInput, the sequences that sample a token (their chunk reaches their last token),
@@ -2017,6 +2064,8 @@ class LLMEngine:
         rules. EOS and stop tokens count once min_tokens tokens exist, and their own text is left out unless
         include_stop_str_in_output. Stop strings are looked for once the output is longer than min_tokens."""
         p, token, n = seq.params, seq.token_ids[i], i + 1 - len(seq.prompt_token_ids)  # n: output tokens so far
+        if seq.grammar is not None and not seq.grammar.accept(token):
+            seq.finish_reason = "stop"  # only when other masks left the row nothing the grammar allows
         if n >= p.min_tokens:
             if not p.ignore_eos and token in self.eos_ids:  # the tokenizer's EOS: no stop_reason
                 seq.finish_reason, seq.stop_reason = "stop", None if token == self.eos_token_id else token
