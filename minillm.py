@@ -73,6 +73,8 @@ def cli_parser() -> argparse.ArgumentParser:
     ap.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda when available)")
     ap.add_argument("--lora", default=None, metavar="PATH", help="a PEFT LoRA adapter folder applied to every prompt")
     ap.add_argument("--trace", default=None, metavar="PATH", help="write what each engine step did: .html (a picture) or .json")
+    ap.add_argument("--json-schema", default=None, metavar="FILE", help="every output is JSON valid under this schema (xgrammar)")
+    ap.add_argument("--regex", default=None, help="every output matches this regular expression (xgrammar)")
     return ap
 
 
@@ -2308,8 +2310,11 @@ def main(args=None) -> int:
     args = args if isinstance(args, argparse.Namespace) else cli_parser().parse_args(args)
     try:
         prompts = read_prompts(args.prompts)
+        constraint = None
+        if args.json_schema or args.regex:
+            constraint = structured.StructuredOutputsParams(json=read_json(args.json_schema), regex=args.regex)
         params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
-                                max_tokens=args.max_tokens)
+                                max_tokens=args.max_tokens, structured_outputs=constraint)
         check_device(args.device)
         if args.trace:
             timeline.check_path(args.trace)
@@ -2335,6 +2340,16 @@ def main(args=None) -> int:
         print(f"minillm: error: {' '.join(str(e).split()) or type(e).__name__}", file=sys.stderr)
         return 1
     return 0
+
+
+def read_json(path: Optional[str]):
+    if path is None:
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not JSON ({e.msg} at line {e.lineno})") from None
 
 
 def write_outputs(path: Optional[str], prompts: list[str], outputs: list[RequestOutput]) -> None:

@@ -352,10 +352,7 @@ def test_batch_update_diff():
     assert u.removed == [] and u.added == [(0, "params-x", [0], [])]
 
 
-# -- through the engine: these run once LLM.generate takes structured_outputs (see benchmarks/NOTES-structured.md) --
-
-wired = pytest.mark.skipif("structured_outputs" not in getattr(minillm.SamplingParams, "__dataclass_fields__", {}),
-                           reason="minillm's engine does not take SamplingParams(structured_outputs=...) yet")
+# -- through the engine --
 
 
 def person_prompts(tok, n):
@@ -365,7 +362,6 @@ def person_prompts(tok, n):
 
 
 @needs_xgrammar
-@wired
 def test_engine_json_schema_batch_of_32(llm):
     jsonschema = pytest.importorskip("jsonschema")
     params = minillm.SamplingParams(temperature=0, max_tokens=150, structured_outputs=StructuredOutputsParams(
@@ -377,7 +373,6 @@ def test_engine_json_schema_batch_of_32(llm):
 
 
 @needs_xgrammar
-@wired
 def test_engine_regex_choice_n_and_mixed_batch(llm):
     tok = llm.get_tokenizer()
     prompts = person_prompts(tok, 6)
@@ -397,7 +392,6 @@ def test_engine_regex_choice_n_and_mixed_batch(llm):
 
 
 @needs_xgrammar
-@wired
 def test_engine_preemption_keeps_the_grammar_state(llm):
     small = minillm.LLM(num_gpu_blocks_override=16)  # 256 token slots for 4 sequences of ~90 tokens
     prompts = person_prompts(llm.get_tokenizer(), 4)
@@ -408,7 +402,6 @@ def test_engine_preemption_keeps_the_grammar_state(llm):
 
 
 @needs_xgrammar
-@wired
 def test_engine_logits_controls_and_errors_before_work(llm):
     tok = llm.get_tokenizer()
     p = tok.apply_chat_template([{"role": "user", "content": "Say hello world"}], add_generation_prompt=True, tokenize=False)
@@ -424,3 +417,24 @@ def test_engine_logits_controls_and_errors_before_work(llm):
     with pytest.raises(ValueError, match=r"sampling_params: allowed_token_ids holds ids outside the vocabulary"):
         llm.generate(p, minillm.SamplingParams(allowed_token_ids=[10**6]), use_tqdm=False)
     assert not llm.llm_engine.has_unfinished_requests()
+
+
+@needs_xgrammar
+def test_cli_json_schema_and_regex(tmp_path):
+    from test_engine import run_cli
+    jsonschema = pytest.importorskip("jsonschema")
+    schema = {"type": "object", "properties": {"city": {"enum": ["Paris", "London", "Rome"]},
+                                               "population": {"type": "integer"}}, "required": ["city", "population"]}
+    (tmp_path / "schema.json").write_text(json.dumps(schema))
+    (tmp_path / "p.txt").write_text("The capital of France, as JSON:\nThe capital of Italy, as JSON:\n")
+    out = tmp_path / "out.jsonl"
+    r = run_cli("--prompts", str(tmp_path / "p.txt"), "--json-schema", str(tmp_path / "schema.json"),
+                "--max-tokens", "40", "--output", str(out))
+    assert r.returncode == 0, r.stderr
+    for row in map(json.loads, out.read_text().splitlines()):
+        jsonschema.validate(json.loads(row["text"]), schema)
+    r = run_cli("--prompts", str(tmp_path / "p.txt"), "--regex", "(yes|no)", "--max-tokens", "5", "--output", str(out))
+    assert r.returncode == 0 and [json.loads(x)["text"] for x in out.read_text().splitlines()] != []
+    assert all(json.loads(x)["text"] in ("yes", "no") for x in out.read_text().splitlines())
+    r = run_cli("--prompts", str(tmp_path / "p.txt"), "--json-schema", str(tmp_path / "p.txt"))
+    assert r.returncode == 1 and "not JSON" in r.stderr and len(r.stderr.strip().splitlines()) == 1
