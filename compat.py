@@ -15,6 +15,7 @@ import argparse
 import enum
 import functools
 import json
+import math
 import os
 import random
 import sys
@@ -356,6 +357,48 @@ def metrics_snapshot(model_name: str, counters: dict, gauges: dict, ttfts: list[
             *(Gauge(f"vllm:{k}", dict(labels), float(v)) for k, v in gauges.items()),
             histogram("vllm:time_to_first_token_seconds", dict(labels), ttfts, TTFT_BUCKETS),
             histogram("vllm:e2e_request_latency_seconds", dict(labels), e2es, E2E_BUCKETS)]
+
+
+@dataclass
+class BeamSearchParams:
+    """vLLM's LLM.beam_search parameters."""
+    beam_width: int
+    max_tokens: int
+    ignore_eos: bool = False
+    temperature: float = 0.0
+    length_penalty: float = 1.0            # a beam's score: cum_logprob / len(tokens) ** length_penalty
+    include_stop_str_in_output: bool = False
+
+    def __post_init__(self):
+        for name in ("beam_width", "max_tokens"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"{name} must be an integer of at least 1, got {getattr(self, name)!r}")
+        for name in ("temperature", "length_penalty"):
+            if not isinstance(getattr(self, name), (int, float)) or not math.isfinite(getattr(self, name)):
+                raise ValueError(f"{name} must be a finite number, got {getattr(self, name)!r}")
+
+
+@dataclass
+class BeamSearchSequence:
+    """One beam: `tokens` are the prompt's and the output's, `logprobs` one {token_id: Logprob} per output token."""
+    tokens: list
+    logprobs: list
+    cum_logprob: float = 0.0
+    text: Optional[str] = None
+    finish_reason: Optional[str] = None
+    stop_reason: Any = None
+    lora_request: Any = None
+
+
+@dataclass
+class BeamSearchOutput:
+    sequences: list  # the best beams, best first
+
+
+def beam_search_score(tokens: list, cum_logprob: float, eos_token_id: Optional[int], length_penalty: float) -> float:
+    """vLLM's (and HF's) score: the cumulative logprob over the length, an ending EOS not counted."""
+    n = len(tokens) - (1 if tokens and tokens[-1] == eos_token_id else 0)
+    return cum_logprob / max(n, 1) ** length_penalty
 
 
 @dataclass

@@ -92,10 +92,10 @@ import lora
 import paged_attention as pa
 import structured
 import timeline
-from compat import (BatchEncoding, Counter, EngineArgs, FlexibleArgumentParser, Gauge, HFTokenizerAPI, Histogram,  # noqa: F401
+from compat import (BatchEncoding, BeamSearchOutput, BeamSearchParams, BeamSearchSequence, Counter, EngineArgs, FlexibleArgumentParser, Gauge, HFTokenizerAPI, Histogram,  # noqa: F401
                     Metric, Profiler, ProfilerConfig, RequestOutputKind, RequestStateStats, TextPrompt, TokensPrompt,
                     Vector, cut_after_final_message, decoded_token, default_sampling_params, metrics_snapshot,
-                    resolve_model, set_random_seed, text_content)
+                    beam_search_score, resolve_model, set_random_seed, text_content)
 from lora import LoRARequest
 
 # ----------------------------------------------------------------------------------------------
@@ -2238,6 +2238,35 @@ class LLM:
                 raise ValueError(f"conversation {i}: {e}") from e
             prompts.append({"prompt": text, "prompt_token_ids": tokenizer.encode(text, add_special_tokens=False)})
         return self.generate(prompts, sampling_params, use_tqdm=use_tqdm, lora_request=lora_request)
+
+    def beam_search(self, prompts, params: BeamSearchParams, lora_request=None, use_tqdm: bool = False) -> list:
+        """vLLM's beam search, built on generate: every step extends each live beam by one token, looking at its
+        2 * beam_width most likely ones, and keeps the beam_width best (beam_search_score). The beams of a prompt
+        share their blocks through the prefix cache, so each step computes one new token per beam."""
+        engine, eos = self.llm_engine, self.llm_engine.eos_token_id
+        prompts = [prompts] if isinstance(prompts, (str, dict)) else list(prompts)
+        starts = [engine.tokenize_prompt(f"prompt {i}", p)[1] for i, p in enumerate(prompts)]
+        live = [[BeamSearchSequence(ids, [], lora_request=lora_request)] for ids in starts]
+        done = [[] for _ in prompts]
+        score = lambda b: beam_search_score(b.tokens, b.cum_logprob, eos, params.length_penalty)
+        one = SamplingParams(max_tokens=1, temperature=params.temperature, logprobs=2 * params.beam_width, ignore_eos=True)
+        for _ in range(params.max_tokens):
+            beams = [(i, b) for i, bs in enumerate(live) for b in bs]
+            if not beams:
+                break
+            outs = self.generate([{"prompt_token_ids": b.tokens} for _, b in beams], one, use_tqdm=use_tqdm,
+                                 lora_request=lora_request)
+            grown = [[] for _ in prompts]
+            for (i, beam), out in zip(beams, outs):
+                for token, lp in out.outputs[0].logprobs[0].items():
+                    new = BeamSearchSequence(beam.tokens + [token], beam.logprobs + [out.outputs[0].logprobs[0]],
+                                             beam.cum_logprob + lp.logprob, lora_request=lora_request)
+                    (done[i] if token == eos and not params.ignore_eos else grown[i]).append(new)
+            live = [sorted(g, key=score, reverse=True)[:params.beam_width] for g in grown]
+        results = [BeamSearchOutput(sorted(d + b, key=score, reverse=True)[:params.beam_width]) for d, b in zip(done, live)]
+        for b in (b for r in results for b in r.sequences):
+            b.text = engine.tokenizer.decode(b.tokens)  # as vLLM's LLM.beam_search: prompt and output, as HF decodes
+        return results
 
     def prompt_logits(self, token_ids: list[int], lora_request: Optional[LoRARequest] = None) -> torch.Tensor:
         """Logits (T, V) at every position of one prompt, through the same paged path as generate."""

@@ -438,3 +438,36 @@ def test_cli_json_schema_and_regex(tmp_path):
     assert all(json.loads(x)["text"] in ("yes", "no") for x in out.read_text().splitlines())
     r = run_cli("--prompts", str(tmp_path / "p.txt"), "--json-schema", str(tmp_path / "p.txt"))
     assert r.returncode == 1 and "not JSON" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+# -- beam search --
+
+
+def exhaustive_beam_search(llm, prompt, width, steps, length_penalty):
+    """The plain reference: every beam extended by every token of the vocabulary, the `width` best kept."""
+    score = lambda t, c: c / len(t) ** length_penalty
+    beams = [(list(prompt), 0.0)]
+    for _ in range(steps):
+        grown = []
+        for tokens, cum in beams:
+            logprobs = llm.prompt_logits(tokens)[-1].log_softmax(-1)
+            grown += [(tokens + [t], cum + logprobs[t].item()) for t in range(len(logprobs))]
+        beams = sorted(grown, key=lambda b: score(*b), reverse=True)[:width]
+    return beams
+
+
+def test_beam_search_equals_an_exhaustive_reference(tmp_path):
+    from test_engine import VARIANTS, make_checkpoint, random_prompts
+    make_checkpoint(str(tmp_path), **VARIANTS["gqa_llama3_tied"], vocab_size=300)
+    llm = minillm.LLM(str(tmp_path), block_size=4, num_gpu_blocks_override=128)
+    prompts = [[p % 300 for p in x] for x in random_prompts([5, 3], seed=2)]
+    for width, penalty in ((2, 1.0), (3, 0.5)):
+        params = minillm.BeamSearchParams(beam_width=width, max_tokens=3, ignore_eos=True, length_penalty=penalty)
+        outs = llm.beam_search([{"prompt_token_ids": p} for p in prompts], params)
+        for prompt, out in zip(prompts, outs):
+            want = exhaustive_beam_search(llm, prompt, width, 3, penalty)
+            assert [b.tokens for b in out.sequences] == [t for t, _ in want]
+            assert [b.cum_logprob for b in out.sequences] == pytest.approx([c for _, c in want], abs=1e-4)
+            assert all(len(b.logprobs) == 3 for b in out.sequences)
+    with pytest.raises(ValueError, match="beam_width"):
+        minillm.BeamSearchParams(beam_width=0, max_tokens=3)
