@@ -66,8 +66,8 @@ class EngineArgs:
     max_loras: int = 1                   # adapters in one step
     max_lora_rank: int = 16
     max_cpu_loras: Optional[int] = None  # (accepted, no effect: minillm keeps every adapter it has read on the host)
+    tensor_parallel_size: int = 1        # GPUs (or CPU processes) each holding a shard of every layer
     # accepted at the values in ONLY: what vLLM can do and minillm cannot, or what does not apply to it
-    tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
     data_parallel_size: int = 1
     distributed_executor_backend: Optional[str] = None
@@ -103,7 +103,7 @@ class EngineArgs:
     # minillm's own
     trace: bool = False                  # record what every engine step did (LLM.last_trace; timeline.py draws it)
 
-    ONLY = dict(tensor_parallel_size=[1], pipeline_parallel_size=[1], data_parallel_size=[1],
+    ONLY = dict(pipeline_parallel_size=[1], data_parallel_size=[1],  # (data parallelism: DataParallel, --data-parallel-size)
                 distributed_executor_backend=[None, "uni", "mp"], quantization=[None, "gguf"], kv_cache_dtype=["auto"],
                 cpu_offload_gb=[0.0], load_format=["auto", "safetensors", "gguf"], config_format=["auto", "hf"],
                 tokenizer_mode=["auto", "hf", "slow"], task=[None, "auto", "generate"], runner=["auto", "generate"],

@@ -17,7 +17,8 @@ delta of its own adapter. That is Punica's idea (Chen et al. 2023), and what thi
                          (two Triton kernels for a stack of projections: shrink x @ A^T into rank R
                          per projection, then expand @ B into each projection's y)
 
-Contract with minillm.py: `LLM(enable_lora=True)` builds a LoRAManager, which hangs on every
+Contract with minillm.py: `LLM(enable_lora=True)` builds a LoRAManager (one per tensor-parallel rank,
+slicing each adapter as `model.shards` slices the weights), which hangs on every
 targetable nn.Linear of the model its slots, `proj.lora_a` (S, R, K) and `proj.lora_b` (S, R, OUT),
 and its stack, `proj.lora_stack`; each step, `manager.prepare(...)` returns a LoRABatch (or None when
 no token uses an adapter) that travels in the step's AttentionMetadata; the model's linear layers call
@@ -131,9 +132,11 @@ def read_adapter_config(req: LoRARequest) -> dict:
     return cfg
 
 
-def load_adapter(req: LoRARequest, shapes: dict, num_layers: int, max_lora_rank: int) -> LoRAAdapter:
+def load_adapter(req: LoRARequest, shapes: dict, num_layers: int, max_lora_rank: int, shards: dict = {}) -> LoRAAdapter:
     """Read a PEFT adapter folder into host memory, checking it against the model.
-    shapes: module name -> (K, OUT) of the model's projection."""
+    shapes: module name -> (K, OUT) of the model's projection. shards: under tensor parallelism, the slice of each
+    projection's weight this rank holds (minillm's Shard: dim, start, size, full); its adapter is cut the same way:
+    a column-parallel weight's B by its output rows, a row-parallel weight's A by its input columns."""
     from safetensors.torch import load_file
     cfg = read_adapter_config(req)
     r = cfg["r"]
@@ -157,7 +160,7 @@ def load_adapter(req: LoRARequest, shapes: dict, num_layers: int, max_lora_rank:
         layer, name, which = int(m.group(1)), m.group(3), m.group(4)
         if layer >= num_layers:
             _fail(req, f"has weights for layer {layer}, but the model has {num_layers} layers")
-        K, OUT = shapes[name]
+        K, OUT = full_shape(shapes[name], shards.get(name))
         want = (r, K) if which == "A" else (OUT, r)
         if tuple(t.shape) != want:
             _fail(req, f"{key} has shape {tuple(t.shape)}, expected {want} (r={r}): "
@@ -174,12 +177,20 @@ def load_adapter(req: LoRARequest, shapes: dict, num_layers: int, max_lora_rank:
     for name in sorted({name for _, name in found}, key=list(TARGET_MODULES).index):
         K, OUT = shapes[name]
         A, B = torch.zeros(num_layers, r, K), torch.zeros(num_layers, r, OUT)  # float32 on the host
+        s = shards.get(name)
+        mine = lambda t, dim: t if s is None or s.dim != dim else t.narrow(dim, s.start, s.size)  # this rank's part
         for (layer, n), ab in found.items():
             if n == name:
-                A[layer] = ab["A"].float()
-                B[layer] = ab["B"].float().T * scaling
+                A[layer] = mine(ab["A"], 1).float()              # (r, K): K cut for a row-parallel weight
+                B[layer] = mine(ab["B"], 0).float().T * scaling  # (OUT, r): OUT cut for a column-parallel one
         weights[name] = (A, B)
     return LoRAAdapter(req, r, scaling, weights)
+
+
+def full_shape(shape: tuple, shard) -> tuple:
+    """(K, OUT) of a whole projection, from its shard's (K, OUT) under tensor parallelism."""
+    K, OUT = shape
+    return shape if shard is None else (K, shard.full) if shard.dim == 0 else (shard.full, OUT)
 
 
 def per_prompt(lora_request, num_prompts: int, manager: Optional["LoRAManager"]) -> list:
@@ -236,6 +247,7 @@ class LoRAManager:
         if max_loras < 1 or max_lora_rank < 1:
             raise ValueError(f"max_loras and max_lora_rank must be at least 1, got {max_loras} and {max_lora_rank}")
         self.max_loras, self.max_lora_rank = max_loras, max_lora_rank
+        self.shards = getattr(model, "shards", {})  # tensor parallelism: the slice of each weight this rank holds
         S, R, L = max_loras, max_lora_rank, len(model.layers)
         weight = model.embed_tokens.weight
         self.device, self.num_layers = weight.device, L
@@ -272,7 +284,7 @@ class LoRAManager:
                 _fail(req, f"lora_int_id {req.lora_int_id} already names adapter {known.request.lora_name!r} "
                            f"({known.request.lora_path}); each adapter needs its own lora_int_id")
             return known
-        adapter = load_adapter(req, self.shapes, self.num_layers, self.max_lora_rank)
+        adapter = load_adapter(req, self.shapes, self.num_layers, self.max_lora_rank, self.shards)
         self.adapters[req.lora_int_id] = adapter
         return adapter
 
@@ -282,6 +294,8 @@ class LoRAManager:
         wanted = {req.lora_int_id for req, _ in batch if req is not None}
         if not wanted:
             return None
+        for req in {req for req, _ in batch if req is not None}:
+            self.add_adapter(req)  # known already, but for a tensor-parallel worker's first step with it
         if len(wanted) > self.max_loras:  # the scheduler promises this never happens
             raise RuntimeError(f"{len(wanted)} adapters in one step, but only max_loras={self.max_loras} slots")
         self.clock += 1

@@ -10,13 +10,15 @@ What happens inside, in the order this file is written:
   2. loading        HF folders (config.json + safetensors) and GGUF files, straight to the device
   3. tokenizer      every tokenizer becomes a tiktoken Encoding; chat templates; incremental detokenization
   4. model          Llama: RMSNorm, RoPE, grouped-query attention over a paged KV cache, SwiGLU;
-                   each projection adds its token's LoRA delta when the step uses adapters (lora.py)
+                   each projection adds its token's LoRA delta when the step uses adapters (lora.py);
+                   tensor parallelism: each rank holds a slice of every layer, two all-reduces a layer
   5. KV cache       blocks of `block_size` token slots, a BlockManager with prefix caching, block tables
   6. sampler        penalties, greedy / temperature / top-k / top-p / min-p, logprobs; batched on the device
   7. scheduler      continuous batching with chunked prefill and preemption by recompute
-  8. model runner   the device side: KV cache sizing, CUDA graphs, one step's inputs in, sampled tokens out
+  8. model runner   the device side: KV cache sizing, CUDA graphs, one step's inputs in, sampled tokens out;
+                   the tensor-parallel worker processes, one runner each
   9. engine         LLMEngine (requests, steps, landing tokens, outputs) and LLM (generate, chat)
- 10. generate, CLI  `python minillm.py --prompts file.txt`
+ 10. generate, CLI  `python minillm.py --prompts file.txt`; data parallelism (one host, or torchrun)
 The vLLM and HF API surface the engine itself does not need (EngineArgs, hub ids, prompt dicts, metric
 objects, the profiler, the HF tokenizer calls) is in compat.py; every name in it is importable from here.
 
@@ -29,6 +31,7 @@ Dimension legend used in shape comments:
   V           vocab size
   F           MLP intermediate size
   num_blocks  blocks in the KV cache;  block_size: token slots per block
+  tp          tensor-parallel ranks (tensor_parallel_size)
 
 References: vLLM and PagedAttention (Kwon et al. 2023, arXiv:2309.06180); Llama (arXiv:2302.13971);
 RoPE (arXiv:2104.09864); GQA (arXiv:2305.13245); nanoGPT, llama2.c, gpt-fast and nano-vllm for style.
@@ -37,9 +40,11 @@ RoPE (arXiv:2104.09864); GQA (arXiv:2305.13245); nanoGPT, llama2.c, gpt-fast and
 from __future__ import annotations
 
 import argparse
+import atexit
 import base64
 import codecs
 import copy
+import contextlib
 import functools
 import hashlib
 import importlib.util
@@ -48,13 +53,18 @@ import json
 import math
 import mmap
 import os
+import pickle
+import signal
 import struct
+import subprocess
 import sys
+import threading
 import time
 import warnings
 from dataclasses import dataclass, field, replace
+from datetime import timedelta
 from enum import Enum
-from typing import Any, Callable, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 
 def cli_parser() -> argparse.ArgumentParser:
@@ -75,6 +85,10 @@ def cli_parser() -> argparse.ArgumentParser:
     ap.add_argument("--trace", default=None, metavar="PATH", help="write what each engine step did: .html (a picture) or .json")
     ap.add_argument("--json-schema", default=None, metavar="FILE", help="every output is JSON valid under this schema (xgrammar)")
     ap.add_argument("--regex", default=None, help="every output matches this regular expression (xgrammar)")
+    ap.add_argument("--tensor-parallel-size", type=int, default=1, metavar="N",
+                    help="GPUs per engine, each holding 1/N of every layer (default 1)")
+    ap.add_argument("--data-parallel-size", type=int, default=1, metavar="K",
+                    help="engines on this host, each with every K-th prompt (default 1; under torchrun, one per process)")
     return ap
 
 
@@ -84,6 +98,7 @@ if __name__ == "__main__":
 import numpy as np
 import tiktoken
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
@@ -150,6 +165,14 @@ class ModelConfig:
             tie_word_embeddings=cfg.get("tie_word_embeddings", False), eos_token_ids=tuple(sorted(eos)),
             torch_dtype=cfg.get("dtype") or cfg.get("torch_dtype"),
         )
+
+
+@dataclass(frozen=True)
+class TP:
+    """Tensor parallelism: this process holds shard `rank` of `size` of every large weight (section 4 says which
+    slices) and computes its part of every layer; size 1 is the whole model in one process."""
+    rank: int = 0
+    size: int = 1
 
 
 SAMPLING_EPS = 1e-5     # vLLM's: a temperature below it is greedy
@@ -317,23 +340,26 @@ def apply_hf_overrides(cfg: dict, hf_overrides) -> dict:
     return {**cfg, **(hf_overrides or {})}
 
 
-def load_hf_checkpoint(folder: str, device, dtype, hf_overrides=None) -> tuple[ModelConfig, dict]:
-    """config.json + model.safetensors (or sharded model-*.safetensors) -> (config, {name: tensor}).
-    hf_overrides: vLLM's, see apply_hf_overrides."""
+def load_hf_checkpoint(folder: str, device, dtype, hf_overrides=None, tp: TP = TP()) -> tuple[ModelConfig, dict]:
+    """config.json + model.safetensors (or sharded model-*.safetensors) -> (config, {name: tensor}), each tensor
+    only the slice that tensor-parallel rank tp.rank holds: the rest is never read. hf_overrides: vLLM's, see
+    apply_hf_overrides."""
     from safetensors import safe_open
     read_json = lambda name: json.load(open(os.path.join(folder, name))) if os.path.exists(os.path.join(folder, name)) else {}
     if not os.path.exists(os.path.join(folder, "config.json")):
         raise FileNotFoundError(f"{folder} has no config.json: not a Hugging Face checkpoint folder")
     cfg = ModelConfig.from_hf(apply_hf_overrides(read_json("config.json"), hf_overrides), read_json("generation_config.json"))
     files = sorted(set(read_json("model.safetensors.index.json").get("weight_map", {}).values())) or ["model.safetensors"]
+    shards = tp_plan(cfg, tp)[1]  # (a size that does not split fails here, before any tensor is read)
     weights = {}
     for file in files:
         with safe_open(os.path.join(folder, file), framework="pt", device="cpu") as f:
             for name in f.keys():
                 if "rotary_emb" in name:  # old checkpoints saved RoPE frequencies; we compute them
                     continue
-                # one tensor at a time: host memory stays near one copy of the weights
-                weights[name.removeprefix("model.")] = f.get_tensor(name).to(device=device, dtype=dtype)
+                # one tensor (or one shard of it) at a time: host memory stays near one copy of this rank's weights
+                part = take_shard(f.get_slice(name), shards.get(name.split(".")[-2]))
+                weights[name.removeprefix("model.")] = part.to(device=device, dtype=dtype)
     return cfg, weights
 
 
@@ -432,8 +458,9 @@ def dequantize(data: np.ndarray, kind) -> torch.Tensor:
     return w.view(*data.shape[:-1], -1)
 
 
-def load_gguf_checkpoint(path: str, device, dtype) -> tuple[ModelConfig, dict, "Tokenizer"]:
-    """A llama.cpp GGUF file -> (config, weights, tokenizer). Quantized tensors are dequantized to float."""
+def load_gguf_checkpoint(path: str, device, dtype, tp: TP = TP()) -> tuple[ModelConfig, dict, "Tokenizer"]:
+    """A llama.cpp GGUF file -> (config, weights, tokenizer). Quantized tensors are dequantized to float; under
+    tensor parallelism each is dequantized whole, then cut to this rank's shard."""
     file = GGUFFile(path)
     meta = file.fields.get
     if meta("general.architecture") != "llama":
@@ -451,6 +478,7 @@ def load_gguf_checkpoint(path: str, device, dtype) -> tuple[ModelConfig, dict, "
         max_position_embeddings=meta("llama.context_length", 2048), tie_word_embeddings="output.weight" not in names,
         eos_token_ids=tuple(sorted(tokenizer.eos_ids)),
     )
+    shards = tp_plan(cfg, tp)[1]
     weights = {}
     for tensor_name, kind, data in file.tensors:
         w = dequantize(data, kind)  # (out, in) like HF
@@ -467,7 +495,7 @@ def load_gguf_checkpoint(path: str, device, dtype) -> tuple[ModelConfig, dict, "
                 w = w.reshape(heads, w.shape[0] // heads // 2, 2, -1).transpose(1, 2).reshape(w.shape)
         else:
             name = f"{GGUF_NAMES[parts[0]]}.weight"
-        weights[name] = w.to(device=device, dtype=dtype)
+        weights[name] = take_shard(w, shards.get(name.split(".")[-2])).to(device=device, dtype=dtype)
     return cfg, weights, tokenizer
 
 
@@ -848,6 +876,66 @@ class AttentionMetadata:
     lora: Optional[lora.LoRABatch] = None  # each token's adapter slot (lora.py); None: base model only
 
 
+# Tensor parallelism, Megatron-LM style (Shoeybi et al. 2019, arXiv:1909.08053): with tp ranks, each rank holds a
+# slice of every large weight and computes that part of every layer; one all-reduce (a sum over the ranks)
+# after attention and one after the MLP put the pieces together.
+#
+#   q/k/v, gate/up    column-parallel: each rank holds H/tp query heads (KVH/tp K/V heads) and F/tp MLP columns;
+#                     attention and SwiGLU need nothing from other ranks, as heads and columns are independent
+#   o_proj, down_proj row-parallel: each rank multiplies its heads' / columns' part of the input by the matching
+#                     input columns; the ranks' (N, C) results are partial sums: all-reduce
+#   embed_tokens      vocab-parallel: each rank looks up the ids in its V/tp rows, zeros elsewhere: all-reduce
+#   lm_head           vocab-parallel: each rank scores its V/tp tokens; rank 0 gathers the (B, V) logits and samples
+#
+# With fewer KV heads than ranks, each KV head is copied to the tp/KVH ranks whose query heads read it. A rank's
+# model is a Llama of the shard's shape (tp_plan's config), so Attention and MLP only add the all-reduce.
+
+
+class Shard(NamedTuple):
+    """The slice of a checkpoint tensor one rank holds: [start, start + size) along dim (0: output rows, 1: input
+    columns) of the `full` the checkpoint has."""
+    dim: int
+    start: int
+    size: int
+    full: int
+
+
+def tp_plan(cfg: ModelConfig, tp: TP) -> tuple[ModelConfig, dict[str, Shard]]:
+    """What rank tp.rank of tp.size holds: the config of its part of each layer, and the Shard of each sharded
+    tensor by module name (the norms are whole on every rank). ValueError naming a size that does not split."""
+    if tp.size == 1:
+        return cfg, {}
+    n, r, H, KVH, D, Fi, V = tp.size, tp.rank, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.intermediate_size, cfg.vocab_size
+    for name, value in (("num_heads", H), ("intermediate_size", Fi)):
+        if value % n:
+            raise ValueError(f"tensor_parallel_size={n} must divide the model's {name} ({value})")
+    if KVH % n and n % KVH:
+        raise ValueError(f"the model's num_kv_heads ({KVH}) and tensor_parallel_size={n} must divide one another")
+    h, kvh, f, v = H // n, max(1, KVH // n), Fi // n, -(-V // n)  # per rank; the last vocab shard is padded
+    kv = Shard(0, r * KVH // n * D, kvh * D, KVH * D)  # the K/V heads of this rank's query heads
+    q, mlp, vocab = Shard(0, r * h * D, h * D, H * D), Shard(0, r * f, f, Fi), Shard(0, r * v, v, V)
+    shards = dict(q_proj=q, k_proj=kv, v_proj=kv, o_proj=q._replace(dim=1), gate_proj=mlp, up_proj=mlp,
+                  down_proj=mlp._replace(dim=1), embed_tokens=vocab, lm_head=vocab)
+    return replace(cfg, num_heads=h, num_kv_heads=kvh, intermediate_size=f), shards
+
+
+def take_shard(t, shard: Optional[Shard]) -> torch.Tensor:
+    """This rank's part of checkpoint tensor t (a tensor, or a safetensors slice, which reads only that part);
+    a vocab shard past the end of the vocabulary is padded with zero rows (their logits are cut off)."""
+    if shard is None:
+        return t[:]
+    cut = slice(shard.start, shard.start + shard.size)
+    part = t[cut] if shard.dim == 0 else t[:, cut]
+    return F.pad(part, (0, 0, 0, shard.size - part.shape[0])) if shard.dim == 0 else part
+
+
+def all_reduce(x: torch.Tensor, tp: TP) -> torch.Tensor:
+    """The sum of x over the tensor-parallel ranks, in place (NCCL between GPUs, gloo on the CPU)."""
+    if tp.size > 1:
+        dist.all_reduce(x)
+    return x
+
+
 def linear(proj: nn.Linear, x, lora_batch: Optional[lora.LoRABatch]) -> torch.Tensor:
     """proj(x), plus each token's LoRA delta when the step uses adapters (their weights hang on proj)."""
     y = proj(x)
@@ -862,9 +950,9 @@ def linear_stacked(projs: tuple, x, lora_batch: Optional[lora.LoRABatch]) -> lis
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, tp: TP):  # cfg: this rank's part (tp_plan); H, KVH: its heads
         super().__init__()
-        self.H, self.KVH, self.D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.tp, self.H, self.KVH, self.D = tp, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.q_proj = nn.Linear(cfg.hidden_size, self.H * self.D, bias=False)
         self.k_proj = nn.Linear(cfg.hidden_size, self.KVH * self.D, bias=False)
         self.v_proj = nn.Linear(cfg.hidden_size, self.KVH * self.D, bias=False)
@@ -881,12 +969,14 @@ class Attention(nn.Module):
         write_kv(k, v, k_cache, v_cache, meta.slot_mapping)  # the new tokens' K/V into their slots
         o = attend(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc,
                    self.D ** -0.5, meta.max_query_len, meta.max_seq_len)  # (N, H, D)
-        return linear(self.o_proj, o.view(N, self.H * self.D), meta.lora)  # (N, H*D) @ (H*D, C) -> (N, C)
+        o = linear(self.o_proj, o.view(N, self.H * self.D), meta.lora)  # (N, H*D) @ (H*D, C) -> (N, C)
+        return all_reduce(o, self.tp)  # row-parallel: the ranks' heads' shares of the output, summed
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, tp: TP):  # cfg: this rank's part; F: its columns
         super().__init__()
+        self.tp = tp
         self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
@@ -894,16 +984,16 @@ class MLP(nn.Module):
     def forward(self, x, lora_batch=None):  # SwiGLU: (N, C) -> (N, F) -> (N, C)
         act = fused(silu_and_mul) if x.is_cuda else silu_and_mul
         gate, up = linear_stacked((self.gate_proj, self.up_proj), x, lora_batch)
-        return linear(self.down_proj, act(gate, up), lora_batch)
+        return all_reduce(linear(self.down_proj, act(gate, up), lora_batch), self.tp)  # row-parallel, as o_proj
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, tp: TP):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = Attention(cfg)
+        self.self_attn = Attention(cfg, tp)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = MLP(cfg)
+        self.mlp = MLP(cfg, tp)
 
     def forward(self, x, cos, sin, meta, k_cache, v_cache):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, meta, k_cache, v_cache)
@@ -911,33 +1001,55 @@ class DecoderLayer(nn.Module):
 
 
 class Llama(nn.Module):
-    """Parameter names follow the HF checkpoint minus its "model." prefix, so loading is a straight copy."""
+    """Parameter names follow the HF checkpoint minus its "model." prefix, so loading is a straight copy.
+    Under tensor parallelism, rank tp.rank's part of the model: cfg is then that part's shape (tp_plan)."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, tp: TP = TP()):
         super().__init__()
-        self.cfg = cfg
+        self.tp, self.vocab_size = tp, cfg.vocab_size
+        self.cfg, self.shards = tp_plan(cfg, tp)
+        vocab = self.shards["embed_tokens"].size if tp.size > 1 else cfg.vocab_size  # this rank's rows
         # Given a weight, Embedding skips its random init, which even on the meta device (load_model) costs
         # seconds: normal_ there runs a Python decomposition. The checkpoint's weights replace it anyway.
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, _weight=torch.empty(cfg.vocab_size, cfg.hidden_size))
-        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
+        self.embed_tokens = nn.Embedding(vocab, cfg.hidden_size, _weight=torch.empty(vocab, cfg.hidden_size))
+        self.layers = nn.ModuleList(DecoderLayer(self.cfg, tp) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = nn.Linear(cfg.hidden_size, vocab, bias=False)
         self.rope_cos = self.rope_sin = None  # (max_len, D/2) tables, made by load_model on the target device
 
     def forward(self, input_ids, positions, meta: AttentionMetadata, kv_cache):
         """input_ids, positions (N,) -> final hidden states (N, C). kv_cache: per layer a (k_cache, v_cache) pair."""
-        x = self.embed_tokens(input_ids)                              # (N, C)
+        x = self.embed(input_ids)                                     # (N, C)
         cos, sin = self.rope_cos[positions], self.rope_sin[positions]  # (N, D/2) each
         for layer, (k_cache, v_cache) in zip(self.layers, kv_cache):
             x = layer(x, cos, sin, meta, k_cache, v_cache)
         return self.norm(x)
 
-    def compute_logits(self, h):  # (B, C) @ (C, V) -> (B, V), float32 for the sampler
-        return self.lm_head(h).float()
+    def embed(self, input_ids):  # (N,) -> (N, C)
+        if self.tp.size == 1:
+            return self.embed_tokens(input_ids)
+        local = input_ids - self.shards["embed_tokens"].start  # (N,) row in this rank's vocab shard
+        mine = (local >= 0) & (local < self.embed_tokens.num_embeddings)
+        x = self.embed_tokens(torch.where(mine, local, 0)) * mine[:, None].to(self.embed_tokens.weight.dtype)
+        return all_reduce(x, self.tp)  # each id's row from the one rank that holds it
+
+    def compute_logits(self, h):
+        """(B, C) @ (C, V) -> (B, V), float32 for the sampler. Under tensor parallelism each rank scores its
+        vocab shard, (B, V/tp), and rank 0 gathers the whole (B, V); the other ranks get None."""
+        logits = self.lm_head(h)
+        if self.tp.size > 1:
+            parts = [torch.empty_like(logits) for _ in range(self.tp.size)] if self.tp.rank == 0 else None
+            dist.gather(logits, parts, dst=0)
+            if parts is None:
+                return None
+            logits = torch.cat(parts, dim=-1)[:, :self.vocab_size]  # (B, V): the padding rows' scores cut off
+        return logits.float()
 
 
-def load_model(path: str, device, dtype: str | torch.dtype, max_model_len: Optional[int], hf_overrides=None):
-    """A checkpoint path -> (model in eval mode on `device`, config, tokenizer or None)."""
+def load_model(path: str, device, dtype: str | torch.dtype, max_model_len: Optional[int], hf_overrides=None,
+               tp: TP = TP()):
+    """A checkpoint path -> (model in eval mode on `device`, config, tokenizer or None); under tensor parallelism
+    rank tp.rank's shard of the model, and the whole model's config."""
     device = torch.device(device)
     if path.endswith(".gguf"):
         if hf_overrides:
@@ -951,13 +1063,13 @@ def load_model(path: str, device, dtype: str | torch.dtype, max_model_len: Optio
         raise FileNotFoundError(f"model {path!r}: expected a folder with config.json + safetensors, or a .gguf file")
     dtype = resolve_dtype(dtype, peek_dtype, device)
     if path.endswith(".gguf"):
-        cfg, weights, tokenizer = load_gguf_checkpoint(path, device, dtype)
+        cfg, weights, tokenizer = load_gguf_checkpoint(path, device, dtype, tp)
     else:
-        (cfg, weights), tokenizer = load_hf_checkpoint(path, device, dtype, hf_overrides), None
+        (cfg, weights), tokenizer = load_hf_checkpoint(path, device, dtype, hf_overrides, tp), None
     if cfg.tie_word_embeddings or "lm_head.weight" not in weights:
         weights["lm_head.weight"] = weights["embed_tokens.weight"]
     with torch.device("meta"):  # no memory, no random init: the loaded tensors become the parameters
-        model = Llama(cfg)
+        model = Llama(cfg, tp)
     model.load_state_dict(weights, strict=True, assign=True)
     model.rope_cos, model.rope_sin = rope_tables(cfg, max_model_len or cfg.max_position_embeddings, device)
     return model.eval(), cfg, tokenizer
@@ -1465,6 +1577,9 @@ class StepInput:
     prompt_targets: list[int] = field(default_factory=list)   # the prompt token each of prompt_rows scores
     num_logprobs: int = 0           # top-k width of the reported logprobs (the largest asked for)
 
+    def for_workers(self) -> "StepInput":  # what tensor-parallel workers need: all but the sampler's inputs
+        return replace(self, params=[], generators=[], blocked=[], penalty_ids=[], logprob_rows=[], prompt_targets=[])
+
 
 class SampledTokens:
     """One step's sampled tokens, and the logprob rows of its scored tokens, on their way to the host:
@@ -1486,20 +1601,33 @@ class SampledTokens:
         return [int(t) for t in values[:self.num_tokens]], values[self.num_tokens:]
 
 
+def on_every_rank(method):
+    """A ModelRunner method that every tensor-parallel rank runs, with the same arguments, as each holds a part of
+    the model: rank 0 sends the call to the workers first (TPWorkers.run). Alone or on a worker: just the method."""
+    @functools.wraps(method)
+    def run(self, *args):
+        return method(self, *args) if self.workers is None else self.workers.run(method, self, *args)
+    return run
+
+
 class ModelRunner:
-    """The device side of the engine: weights, KV cache, CUDA graphs, forward pass and sampler."""
+    """The device side of the engine: weights, KV cache, CUDA graphs, forward pass and sampler. Under tensor
+    parallelism every rank has one, for its shard of the model; rank 0's also samples and has the `workers`."""
 
     CPU_KV_CACHE_BYTES = 1 << 30  # the CPU has no memory profile to size from: 1 GiB of KV cache
 
     def __init__(self, model: "Llama", *, block_size: int, max_num_seqs: int, max_num_batched_tokens: int,
                  max_model_len: int, gpu_memory_utilization: float, num_gpu_blocks_override: Optional[int],
-                 kv_cache_memory_bytes: Optional[int], enforce_eager: bool, seed: Optional[int], lora_manager=None):
-        self.model, self.cfg, self.lora = model, model.cfg, lora_manager
+                 kv_cache_memory_bytes: Optional[int], enforce_eager: bool, seed: Optional[int], lora_manager=None,
+                 workers: Optional["TPWorkers"] = None):
+        self.model, self.cfg, self.lora = model, model.cfg, lora_manager  # cfg: this rank's part (tp_plan)
+        self.tp, self.workers = model.tp, workers
         self.device, self.dtype = model.embed_tokens.weight.device, model.embed_tokens.weight.dtype
         self.block_size, self.max_num_seqs, self.max_model_len = block_size, max_num_seqs, max_model_len
         self.generator = torch.Generator(device=self.device)
         self.generator.seed() if seed is None else self.generator.manual_seed(seed)  # seed None: a fresh stream
         if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)  # the memory profile, graphs and NCCL use the current device
             self.warm_up()
         if num_gpu_blocks_override is not None:
             self.num_blocks = num_gpu_blocks_override
@@ -1509,6 +1637,10 @@ class ModelRunner:
             self.num_blocks = self.profile_num_blocks(gpu_memory_utilization, max_num_batched_tokens)
         else:
             self.num_blocks = self.CPU_KV_CACHE_BYTES // kv_bytes_per_block(self.cfg, block_size, self.dtype)
+        if self.tp.size > 1:  # one block table serves every rank: the fewest blocks any rank has room for
+            fewest = torch.tensor([self.num_blocks], device=self.device)
+            dist.all_reduce(fewest, op=dist.ReduceOp.MIN)
+            self.num_blocks = int(fewest)
         if self.num_blocks < 1:
             raise ValueError("no memory is left for the KV cache; raise gpu_memory_utilization or use a smaller model")
         self.kv_cache = allocate_kv_cache(self.cfg, self.num_blocks, block_size, self.dtype, self.device)
@@ -1542,8 +1674,9 @@ class ModelRunner:
         meta = AttentionMetadata(torch.arange(n, device=self.device), i32([list(range(blocks))]), i32([n]), i32([0, n]), n, n)
         positions = torch.arange(n, device=self.device) % self.max_model_len  # stay inside the RoPE tables
         h = self.model(torch.zeros(n, dtype=torch.long, device=self.device), positions, meta, cache)
-        logits = self.model.compute_logits(h[:1].expand(self.max_num_seqs, -1))  # (max_num_seqs, V)
-        logits.sort(dim=-1)  # the sampler's largest temporary
+        logits = self.model.compute_logits(h[:1].expand(self.max_num_seqs, -1))  # (max_num_seqs, V); None: a worker
+        if logits is not None:
+            logits.sort(dim=-1)  # the sampler's largest temporary
         torch.cuda.synchronize()
         del cache, h, logits
         free, total = torch.cuda.mem_get_info()
@@ -1638,6 +1771,7 @@ class ModelRunner:
                                  self.lora.prepare(step.lora) if self.lora else None)
         return ids, pos, meta, (rows.long(), scored.long(), targets.long())
 
+    @on_every_rank
     @torch.inference_mode()
     def execute(self, step: StepInput, constrain: Optional[Callable] = None) -> Optional[SampledTokens]:
         """Run one step: the forward pass, then logits where a token is sampled or a prompt token scored,
@@ -1648,17 +1782,26 @@ class ModelRunner:
         if not S and not step.prompt_rows:
             return None
         logits = self.model.compute_logits(hidden[rows])  # (S + P, V)
+        if logits is None:  # a tensor-parallel worker: rank 0 samples, and sends the tokens for the next step
+            self.last_sampled = self.share_tokens(torch.empty(S, dtype=torch.long, device=self.device))
+            return None
         report = None
         if len(scored):  # as vLLM by default: logprobs of the raw logits, before any processing
             raw_logprobs = logits[scored].log_softmax(dim=-1)  # (R, V)
         if constrain is not None and S:  # the engine's masks (structured outputs, logits controls), in place
             constrain(logits[:S])
-        tokens = self.sample(logits[:S], step, ids[rows[:S]]) if S else ids.new_zeros(0)  # (S,)
+        tokens = self.share_tokens(self.sample(logits[:S], step, ids[rows[:S]]) if S else ids.new_zeros(0))  # (S,)
         if len(scored):
             scored_ids = torch.cat([tokens[scored[:len(step.logprob_rows)]], targets])  # (R,)
             report = gather_logprobs(raw_logprobs, scored_ids, min(step.num_logprobs, logits.shape[-1]))
         self.last_sampled = tokens
         return SampledTokens(tokens, report)
+
+    def share_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Rank 0's sampled tokens (S,) to every tensor-parallel rank: each feeds them to the next step (PENDING)."""
+        if self.tp.size > 1 and len(tokens):
+            dist.broadcast(tokens, src=0)
+        return tokens
 
     def sample(self, logits: torch.Tensor, step: StepInput, last_ids: torch.Tensor) -> torch.Tensor:
         """logits (S, V) -> (S,) tokens, after min_tokens' blocked tokens; last_ids (S,) are the sampled rows'
@@ -1696,6 +1839,7 @@ class ModelRunner:
         counts = torch.zeros(S, V + 1, device=self.device).scatter_add_(1, output_ids, torch.ones(output_ids.shape, device=self.device))
         return prompt_mask[:, :V], counts[:, :V]
 
+    @on_every_rank
     @torch.inference_mode()
     def prompt_logits(self, token_ids: list[int], block_table: list[int], lora_request=None) -> torch.Tensor:
         """Logits (T, V) at every position of one prompt whose blocks are given, through the same paged path."""
@@ -1703,6 +1847,177 @@ class ModelRunner:
         step = StepInput(token_ids, list(range(T)), [T], [block_table], [(lora_request, T)])
         ids, pos, meta, _ = self.prepare(step)
         return self.model.compute_logits(self.model(ids, pos, meta, self.kv_cache))
+
+
+# Tensor parallelism's processes. Rank 0 is the LLM's own process; ranks 1..N-1 are workers started here, one per
+# GPU (spawned: CUDA cannot be forked). Each worker loads its own shard and builds its own ModelRunner, then runs
+# the runner calls rank 0 sends through a pipe (the StepInput once per step), in the same order as rank 0: the
+# collectives inside (all-reduces, the logits gather, the tokens broadcast) meet in the same order on every rank.
+
+# The longest a collective or a store lookup waits for another rank. Ranks reach a step's collectives within
+# milliseconds of each other; start-up (loading, compiling) is watched apart, through the pipes.
+DIST_TIMEOUT = timedelta(minutes=5)
+
+
+class TPWorkers:
+    """Rank 0's handle on the tensor-parallel workers: their processes, a pipe to each, and the process group."""
+
+    def __init__(self, size: int, device: torch.device, load_args: dict, runner_args: dict, lora_args):
+        if dist.is_initialized():
+            raise RuntimeError("this process already has a torch.distributed process group (another LLM with "
+                               "tensor_parallel_size > 1?); close() it first: a process holds one at a time")
+        self.procs, self.pipes, self.broken, self.has_group = [], [], None, False
+        device = torch.device("cuda", device.index or 0) if device.type == "cuda" else device  # rank r: GPU index + r
+        atexit.register(self.close)  # interpreter exit stops the workers too
+        try:
+            # a free port, picked by the OS: where the ranks meet to set up the process group
+            self.store = dist.TCPStore("127.0.0.1", 0, size, is_master=True, wait_for_workers=False, timeout=DIST_TIMEOUT)
+            context = torch.multiprocessing.get_context("spawn")
+            for rank in range(1, size):
+                pipe, theirs = context.Pipe()
+                self.procs.append(context.Process(target=tp_worker, name=f"minillm-tp{rank}", daemon=True, args=(
+                    rank, size, self.store.port, theirs, device, load_args, runner_args, lora_args)))
+                with main_script_hidden():
+                    self.procs[-1].start()
+                theirs.close()
+                self.pipes.append(pipe)
+            for rank in range(1, size):  # wait until each worker's shard is loaded, or it said why not
+                while (message := self.message(rank, 0.1)) is None:
+                    pass
+                if message[0] == "error":
+                    raise self.failure(rank, message)
+            init_tp_group(0, size, self.store, device)
+            self.has_group = True
+        except BaseException:
+            self.close()
+            raise
+
+    def message(self, rank: int, wait: float) -> Optional[tuple]:
+        """Worker `rank`'s next message within `wait` seconds, else None; ("error", why) once it has stopped."""
+        pipe, proc = self.pipes[rank - 1], self.procs[rank - 1]
+        if not pipe.poll(wait):  # (the pipe of a worker that has died is readable at once: end of file)
+            return None
+        try:
+            return pipe.recv()
+        except (EOFError, OSError):
+            proc.join(timeout=1)
+            return "error", "it has exited" + (f" with code {proc.exitcode}" if proc.exitcode is not None else "")
+
+    def failure(self, rank: int, message: tuple) -> RuntimeError:
+        return RuntimeError(f"tensor-parallel worker {rank} (pid {self.procs[rank - 1].pid}) failed: {message[1]}")
+
+    def run(self, method, runner: "ModelRunner", *args):
+        """runner.method(*args) on every rank: the workers get the call, then rank 0 runs it. A Ctrl-C waits until
+        the call is done, as the ranks must finish its collectives together; any other exception leaves them out
+        of step, so the workers are stopped and this LLM can do no more work."""
+        if self.broken:
+            raise RuntimeError(f"this LLM's tensor-parallel workers were stopped ({self.broken}); create a new LLM")
+        payload = pickle.dumps((method.__name__, [a.for_workers() if isinstance(a, StepInput) else a for a in args]))
+        for rank, pipe in enumerate(self.pipes, start=1):
+            try:
+                pipe.send_bytes(payload)
+            except OSError:
+                self.stop(self.failure(rank, self.message(rank, 1) or ("error", "its pipe is closed")))
+        with sigint_deferred():
+            try:
+                return method(runner, *args)
+            except Exception as e:  # a worker's error (it says so within a second), or rank 0's own
+                said = [(rank, m) for rank in range(1, len(self.pipes) + 1) if (m := self.message(rank, 1))]
+                self.stop(self.failure(*said[0]) if said else e)
+
+    def stop(self, error: BaseException):
+        self.broken = f"{type(error).__name__}: {error}"
+        self.close()
+        raise error
+
+    def close(self) -> None:
+        """Stop the workers: each is asked to leave its loop, and made to after a few seconds. Idempotent."""
+        for pipe in self.pipes:
+            with contextlib.suppress(OSError):
+                pipe.send_bytes(pickle.dumps(None))
+        for proc in self.procs:
+            proc.join(timeout=5)
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
+        for pipe in self.pipes:
+            pipe.close()
+        self.procs, self.pipes = [], []
+        if self.has_group:  # (only ours: a closed LLM's close must not end a newer LLM's group)
+            dist.destroy_process_group()
+            self.has_group = False
+        atexit.unregister(self.close)
+
+
+def init_tp_group(rank: int, size: int, store, device: torch.device) -> None:
+    """The tensor-parallel ranks' default process group: NCCL between GPUs, gloo on the CPU."""
+    cuda = device.type == "cuda"
+    dist.init_process_group("nccl" if cuda else "gloo", store=store, rank=rank, world_size=size, timeout=DIST_TIMEOUT,
+                            device_id=device if cuda else None)
+
+
+@contextlib.contextmanager
+def main_script_hidden():
+    """A spawned process first runs the parent's main script again (without its `if __name__ == "__main__":`
+    part). A worker needs only this module, and a script may make its LLM at the top, unguarded (the seed page's
+    large-scale example does): hide the script from multiprocessing while a worker starts. Not when this file is
+    the script (the command line, which is guarded): the worker's code is in it."""
+    main = sys.modules["__main__"]
+    saved = {k: main.__dict__[k] for k in ("__file__", "__spec__") if k in main.__dict__}
+    if tp_worker.__module__ != "__main__":
+        main.__dict__.pop("__file__", None)
+        main.__spec__ = None
+    try:
+        yield
+    finally:
+        main.__dict__.update(saved)
+
+
+@contextlib.contextmanager
+def sigint_deferred():
+    """Hold a Ctrl-C back until the block is done, then raise it (only the main thread gets signals)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught = []
+    previous = signal.signal(signal.SIGINT, lambda *_: caught.append(True))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous if previous is not None else signal.SIG_DFL)
+        if caught:
+            raise KeyboardInterrupt
+
+
+def tp_worker(rank: int, size: int, port: int, pipe, device: torch.device, load_args: dict, runner_args: dict, lora_args):
+    """Tensor-parallel rank `rank` > 0, in a process of its own: load this rank's shard, build its ModelRunner,
+    then run each call rank 0 sends until it sends None (LLM.close) or goes away."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is rank 0's: it lets the step end, then stops us
+    try:
+        if device.type == "cuda":
+            device = torch.device("cuda", device.index + rank)
+            torch.cuda.set_device(device)
+        else:  # the ranks share the CPU's cores
+            torch.set_num_threads(max(1, torch.get_num_threads() // size))
+        llama = load_model(device=device, tp=TP(rank, size), **load_args)[0]
+        pipe.send(("loaded",))
+        init_tp_group(rank, size, dist.TCPStore("127.0.0.1", port, size, is_master=False, timeout=DIST_TIMEOUT), device)
+        manager = lora.LoRAManager(llama, *lora_args) if lora_args else None
+        runner = ModelRunner(llama, lora_manager=manager, **runner_args)
+        while (call := pickle.loads(pipe.recv_bytes())) is not None:
+            method, args = call
+            getattr(runner, method)(*args)
+    except EOFError:  # rank 0 has gone: so do we
+        pass
+    except BaseException as e:
+        import traceback
+        traceback.print_exc()
+        with contextlib.suppress(OSError):
+            pipe.send(("error", f"{type(e).__name__}: {e}"))
+        sys.exit(1)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1731,7 +2046,10 @@ class LLMEngine:
             set_random_seed(args.seed)
         hub = dict(download_dir=args.download_dir, token=args.hf_token)
         model_path = resolve_model(args.model, args.revision, **hub) if args.model else default_model_path()
-        llama, self.cfg, gguf_tokenizer = load_model(model_path, self.device, args.dtype, args.max_model_len, args.hf_overrides)
+        tp = check_tensor_parallel(args.tensor_parallel_size, self.device)
+        # rank 0's shard first: a model whose heads do not split fails before any worker starts
+        llama, self.cfg, gguf_tokenizer = load_model(model_path, self.device, args.dtype, args.max_model_len,
+                                                     args.hf_overrides, tp)
         tokenizer = args.tokenizer and resolve_model(args.tokenizer, args.tokenizer_revision, **hub)
         self.tokenizer = load_tokenizer(tokenizer or model_path) if (tokenizer or not gguf_tokenizer) else gguf_tokenizer
         # vLLM's EOS is the tokenizer's; the checkpoint's other EOS ids stop as stop tokens (stop_reason = the id)
@@ -1740,15 +2058,24 @@ class LLMEngine:
                                   if self.tokenizer.decode([i]) == self.tokenizer.eos_token), None)
         self.default_params = default_sampling_params(model_path, args.generation_config, args.override_generation_config)
         self.model_name, self.max_logprobs = args.served_model_name or args.model or model_path, args.max_logprobs
-        # LoRA: adapter slots on the device, before the KV cache takes what memory is left
-        self.lora = lora.LoRAManager(llama, args.max_loras, args.max_lora_rank) if args.enable_lora else None
         self.max_model_len = args.max_model_len or self.cfg.max_position_embeddings
         block_size, max_num_seqs, max_tokens = args.block_size or 16, args.max_num_seqs or 256, args.max_num_batched_tokens or 8192
-        self.runner = ModelRunner(llama, block_size=block_size, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_tokens,
-                                  max_model_len=self.max_model_len, gpu_memory_utilization=args.gpu_memory_utilization,
-                                  num_gpu_blocks_override=args.num_gpu_blocks_override,
-                                  kv_cache_memory_bytes=args.kv_cache_memory_bytes, enforce_eager=args.enforce_eager,
-                                  seed=args.seed, lora_manager=self.lora)
+        runner_args = dict(block_size=block_size, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_tokens,
+                           max_model_len=self.max_model_len, gpu_memory_utilization=args.gpu_memory_utilization,
+                           num_gpu_blocks_override=args.num_gpu_blocks_override,
+                           kv_cache_memory_bytes=args.kv_cache_memory_bytes, enforce_eager=args.enforce_eager, seed=args.seed)
+        lora_args = (args.max_loras, args.max_lora_rank) if args.enable_lora else None
+        load_args = dict(path=model_path, dtype=llama.embed_tokens.weight.dtype, max_model_len=args.max_model_len,
+                         hf_overrides=args.hf_overrides)
+        workers = TPWorkers(tp.size, self.device, load_args, runner_args, lora_args) if tp.size > 1 else None
+        try:
+            # LoRA: adapter slots on the device, before the KV cache takes what memory is left
+            self.lora = lora.LoRAManager(llama, *lora_args) if lora_args else None
+            self.runner = ModelRunner(llama, lora_manager=self.lora, workers=workers, **runner_args)
+        except BaseException:
+            if workers is not None:
+                workers.close()
+            raise
         self.max_seq_len = self.runner.max_seq_len
         self.block_manager = BlockManager(self.runner.num_blocks, block_size, args.enable_prefix_caching is not False)
         self.scheduler = Scheduler(self.block_manager, max_num_seqs, max_tokens, args.max_loras if args.enable_lora else 0)
@@ -1770,6 +2097,12 @@ class LLMEngine:
     def from_engine_args(cls, engine_args: EngineArgs, usage_context=None) -> "LLMEngine":
         """vLLM's way to build one (usage_context is accepted and has no effect)."""
         return cls(engine_args)
+
+    def close(self) -> None:
+        """Stop the tensor-parallel workers, if any (the engine can do no more work then). Idempotent."""
+        if getattr(self, "runner", None) is not None and self.runner.workers is not None:
+            self.runner.workers.close()
+            self.runner.workers.broken = "the LLM was closed"
 
     # -- requests --
 
@@ -2135,6 +2468,20 @@ class LLM:
         self.request_counter = itertools.count()  # request ids: one per prompt, counting on across calls
         self.last_trace: Optional[dict] = None  # with trace=True: what the last generate call did, step by step
 
+    def close(self) -> None:
+        """Stop the tensor-parallel workers (they stop at interpreter exit too); `with LLM(...) as llm:` calls it."""
+        self.llm_engine.close()
+
+    def __enter__(self) -> "LLM":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self):
+        if "llm_engine" in self.__dict__:
+            self.llm_engine.close()
+
     def get_tokenizer(self) -> "Tokenizer":
         return self.llm_engine.tokenizer
 
@@ -2286,7 +2633,7 @@ class LLM:
 
 
 # ----------------------------------------------------------------------------------------------
-# 10. generate() for small scripts, and the command line
+# 10. generate() for small scripts, data parallelism, and the command line
 
 _engines: dict = {}  # (model, kwargs) -> LLM: a script that calls generate() twice loads the model once
 
@@ -2297,6 +2644,84 @@ def generate(prompts, sampling_params=None, *, model: Optional[str] = None, use_
     if key not in _engines:
         _engines[key] = LLM(model, **llm_kwargs)
     return _engines[key].generate(prompts, sampling_params, use_tqdm=use_tqdm, lora_request=lora_request)
+
+
+class DataParallel:
+    """Data parallelism: `size` engines (ranks), each generating every size-th prompt, their outputs gathered on rank
+    0 in input order. The ranks are processes torchrun starts (on one host or many); they meet in its key-value
+    store (a TCPStore), not a process group, as each engine's default process group is its tensor-parallel ranks'.
+
+        dp = DataParallel.from_env()   # under torchrun: RANK of WORLD_SIZE; else rank 0 of 1
+        llm = LLM(model, device=f"cuda:{dp.local_rank}")
+        outputs = dp.gather(llm.generate(dp.shard(prompts), params, use_tqdm=dp.progress(len(prompts))))
+    """
+
+    def __init__(self, rank: int, size: int, store, local_rank: int = 0):
+        self.rank, self.size, self.local_rank = rank, size, local_rank
+        self.store, self.bar = dist.PrefixStore("minillm/", store), None
+
+    @classmethod
+    def from_env(cls) -> "DataParallel":
+        """This process's rank under torchrun (RANK, WORLD_SIZE, LOCAL_RANK, its store at MASTER_ADDR:MASTER_PORT)."""
+        if "WORLD_SIZE" not in os.environ:
+            return cls(0, 1, dist.HashStore())
+        store, rank, size = next(dist.rendezvous("env://", timeout=DIST_TIMEOUT))
+        return cls(rank, size, store, int(os.environ.get("LOCAL_RANK", rank)))
+
+    def shard(self, prompts: list) -> list:
+        return prompts[self.rank::self.size]
+
+    def progress(self, total: int):
+        """generate's use_tqdm: every rank counts its finished prompts in the store, rank 0 draws one bar for all."""
+        if self.size == 1:
+            return True  # alone: generate's own bar
+        if self.rank == 0:
+            self.bar = tqdm(total=total, desc="Processed prompts", dynamic_ncols=True)
+        return lambda **_: SharedProgress(self)
+
+    def gather(self, outputs: list) -> Optional[list]:
+        """Every rank's outputs to rank 0, in the order of the prompts shard() split: rank 0 gets them all, the
+        others None. (A rank that fails makes torchrun stop them all: rank 0 does not wait for it.)"""
+        if self.size == 1:
+            return outputs
+        self.store.set(f"outputs/{self.rank}", pickle.dumps(outputs))
+        if self.rank:
+            return None
+        parts = []
+        for rank in range(self.size):
+            while not self.store.check([f"outputs/{rank}"]):
+                self.draw()
+                time.sleep(0.05)
+            parts.append(pickle.loads(self.store.get(f"outputs/{rank}")))
+        merged = [None] * sum(map(len, parts))
+        for rank, part in enumerate(parts):
+            merged[rank::self.size] = part
+        if self.bar is not None:
+            self.draw()
+            self.bar.close()
+        return merged
+
+    def draw(self) -> None:
+        if self.bar is not None:
+            self.bar.update(int(self.store.add("done", 0)) - self.bar.n)
+
+
+class SharedProgress:
+    """What generate's loop calls on its progress bar, for one data-parallel rank: finished prompts are counted in
+    the store for rank 0's bar, which gather closes. (Rank 0's token rates are not all ranks': the bar's prompts/s is.)"""
+
+    def __init__(self, dp: DataParallel):
+        self.dp = dp
+
+    def update(self, n: int) -> None:
+        self.dp.store.add("done", n)
+        self.dp.draw()
+
+    def set_postfix_str(self, text: str) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 def check_device(device) -> torch.device:
@@ -2312,6 +2737,16 @@ def check_device(device) -> torch.device:
     if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
         raise ValueError(f"device {str(device)!r}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
     return device
+
+
+def check_tensor_parallel(size, device: torch.device) -> TP:
+    """Rank 0 of a tensor_parallel_size group, checked before anything loads: enough GPUs from `device` on."""
+    if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+        raise ValueError(f"tensor_parallel_size must be an integer of at least 1, got {size!r}")
+    first, count = device.index or 0, torch.cuda.device_count() if device.type == "cuda" else 0
+    if device.type == "cuda" and first + size > count:
+        raise ValueError(f"tensor_parallel_size={size} needs {size} GPUs from cuda:{first} on, but this machine has {count}")
+    return TP(0, size)
 
 
 def read_prompts(path: str) -> list[str]:
@@ -2336,7 +2771,8 @@ def check_writable(path: str) -> None:
 
 
 def main(args=None) -> int:
-    args = args if isinstance(args, argparse.Namespace) else cli_parser().parse_args(args)
+    argv = list(args) if isinstance(args, (list, tuple)) else sys.argv[1:]
+    args = args if isinstance(args, argparse.Namespace) else cli_parser().parse_args(argv)
     try:
         prompts = read_prompts(args.prompts)
         constraint = None
@@ -2344,24 +2780,25 @@ def main(args=None) -> int:
             constraint = structured.StructuredOutputsParams(json=read_json(args.json_schema), regex=args.regex)
         params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
                                 max_tokens=args.max_tokens, structured_outputs=constraint)
-        check_device(args.device)
+        device = check_device(args.device)
+        check_tensor_parallel(args.tensor_parallel_size, device)
+        check_data_parallel(args, device)
         if args.trace:
             timeline.check_path(args.trace)
-        for path in filter(None, (args.output, args.trace)):
+        for path in filter(None, (args.output, args.trace)) if int(os.environ.get("RANK", 0)) == 0 else ():
             check_writable(path)
         adapter, lora_kwargs = None, {}
         if args.lora:  # one adapter for every prompt: one slot, of exactly its rank
             adapter = LoRARequest(os.path.basename(os.path.normpath(args.lora)), 1, args.lora)
             lora_kwargs = dict(enable_lora=True, max_loras=1, max_lora_rank=lora.read_adapter_config(adapter)["r"])
-        llm = LLM(args.model, device=args.device, trace=bool(args.trace), **lora_kwargs)
-        if args.chat:
-            outputs = llm.chat([[{"role": "user", "content": p}] for p in prompts], params, lora_request=adapter)
-        else:
-            outputs = llm.generate(prompts, params, lora_request=adapter)
-        write_outputs(args.output, prompts, outputs)
-        if args.trace:
-            timeline.write_trace(llm.last_trace, args.trace)
-            print(f"wrote the trace of {len(llm.last_trace['steps'])} engine steps to {args.trace}", file=sys.stderr)
+        if args.data_parallel_size > 1 and "WORLD_SIZE" not in os.environ:
+            # K engines on this host: torchrun starts this same command K times, one data-parallel rank each
+            return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                   f"--nproc-per-node={args.data_parallel_size}", os.path.abspath(__file__), *argv]).returncode
+        dp = DataParallel.from_env()
+        outputs = generate_shard(dp, args, prompts, params, adapter, lora_kwargs)
+        if dp.rank == 0:
+            write_outputs(args.output, prompts, outputs)
     except KeyboardInterrupt:
         print("minillm: interrupted", file=sys.stderr)
         return 130
@@ -2379,6 +2816,39 @@ def read_json(path: Optional[str]):
             return json.load(f)
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: not JSON ({e.msg} at line {e.lineno})") from None
+
+
+def check_data_parallel(args, device: torch.device) -> None:
+    """--data-parallel-size K: K engines of --tensor-parallel-size GPUs each on this host (torchrun: its processes)."""
+    K, world = args.data_parallel_size, int(os.environ.get("WORLD_SIZE", args.data_parallel_size))
+    if K < 1 or K not in (1, world):
+        raise ValueError(f"--data-parallel-size must be at least 1, and under torchrun 1 or the number of "
+                         f"processes ({world}), got {K}")
+    if K > 1 and args.prompts == "-":
+        raise ValueError("--data-parallel-size: every rank reads the prompts: give a file, not stdin")
+    first, count = device.index or 0, torch.cuda.device_count() if device.type == "cuda" else 0
+    if device.type == "cuda" and "WORLD_SIZE" not in os.environ and first + K * args.tensor_parallel_size > count:
+        raise ValueError(f"--data-parallel-size {K} x --tensor-parallel-size {args.tensor_parallel_size} needs "
+                         f"{K * args.tensor_parallel_size} GPUs from cuda:{first} on, but this machine has {count}")
+
+
+def generate_shard(dp: DataParallel, args, prompts: list[str], params, adapter, lora_kwargs) -> Optional[list]:
+    """The command line's generation on data-parallel rank dp.rank: its share of the prompts through an engine of
+    its own (GPUs from local_rank * tensor_parallel_size on); rank 0 returns every output, in input order."""
+    device = args.device
+    if dp.size > 1 and check_device(device).type == "cuda":
+        device = f"cuda:{(check_device(device).index or 0) + dp.local_rank * args.tensor_parallel_size}"
+    mine, progress, trace = dp.shard(prompts), dp.progress(len(prompts)), bool(args.trace) and dp.rank == 0
+    with LLM(args.model, device=device, tensor_parallel_size=args.tensor_parallel_size, trace=trace, **lora_kwargs) as llm:
+        if args.chat:
+            conversations = [[{"role": "user", "content": p}] for p in mine]
+            outputs = llm.chat(conversations, params, lora_request=adapter, use_tqdm=progress)
+        else:
+            outputs = llm.generate(mine, params, lora_request=adapter, use_tqdm=progress)
+    if trace:  # (rank 0's engine: the others' steps are alike)
+        timeline.write_trace(llm.last_trace, args.trace)
+        print(f"wrote the trace of {len(llm.last_trace['steps'])} engine steps to {args.trace}", file=sys.stderr)
+    return dp.gather(outputs)
 
 
 def write_outputs(path: Optional[str], prompts: list[str], outputs: list[RequestOutput]) -> None:

@@ -226,7 +226,7 @@ def test_engine_args_have_vllms_names_and_defaults():
 
 
 @pytest.mark.parametrize("name, value", [
-    ("quantization", "awq"), ("tensor_parallel_size", 2), ("pipeline_parallel_size", 2), ("kv_cache_dtype", "fp8"),
+    ("quantization", "awq"), ("data_parallel_size", 2), ("pipeline_parallel_size", 2), ("kv_cache_dtype", "fp8"),
     ("cpu_offload_gb", 4), ("load_format", "pt"), ("tokenizer_mode", "mistral"), ("config_format", "mistral"),
     ("distributed_executor_backend", "ray"), ("enable_chunked_prefill", False), ("logprobs_mode", "processed_logprobs"),
     ("logits_processors", ["my.Processor"]), ("speculative_config", {"method": "ngram"}), ("dtype", "float8"),
@@ -257,8 +257,9 @@ def test_cli_args_in_vllms_spelling():
                       compilation_config=3)
     assert EngineArgs.from_cli_args(args) == want == EngineArgs(**vars(args))  # as LLM(**vars(args)) builds it
     assert EngineArgs.from_cli_args(parser.parse_args([])) == EngineArgs()  # the flags' defaults are the fields'
-    with pytest.raises(ValueError, match="tensor_parallel_size=2 is not supported"):
-        EngineArgs.from_cli_args(parser.parse_args(["--tensor-parallel-size", "2"]))
+    assert EngineArgs.from_cli_args(parser.parse_args(["-tp", "2"])).tensor_parallel_size == 2
+    with pytest.raises(ValueError, match="pipeline_parallel_size=2 is not supported"):
+        EngineArgs.from_cli_args(parser.parse_args(["--pipeline-parallel-size", "2"]))
 
 
 # ---- generation_config.json and hf_overrides ----------------------------------------------------
