@@ -339,10 +339,10 @@ def traced_run(folder):
     llm = LLM(folder, block_size=4, num_gpu_blocks_override=12, max_num_seqs=4, max_num_batched_tokens=16, trace=True)
     ran, execute = [], llm.llm_engine.runner.execute
 
-    def spy(step):  # the batch as the model runner gets it: its tokens, each sequence's first position and count
+    def spy(step, *args):  # the batch as the model runner gets it: its tokens, each sequence's first position and count
         firsts = [sum(step.query_lens[:j]) for j in range(len(step.query_lens))]
         ran.append((len(step.input_ids), [(step.positions[f], n) for f, n in zip(firsts, step.query_lens)]))
-        return execute(step)
+        return execute(step, *args)
 
     llm.llm_engine.runner.execute = spy
     system = random_prompts([8], seed=5)[0]

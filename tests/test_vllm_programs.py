@@ -572,9 +572,9 @@ def test_max_logprobs_caps_what_a_request_may_ask(folder):
     with pytest.raises(ValueError, match="requested prompt_logprobs=-1"):  # -1 is the whole vocabulary
         llm.generate("hi", SamplingParams(max_tokens=2, prompt_logprobs=-1), use_tqdm=False)
     with pytest.raises(ValueError, match="requested logprobs=21"):  # vLLM's default cap is 20
-        minillm.LLMEngine.check_params(argparse.Namespace(max_logprobs=20, cfg=llm.llm_engine.cfg),
+        minillm.LLMEngine.check_params(argparse.Namespace(max_logprobs=20, cfg=llm.llm_engine.cfg, tokenizer=llm.get_tokenizer()),
                                        SamplingParams(logprobs=21), "sampling_params")
-    uncapped = argparse.Namespace(max_logprobs=-1, cfg=llm.llm_engine.cfg)
+    uncapped = argparse.Namespace(max_logprobs=-1, cfg=llm.llm_engine.cfg, tokenizer=llm.get_tokenizer())
     assert minillm.LLMEngine.check_params(uncapped, SamplingParams(logprobs=-1), "sp").logprobs == -1
 
 
