@@ -1912,7 +1912,9 @@ class TPWorkers:
         of step, so the workers are stopped and this LLM can do no more work."""
         if self.broken:
             raise RuntimeError(f"this LLM's tensor-parallel workers were stopped ({self.broken}); create a new LLM")
-        payload = pickle.dumps((method.__name__, [a.for_workers() if isinstance(a, StepInput) else a for a in args]))
+        # the workers get the call without what only rank 0's sampler uses: sampling fields, the engine's masks
+        lean = [a.for_workers() if isinstance(a, StepInput) else None if callable(a) else a for a in args]
+        payload = pickle.dumps((method.__name__, lean))
         for rank, pipe in enumerate(self.pipes, start=1):
             try:
                 pipe.send_bytes(payload)

@@ -108,6 +108,17 @@ def test_tp2_equals_tp1_with_a_lora_adapter(engines):
     assert base != want[0].outputs[0].token_ids  # the adapter changes what the model says
 
 
+def test_tp2_equals_tp1_with_logits_controls(engines):
+    """The engine's masks (logit_bias, allowed_token_ids) act on rank 0's gathered logits only."""
+    prompts = workload(seed=5)[0][:3]
+    params = [SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, allowed_token_ids=list(range(100, 140))),
+              SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, logit_bias={7: 100.0}),
+              SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)]
+    want, got = engines.tp1.generate(prompts, params, use_tqdm=False), engines.tp2().generate(prompts, params, use_tqdm=False)
+    assert_same(got, want)
+    assert all(100 <= t < 140 for t in got[0].outputs[0].token_ids) and set(got[1].outputs[0].token_ids) == {7}
+
+
 def test_tp2_prompt_logits_equal_tp1(engines):
     ids = random_prompts([37], seed=4)[0]
     for lora_request in (None, engines.adapter):

@@ -252,8 +252,8 @@ def test_engine_argument_command_line_round_trip(folder, tmp_path):
         assert (engine.max_model_len, engine.scheduler.max_num_seqs, engine.runner.num_blocks) == (256, 4, 64)
         assert (engine.block_manager.block_size, engine.cfg.rms_norm_eps, engine.default_params) == (8, 1e-06, {})
         assert engine.runner.graphs == {}
-    with pytest.raises(ValueError, match="tensor_parallel_size=2 is not supported"):
-        run_program(CLI, ["-tp", "2"], MODEL=folder, WORKDIR=str(tmp_path))
+    with pytest.raises(ValueError, match="pipeline_parallel_size=2 is not supported"):  # (-tp 2 is: test_parallel.py)
+        run_program(CLI, ["-pp", "2"], MODEL=folder, WORKDIR=str(tmp_path))
 
 
 ENGINE_LOOP = '''
