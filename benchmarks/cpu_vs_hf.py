@@ -31,14 +31,26 @@ def cpu_name() -> str:
     return "unknown CPU"
 
 
-def time_minillm(llm, prompts, sp) -> tuple[float, list]:
+class Clock:
+    """Wall seconds and this process's CPU seconds (all threads) of a `with` block. On a shared machine the
+    CPU seconds also show what the work itself cost, while the wall time includes the waits for a core."""
+
+    def __enter__(self):
+        self.wall, self.cpu = time.perf_counter(), time.process_time()
+        return self
+
+    def __exit__(self, *exc):
+        self.wall, self.cpu = time.perf_counter() - self.wall, time.process_time() - self.cpu
+
+
+def time_minillm(llm, prompts, sp) -> tuple[Clock, list]:
     llm.generate(prompts[:2], minillm.SamplingParams(max_tokens=2), use_tqdm=False)  # warm-up
-    t = time.perf_counter()
-    outs = llm.generate(prompts, sp, use_tqdm=False)
-    return time.perf_counter() - t, outs
+    with Clock() as clock:
+        outs = llm.generate(prompts, sp, use_tqdm=False)
+    return clock, outs
 
 
-def time_hf(ids, max_tokens) -> tuple[float, torch.Tensor, int]:
+def time_hf(ids, max_tokens) -> tuple[Clock, torch.Tensor, int]:
     from transformers import AutoModelForCausalLM
     path = minillm.default_model_path()
     hf = AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
@@ -50,10 +62,10 @@ def time_hf(ids, max_tokens) -> tuple[float, torch.Tensor, int]:
         x[i, width - len(p):], mask[i, width - len(p):] = torch.tensor(p), 1
     with torch.no_grad():
         hf.generate(input_ids=x[:2], attention_mask=mask[:2], max_new_tokens=2, do_sample=False, pad_token_id=0)  # warm-up
-        t = time.perf_counter()
-        out = hf.generate(input_ids=x, attention_mask=mask, max_new_tokens=max_tokens,
-                          min_new_tokens=max_tokens, do_sample=False, pad_token_id=0)
-    return time.perf_counter() - t, out[:, width:], (out.shape[1] - width) * len(ids)
+        with Clock() as clock:
+            out = hf.generate(input_ids=x, attention_mask=mask, max_new_tokens=max_tokens,
+                              min_new_tokens=max_tokens, do_sample=False, pad_token_id=0)
+    return clock, out[:, width:], (out.shape[1] - width) * len(ids)
 
 
 def main():
@@ -71,13 +83,13 @@ def main():
     threads = args.threads or minillm.choose_cpu_threads()
     torch.set_num_threads(threads)  # as LLM() does; HF then runs with the same count
     llm = minillm.LLM(None, device="cpu")
-    rows = []  # (engine, threads, tokens, seconds)
-    t_mini, outs = time_minillm(llm, prompts, sp)
-    rows.append(("minillm LLM.generate", threads, sum(len(o.outputs[0].token_ids) for o in outs), t_mini))
+    rows = []  # (engine, threads, tokens, Clock)
+    clock, outs = time_minillm(llm, prompts, sp)
+    rows.append(("minillm LLM.generate", threads, sum(len(o.outputs[0].token_ids) for o in outs), clock))
     same = None
     if not args.no_hf:
-        t_hf, hf_out, n_hf = time_hf([llm.get_tokenizer().encode(p) for p in prompts], args.max_tokens)
-        rows.append(("HF generate (padded batch)", threads, n_hf, t_hf))
+        clock, hf_out, n_hf = time_hf([llm.get_tokenizer().encode(p) for p in prompts], args.max_tokens)
+        rows.append(("HF generate (padded batch)", threads, n_hf, clock))
         # HF's min_new_tokens masks EOS, while ignore_eos (vLLM's meaning) only keeps going after it:
         # compare up to the first EOS minillm picks
         upto_eos = lambda ids: ids[: next((j for j, t in enumerate(ids) if t in llm.llm_engine.eos_ids), len(ids))]
@@ -90,24 +102,25 @@ def main():
             time.sleep(1.0)  # let it take its core
             for n in dict.fromkeys([args.threads or minillm.choose_cpu_threads(), threads]):  # chosen now, quiet
                 torch.set_num_threads(n)
-                t, outs_busy = time_minillm(llm, prompts, sp)
-                busy_rows.append(("minillm, 1 busy process", n, sum(len(o.outputs[0].token_ids) for o in outs_busy), t))
+                clock, outs_busy = time_minillm(llm, prompts, sp)
+                busy_rows.append(("minillm, 1 busy process", n, sum(len(o.outputs[0].token_ids) for o in outs_busy), clock))
         finally:
             busy.kill()
             busy.wait()
 
     print(f"\ndevice: {cpu_name()}, {len(os.sched_getaffinity(0))} CPUs; torch {torch.__version__}; "
           f"{args.prompts} prompts x {args.max_tokens} greedy tokens, default model (float32)")
-    print(f"{'engine':<28} {'threads':>7} {'out tokens':>10} {'wall s':>8} {'out tok/s':>10}")
-    for name, n, tokens, t in rows + busy_rows:
-        print(f"{name:<28} {n:>7} {tokens:>10} {t:>8.2f} {tokens / t:>10.1f}")
+    print(f"{'engine':<28} {'threads':>7} {'out tokens':>10} {'wall s':>8} {'cpu s':>8} {'out tok/s':>10}")
+    for name, n, tokens, c in rows + busy_rows:
+        print(f"{name:<28} {n:>7} {tokens:>10} {c.wall:>8.2f} {c.cpu:>8.2f} {tokens / c.wall:>10.1f}")
     if same is not None:
-        (_, _, n_mini, t_mini), (_, _, n_hf, t_hf) = rows
-        print(f"minillm / HF: {(n_mini / t_mini) / (n_hf / t_hf):.2f}x;  "
+        (_, _, n_mini, c_mini), (_, _, n_hf, c_hf) = rows
+        print(f"minillm / HF: {(n_mini / c_mini.wall) / (n_hf / c_hf.wall):.2f}x (wall), "
+              f"{(n_mini / c_mini.cpu) / (n_hf / c_hf.cpu):.2f}x (cpu);  "
               f"identical greedy outputs (up to EOS): {same}/{len(outs)}")
     if busy_rows:
         how = "as given" if args.threads else "chosen afresh"
-        print(f"beside a busy process, threads {how}: {busy_rows[0][3] / rows[0][3]:.2f}x the quiet time")
+        print(f"beside a busy process, threads {how}: {busy_rows[0][3].wall / rows[0][3].wall:.2f}x the quiet wall time")
 
 if __name__ == "__main__":
     main()

@@ -39,8 +39,8 @@ def one_run() -> dict:
         "  allocate a 1 GiB KV cache (the CPU's)": lambda: minillm.allocate_kv_cache(
             cfg, (1 << 30) // minillm.kv_bytes_per_block(cfg, 16, torch.float32), 16, torch.float32, "cpu"),
     }
-    file, cfg = minillm.GGUFFile(path), llm.cfg
     del llm
+    file, (_, cfg, _) = minillm.GGUFFile(path), minillm.load_model(path, "cpu", "auto", None)
     for name, piece in pieces.items():
         t = time.perf_counter()
         piece()
