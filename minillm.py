@@ -112,6 +112,7 @@ from compat import (BatchEncoding, BeamSearchOutput, BeamSearchParams, BeamSearc
                     Vector, cut_after_final_message, decoded_token, default_sampling_params, metrics_snapshot,
                     beam_search_score, resolve_model, set_random_seed, text_content)
 from lora import LoRARequest
+from structured import GuidedDecodingParams, StructuredOutputsParams  # noqa: F401 (importable from here, as from vllm)
 
 # ----------------------------------------------------------------------------------------------
 # 1. Configs
