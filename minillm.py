@@ -1272,7 +1272,7 @@ class BlockManager:
                 self.free_block_ids[block_id] = None
                 if self.events is not None:
                     self.events.note("freed", block_id)
-        seq.block_table, seq.num_hashed_blocks = [], 0
+        seq.block_table, seq.num_hashed_blocks, seq.num_uploaded_blocks = [], 0, 0
 
 
 def allocate_kv_cache(cfg: ModelConfig, num_blocks: int, block_size: int, dtype, device) -> list:
@@ -1394,6 +1394,8 @@ class Sequence:
         self.num_cached_tokens: Optional[int] = None  # of those, found in the prefix cache when first scheduled
         self.block_table: list[int] = []
         self.block_hashes: list[bytes] = []     # prefix-cache hashes of its full blocks of known tokens
+        self.table_row: Optional[int] = None     # its row of the runner's block tables, while running
+        self.num_uploaded_blocks = 0             # leading blocks of block_table that row holds
         self.num_hashed_blocks = 0               # leading blocks of block_table the prefix cache has seen
         self.pending_row = -1                    # if the last token is PENDING: its row in the step that sampled it
         self.params = params
@@ -1563,7 +1565,9 @@ class StepInput:
     input_ids: list[int]            # (N,) the new tokens, back to back; PENDING: see `pending`
     positions: list[int]            # (N,)
     query_lens: list[int]           # (B,) new tokens per sequence
-    block_tables: list[list[int]]   # (B, *) each sequence's blocks
+    table_rows: list[int]           # (B,) each sequence's row in the runner's block_tables on the device
+    table_updates: list[int]        # (row, logical block, physical block) triples, flat: the blocks that rows
+    #                                 gained since the last step (a row is sent again whole when reassigned)
     lora: list[tuple]               # (B,) (LoRARequest or None, new tokens) per sequence
     pending: list[tuple[int, int]] = field(default_factory=list)  # (index in input_ids, row of the last step's
     #                                 tokens) of each PENDING token
@@ -1648,6 +1652,11 @@ class ModelRunner:
         self.kv_cache = allocate_kv_cache(self.cfg, self.num_blocks, block_size, self.dtype, self.device)
         self.max_seq_len = min(max_model_len, self.num_blocks * block_size)  # no sequence outgrows the cache
         self.last_sampled = None  # the last step's tokens (B,), on the device: the next step's PENDING inputs
+        # Each running sequence's block table lives in one row here, and a step sends only the blocks rows gained:
+        # uploading every table every step was the host's largest cost (~9k ints at batch 256).
+        self.PROMPT_ROW = max_num_seqs  # the row of prompt_logits' one sequence
+        self.block_tables = torch.zeros(max_num_seqs + 1, -(-self.max_seq_len // block_size), dtype=torch.int32,
+                                        device=self.device)  # (rows, max blocks per sequence)
         self.graphs = {} if enforce_eager or self.device.type != "cuda" else self.capture_cuda_graphs()
 
     @torch.inference_mode()
@@ -1754,17 +1763,20 @@ class ModelRunner:
         device: the (S + P,) rows whose logits are needed, the (R,) rows of those whose logprobs are reported,
         the (P,) prompt tokens scored. All in one upload: a second copy from unpinned memory would make the
         host wait for the GPU, and the host must run ahead of it."""
-        width, S = max(map(len, step.block_tables)), len(step.sample_rows)
-        tables = [t for table in step.block_tables for t in table + [0] * (width - len(table))]
+        S = len(step.sample_rows)
         seq_lens = [step.positions[end - 1] + 1 for end in itertools.accumulate(step.query_lens)]  # (B,) after this step
+        width = -(-max(seq_lens) // self.block_size)  # the most blocks any sequence of the step has
         dst, src = [d for d, _ in step.pending], [s for _, s in step.pending]
         scored = step.logprob_rows + list(range(S, S + len(step.prompt_rows)))
-        ids, pos, q_lens, s_lens, tables, dst, src, rows, scored, targets = self.upload(
-            step.input_ids, step.positions, step.query_lens, seq_lens, tables, dst, src,
+        ids, pos, q_lens, s_lens, table_rows, updates, dst, src, rows, scored, targets = self.upload(
+            step.input_ids, step.positions, step.query_lens, seq_lens, step.table_rows, step.table_updates, dst, src,
             step.sample_rows + step.prompt_rows, scored, step.prompt_targets)
         if step.pending:
             ids[dst] = self.last_sampled[src].int()  # the last step's tokens, straight from the device
-        tables = tables.view(len(step.query_lens), width)  # (B, width)
+        if step.table_updates:
+            updates = updates.view(-1, 3).long()  # (U, 3): row, logical block, physical block
+            self.block_tables[updates[:, 0], updates[:, 1]] = updates[:, 2].int()
+        tables = self.block_tables[table_rows.long(), :width]  # (B, width)
         starts = F.pad(q_lens.cumsum(0), (1, 0)).int()    # (B+1,) where each sequence's new tokens start
         # each new token's cache slot: the physical block holding its position, times block_size, plus the offset
         token_seq = torch.repeat_interleave(torch.arange(len(q_lens), device=self.device), q_lens, output_size=len(ids))  # (N,)
@@ -1845,8 +1857,9 @@ class ModelRunner:
     @torch.inference_mode()
     def prompt_logits(self, token_ids: list[int], block_table: list[int], lora_request=None) -> torch.Tensor:
         """Logits (T, V) at every position of one prompt whose blocks are given, through the same paged path."""
-        T = len(token_ids)
-        step = StepInput(token_ids, list(range(T)), [T], [block_table], [(lora_request, T)])
+        T, row = len(token_ids), self.PROMPT_ROW
+        updates = [x for j, b in enumerate(block_table) for x in (row, j, b)]
+        step = StepInput(token_ids, list(range(T)), [T], [row], updates, [(lora_request, T)])
         ids, pos, meta, _ = self.prepare(step)
         return self.model.compute_logits(self.model(ids, pos, meta, self.kv_cache))
 
@@ -2089,6 +2102,8 @@ class LLMEngine:
         self.requests: dict[str, list[Sequence]] = {}  # the unfinished requests, each its n sequences
         self.streaming: set[str] = set()  # requests whose output is wanted after every step, not only at the end
         self.next_seq_id = 0
+        self.free_table_rows = list(range(self.runner.PROMPT_ROW))  # rows of the runner's block_tables (a running
+        self.table_row_of: dict[int, Sequence] = {}                 # sequence each), and whose they are
         self.grammar_compiler = None  # made by the first request with structured outputs (imports xgrammar)
         self.landed_early = {}  # requests that progressed when a step landed early (see constrain)
         self.in_flight = None  # the last step's (SampledTokens, [(sequence, index of its PENDING token)], scored)
@@ -2266,17 +2281,34 @@ class LLMEngine:
         structured.apply_logits_controls(logits, [seq.controls for seq in sampled],
                                          [seq.output_token_ids for seq in sampled], [seq.prompt_token_ids for seq in sampled])
 
+    def assign_table_rows(self, batch: list[tuple[Sequence, int]]) -> None:
+        """Each running sequence has a row of the runner's block tables. A sequence that stopped running (finished,
+        aborted, preempted) gives its row back; one that starts gets a free row, sent again whole."""
+        for seq_id, seq in list(self.table_row_of.items()):
+            if seq.status is not SequenceStatus.RUNNING:  # (a preempted one rejoining keeps its row: free() reset it)
+                self.free_table_rows.append(seq.table_row)
+                seq.table_row = None
+                del self.table_row_of[seq_id]
+        for seq, _ in batch:
+            if seq.table_row is None:
+                seq.table_row, seq.num_uploaded_blocks = self.free_table_rows.pop(), 0
+                self.table_row_of[seq.seq_id] = seq
+
     def prepare_step(self, batch: list[tuple[Sequence, int]]) -> tuple[StepInput, list[Sequence], list]:
         """The batch as a StepInput, the sequences that sample a token (their chunk reaches their last token),
         and what is scored: [(sequence, "logprobs" or "prompt_logprobs", k)] in the order of the report rows."""
-        step = StepInput([], [], [], [], [])
+        step = StepInput([], [], [], [], [], [])
         sampled, prompt_scored = [], []
+        self.assign_table_rows(batch)
         for seq, n in batch:
             start, first = seq.num_computed_tokens, len(step.input_ids)
             step.input_ids += seq.token_ids[start:start + n]
             step.positions += range(start, start + n)
             step.query_lens.append(n)
-            step.block_tables.append(seq.block_table)
+            step.table_rows.append(seq.table_row)
+            for j in range(seq.num_uploaded_blocks, len(seq.block_table)):  # the blocks the runner's row lacks
+                step.table_updates += (seq.table_row, j, seq.block_table[j])
+            seq.num_uploaded_blocks = len(seq.block_table)
             step.lora.append((seq.lora_request, n))
             if start + n == seq.num_tokens:
                 step.sample_rows.append(len(step.input_ids) - 1)
@@ -2346,6 +2378,9 @@ class LLMEngine:
             self.requests.pop(rid, None)
             self.streaming.discard(rid)
         self.in_flight = self.runner.last_sampled = None
+        for seq in self.table_row_of.values():
+            seq.table_row = None
+        self.table_row_of, self.free_table_rows = {}, list(range(self.runner.PROMPT_ROW))
         self.scheduler.running.clear()
         self.scheduler.waiting.clear()
         for seq in itertools.chain(*self.requests.values()):
