@@ -2077,22 +2077,11 @@ class LLMEngine:
         self.model_name, self.max_logprobs = args.served_model_name or args.model or model_path, args.max_logprobs
         self.max_model_len = args.max_model_len or self.cfg.max_position_embeddings
         block_size, max_num_seqs, max_tokens = args.block_size or 16, args.max_num_seqs or 256, args.max_num_batched_tokens or 8192
-        runner_args = dict(block_size=block_size, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_tokens,
-                           max_model_len=self.max_model_len, gpu_memory_utilization=args.gpu_memory_utilization,
-                           num_gpu_blocks_override=args.num_gpu_blocks_override,
-                           kv_cache_memory_bytes=args.kv_cache_memory_bytes, enforce_eager=args.enforce_eager, seed=args.seed)
-        lora_args = (args.max_loras, args.max_lora_rank) if args.enable_lora else None
-        load_args = dict(path=model_path, dtype=llama.embed_tokens.weight.dtype, max_model_len=args.max_model_len,
-                         hf_overrides=args.hf_overrides)
-        workers = TPWorkers(tp.size, self.device, load_args, runner_args, lora_args) if tp.size > 1 else None
-        try:
-            # LoRA: adapter slots on the device, before the KV cache takes what memory is left
-            self.lora = lora.LoRAManager(llama, *lora_args) if lora_args else None
-            self.runner = ModelRunner(llama, lora_manager=self.lora, workers=workers, **runner_args)
-        except BaseException:
-            if workers is not None:
-                workers.close()
-            raise
+        self.start_runner(args, llama, model_path, tp, dict(
+            block_size=block_size, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_tokens,
+            max_model_len=self.max_model_len, gpu_memory_utilization=args.gpu_memory_utilization,
+            num_gpu_blocks_override=args.num_gpu_blocks_override, kv_cache_memory_bytes=args.kv_cache_memory_bytes,
+            enforce_eager=args.enforce_eager, seed=args.seed))
         self.max_seq_len = self.runner.max_seq_len
         self.block_manager = BlockManager(self.runner.num_blocks, block_size, args.enable_prefix_caching is not False)
         self.scheduler = Scheduler(self.block_manager, max_num_seqs, max_tokens, args.max_loras if args.enable_lora else 0)
@@ -2111,6 +2100,22 @@ class LLMEngine:
         self.num_prompt_tokens = self.num_generation_tokens = 0
         self.latencies: list[tuple[float, float]] = []
         self.profiler = Profiler(args.profiler_config)  # LLM.start_profile() / stop_profile()
+
+    def start_runner(self, args: EngineArgs, llama: "Llama", model_path: str, tp: TP, runner_args: dict) -> None:
+        """The LoRA slots and the model runner (with its KV cache and CUDA graphs), and with tensor parallelism the
+        worker ranks, each building the same runner around its own shard."""
+        lora_args = (args.max_loras, args.max_lora_rank) if args.enable_lora else None
+        load_args = dict(path=model_path, dtype=llama.embed_tokens.weight.dtype, max_model_len=args.max_model_len,
+                         hf_overrides=args.hf_overrides)
+        workers = TPWorkers(tp.size, self.device, load_args, runner_args, lora_args) if tp.size > 1 else None
+        try:
+            # LoRA: adapter slots on the device, before the KV cache takes what memory is left
+            self.lora = lora.LoRAManager(llama, *lora_args) if lora_args else None
+            self.runner = ModelRunner(llama, lora_manager=self.lora, workers=workers, **runner_args)
+        except BaseException:
+            if workers is not None:
+                workers.close()
+            raise
 
     @classmethod
     def from_engine_args(cls, engine_args: EngineArgs, usage_context=None) -> "LLMEngine":
