@@ -2094,7 +2094,7 @@ class LLMEngine:
         self.free_table_rows = list(range(self.runner.PROMPT_ROW))  # rows of the runner's block_tables (a running
         self.table_row_of: dict[int, Sequence] = {}                 # sequence each), and whose they are
         self.grammar_compiler = None  # made by the first request with structured outputs (imports xgrammar)
-        self.landed_early = {}  # requests that progressed when a step landed early (see constrain)
+        self.landed_early = {}  # requests that progressed outside a step's landing (see constrain, recover)
         self.in_flight = None  # the last step's (SampledTokens, [(sequence, index of its PENDING token)], scored)
         # vLLM's metrics (get_metrics): two counters, and (time to first token, end-to-end) per finished sequence
         self.num_prompt_tokens = self.num_generation_tokens = 0
@@ -2161,9 +2161,9 @@ class LLMEngine:
         if request_id in self.requests:
             raise ValueError(f"request {request_id!r} is already in the engine")
         params = self.check_params(params or SamplingParams(**self.default_params), "sampling_params")
+        check_priority(priority, "priority")
         if priority != 0 and self.scheduling_policy != "priority":
             raise ValueError("priority is only honoured with scheduling_policy='priority'")
-        check_priority(priority, "priority")
         text, ids = self.tokenize_prompt("prompt", prompt)
         self.add_checked(request_id, text, ids, params, lora.per_prompt(lora_request, 1, self.lora)[0], priority)
         if params.output_kind != RequestOutputKind.FINAL_ONLY:
@@ -2382,6 +2382,8 @@ class LLMEngine:
         for rid in abort:
             self.requests.pop(rid, None)
             self.streaming.discard(rid)
+        # a request that finished in the failed step but was not reported yet is reported by the next step
+        self.landed_early = {rid: True for rid, seqs in self.requests.items() if all(s.finish_reason for s in seqs)}
         self.in_flight = self.runner.last_sampled = None
         for seq in self.table_row_of.values():
             seq.table_row = None

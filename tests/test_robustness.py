@@ -135,6 +135,31 @@ def test_a_failed_step_leaves_llm_engine_requests_queued_and_correct(folder):
     assert len(results[id(engine)]["1"]) == 6
 
 
+def test_a_request_finished_by_a_failed_step_is_still_reported(folder):
+    """The step lands a request's last token, then fails before its output is made: the next step reports it."""
+    engine = LLM(folder, **CACHE).llm_engine
+    engine.add_request("short", {"prompt_token_ids": [5, 6, 7]}, SamplingParams(temperature=0, max_tokens=2, ignore_eos=True))
+    engine.add_request("long", {"prompt_token_ids": [8, 9]}, SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))
+    original, failed = engine.collect_outputs, []
+
+    def collect(progressed):
+        if not failed and any(all(s.finish_reason for s in engine.requests[r]) for r in progressed):
+            failed.append(True)
+            raise Boom("injected")
+        return original(progressed)
+    engine.collect_outputs = collect
+    finished = {}
+    for _ in range(50):
+        if not engine.has_unfinished_requests():
+            break
+        try:
+            finished.update({o.request_id: o for o in engine.step() if o.finished})
+        except Boom:
+            pass
+    assert failed and sorted(finished) == ["long", "short"] and not engine.has_unfinished_requests()
+    assert [len(finished[r].outputs[0].token_ids) for r in ("short", "long")] == [2, 6]
+
+
 # ---- bad input: refused before anything is queued, naming the culprit --------------------------
 
 
