@@ -1,0 +1,378 @@
+"""
+Tensor and data parallelism for minillm, through torch.distributed (NCCL between GPUs, gloo on the CPU).
+
+  tensor parallelism   one engine over tp GPUs: each rank holds a slice of every large weight (tp_plan says which)
+                       and runs the same ModelRunner on it; rank 0 is the LLM's process, the others are workers it
+                       starts (TPWorkers, tp_worker) and drives through pipes, one StepInput per step
+  data parallelism     K engines, each with every K-th prompt (DataParallel): the processes torchrun starts,
+                       meeting in its key-value store; `--data-parallel-size K` on the command line
+
+minillm.py's model section holds the two all-reduces of each layer and the gathered logits; this file holds
+what decides the slices and runs the processes, so that the engine reads top to bottom without it.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import os
+import pickle
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass, replace
+from datetime import timedelta
+from typing import NamedTuple, Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from tqdm import tqdm
+
+# ----------------------------------------------------------------------------------------------
+# 1. Which slice of every weight each rank holds
+
+
+@dataclass(frozen=True)
+class TP:
+    """Tensor parallelism: this process holds shard `rank` of `size` of every large weight (tp_plan says which
+    slices) and computes its part of every layer; size 1 is the whole model in one process."""
+    rank: int = 0
+    size: int = 1
+
+
+# Tensor parallelism, Megatron-LM style (Shoeybi et al. 2019, arXiv:1909.08053): with tp ranks, each rank holds a
+# slice of every large weight and computes that part of every layer; one all-reduce (a sum over the ranks)
+# after attention and one after the MLP put the pieces together.
+#
+#   q/k/v, gate/up    column-parallel: each rank holds H/tp query heads (KVH/tp K/V heads) and F/tp MLP columns;
+#                     attention and SwiGLU need nothing from other ranks, as heads and columns are independent
+#   o_proj, down_proj row-parallel: each rank multiplies its heads' / columns' part of the input by the matching
+#                     input columns; the ranks' (N, C) results are partial sums: all-reduce
+#   embed_tokens      vocab-parallel: each rank looks up the ids in its V/tp rows, zeros elsewhere: all-reduce
+#   lm_head           vocab-parallel: each rank scores its V/tp tokens; rank 0 gathers the (B, V) logits and samples
+#
+# With fewer KV heads than ranks, each KV head is copied to the tp/KVH ranks whose query heads read it. A rank's
+# model is a Llama of the shard's shape (tp_plan's config: minillm.ModelConfig), so Attention and MLP only
+# add the all-reduce.
+
+
+class Shard(NamedTuple):
+    """The slice of a checkpoint tensor one rank holds: [start, start + size) along dim (0: output rows, 1: input
+    columns) of the `full` the checkpoint has."""
+    dim: int
+    start: int
+    size: int
+    full: int
+
+
+def tp_plan(cfg, tp: TP) -> tuple:
+    """What rank tp.rank of tp.size holds: the config of its part of each layer, and the Shard of each sharded
+    tensor by module name (the norms are whole on every rank). ValueError naming a size that does not split."""
+    if tp.size == 1:
+        return cfg, {}
+    n, r, H, KVH, D, Fi, V = tp.size, tp.rank, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.intermediate_size, cfg.vocab_size
+    for name, value in (("num_heads", H), ("intermediate_size", Fi)):
+        if value % n:
+            raise ValueError(f"tensor_parallel_size={n} must divide the model's {name} ({value})")
+    if KVH % n and n % KVH:
+        raise ValueError(f"the model's num_kv_heads ({KVH}) and tensor_parallel_size={n} must divide one another")
+    h, kvh, f, v = H // n, max(1, KVH // n), Fi // n, -(-V // n)  # per rank; the last vocab shard is padded
+    kv = Shard(0, r * KVH // n * D, kvh * D, KVH * D)  # the K/V heads of this rank's query heads
+    q, mlp, vocab = Shard(0, r * h * D, h * D, H * D), Shard(0, r * f, f, Fi), Shard(0, r * v, v, V)
+    shards = dict(q_proj=q, k_proj=kv, v_proj=kv, o_proj=q._replace(dim=1), gate_proj=mlp, up_proj=mlp,
+                  down_proj=mlp._replace(dim=1), embed_tokens=vocab, lm_head=vocab)
+    return replace(cfg, num_heads=h, num_kv_heads=kvh, intermediate_size=f), shards
+
+
+def take_shard(t, shard: Optional[Shard]) -> torch.Tensor:
+    """This rank's part of checkpoint tensor t (a tensor, or a safetensors slice, which reads only that part);
+    a vocab shard past the end of the vocabulary is padded with zero rows (their logits are cut off)."""
+    if shard is None:
+        return t[:]
+    cut = slice(shard.start, shard.start + shard.size)
+    part = t[cut] if shard.dim == 0 else t[:, cut]
+    return F.pad(part, (0, 0, 0, shard.size - part.shape[0])) if shard.dim == 0 else part
+
+
+def check_tensor_parallel(size, device: torch.device) -> TP:
+    """Rank 0 of a tensor_parallel_size group, checked before anything loads: enough GPUs from `device` on."""
+    if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+        raise ValueError(f"tensor_parallel_size must be an integer of at least 1, got {size!r}")
+    first, count = device.index or 0, torch.cuda.device_count() if device.type == "cuda" else 0
+    if device.type == "cuda" and first + size > count:
+        raise ValueError(f"tensor_parallel_size={size} needs {size} GPUs from cuda:{first} on, but this machine has {count}")
+    return TP(0, size)
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. The tensor-parallel worker processes
+
+# Tensor parallelism's processes. Rank 0 is the LLM's own process; ranks 1..N-1 are workers started here, one per
+# GPU (spawned: CUDA cannot be forked). Each worker loads its own shard and builds its own ModelRunner, then runs
+# the runner calls rank 0 sends through a pipe (the StepInput once per step), in the same order as rank 0: the
+# collectives inside (all-reduces, the logits gather, the tokens broadcast) meet in the same order on every rank.
+
+# The longest a collective or a store lookup waits for another rank. Ranks reach a step's collectives within
+# milliseconds of each other; start-up (loading, compiling) is watched apart, through the pipes.
+DIST_TIMEOUT = timedelta(minutes=5)
+
+
+class TPWorkers:
+    """Rank 0's handle on the tensor-parallel workers: their processes, a pipe to each, and the process group."""
+
+    def __init__(self, size: int, device: torch.device, load_args: dict, runner_args: dict, lora_args):
+        if dist.is_initialized():
+            raise RuntimeError("this process already has a torch.distributed process group (another LLM with "
+                               "tensor_parallel_size > 1?); close() it first: a process holds one at a time")
+        self.procs, self.pipes, self.broken, self.has_group = [], [], None, False
+        device = torch.device("cuda", device.index or 0) if device.type == "cuda" else device  # rank r: GPU index + r
+        atexit.register(self.close)  # interpreter exit stops the workers too
+        try:
+            # a free port, picked by the OS: where the ranks meet to set up the process group
+            self.store = dist.TCPStore("127.0.0.1", 0, size, is_master=True, wait_for_workers=False, timeout=DIST_TIMEOUT)
+            context = torch.multiprocessing.get_context("spawn")
+            for rank in range(1, size):
+                pipe, theirs = context.Pipe()
+                self.procs.append(context.Process(target=tp_worker, name=f"minillm-tp{rank}", daemon=True, args=(
+                    rank, size, self.store.port, theirs, device, load_args, runner_args, lora_args)))
+                with main_script_hidden():
+                    self.procs[-1].start()
+                theirs.close()
+                self.pipes.append(pipe)
+            for rank in range(1, size):  # wait until each worker's shard is loaded, or it said why not
+                while (message := self.message(rank, 0.1)) is None:
+                    pass
+                if message[0] == "error":
+                    raise self.failure(rank, message)
+            init_tp_group(0, size, self.store, device)
+            self.has_group = True
+        except BaseException:
+            self.close()
+            raise
+
+    def message(self, rank: int, wait: float) -> Optional[tuple]:
+        """Worker `rank`'s next message within `wait` seconds, else None; ("error", why) once it has stopped."""
+        pipe, proc = self.pipes[rank - 1], self.procs[rank - 1]
+        if not pipe.poll(wait):  # (the pipe of a worker that has died is readable at once: end of file)
+            return None
+        try:
+            return pipe.recv()
+        except (EOFError, OSError):
+            proc.join(timeout=1)
+            return "error", "it has exited" + (f" with code {proc.exitcode}" if proc.exitcode is not None else "")
+
+    def failure(self, rank: int, message: tuple) -> RuntimeError:
+        return RuntimeError(f"tensor-parallel worker {rank} (pid {self.procs[rank - 1].pid}) failed: {message[1]}")
+
+    def run(self, method, runner: "ModelRunner", *args):
+        """runner.method(*args) on every rank: the workers get the call, then rank 0 runs it. A Ctrl-C waits until
+        the call is done, as the ranks must finish its collectives together; any other exception leaves them out
+        of step, so the workers are stopped and this LLM can do no more work."""
+        if self.broken:
+            raise RuntimeError(f"this LLM's tensor-parallel workers were stopped ({self.broken}); create a new LLM")
+        # the workers get the call without what only rank 0's sampler uses: sampling fields, the engine's masks
+        lean = [a.for_workers() if hasattr(a, "for_workers") else None if callable(a) else a for a in args]
+        payload = pickle.dumps((method.__name__, lean))
+        for rank, pipe in enumerate(self.pipes, start=1):
+            try:
+                pipe.send_bytes(payload)
+            except OSError:
+                self.stop(self.failure(rank, self.message(rank, 1) or ("error", "its pipe is closed")))
+        with sigint_deferred():
+            try:
+                return method(runner, *args)
+            except Exception as e:  # a worker's error (it says so within a second), or rank 0's own
+                said = [(rank, m) for rank in range(1, len(self.pipes) + 1) if (m := self.message(rank, 1))]
+                self.stop(self.failure(*said[0]) if said else e)
+
+    def stop(self, error: BaseException):
+        self.broken = f"{type(error).__name__}: {error}"
+        self.close()
+        raise error
+
+    def close(self) -> None:
+        """Stop the workers: each is asked to leave its loop, and made to after a few seconds. Idempotent."""
+        for pipe in self.pipes:
+            with contextlib.suppress(OSError):
+                pipe.send_bytes(pickle.dumps(None))
+        for proc in self.procs:
+            proc.join(timeout=5)
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
+        for pipe in self.pipes:
+            pipe.close()
+        self.procs, self.pipes = [], []
+        if self.has_group:  # (only ours: a closed LLM's close must not end a newer LLM's group)
+            dist.destroy_process_group()
+            self.has_group = False
+        atexit.unregister(self.close)
+
+
+def init_tp_group(rank: int, size: int, store, device: torch.device) -> None:
+    """The tensor-parallel ranks' default process group: NCCL between GPUs, gloo on the CPU."""
+    cuda = device.type == "cuda"
+    dist.init_process_group("nccl" if cuda else "gloo", store=store, rank=rank, world_size=size, timeout=DIST_TIMEOUT,
+                            device_id=device if cuda else None)
+
+
+@contextlib.contextmanager
+def main_script_hidden():
+    """A spawned process first runs the parent's main script again (without its `if __name__ == "__main__":`
+    part). A worker needs only minillm, and a script may make its LLM at the top, unguarded (the seed page's
+    large-scale example does): hide the script from multiprocessing while a worker starts."""
+    main = sys.modules["__main__"]
+    saved = {k: main.__dict__[k] for k in ("__file__", "__spec__") if k in main.__dict__}
+    main.__dict__.pop("__file__", None)
+    main.__spec__ = None
+    try:
+        yield
+    finally:
+        main.__dict__.update(saved)
+
+
+@contextlib.contextmanager
+def sigint_deferred():
+    """Hold a Ctrl-C back until the block is done, then raise it (only the main thread gets signals)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught = []
+    previous = signal.signal(signal.SIGINT, lambda *_: caught.append(True))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous if previous is not None else signal.SIG_DFL)
+        if caught:
+            raise KeyboardInterrupt
+
+
+def tp_worker(rank: int, size: int, port: int, pipe, device: torch.device, load_args: dict, runner_args: dict, lora_args):
+    """Tensor-parallel rank `rank` > 0, in a process of its own: load this rank's shard, build its ModelRunner,
+    then run each call rank 0 sends until it sends None (LLM.close) or goes away."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is rank 0's: it lets the step end, then stops us
+    try:
+        import lora
+        from minillm import ModelRunner, load_model
+        if device.type == "cuda":
+            device = torch.device("cuda", device.index + rank)
+            torch.cuda.set_device(device)
+        else:  # the ranks share the CPU's cores
+            torch.set_num_threads(max(1, torch.get_num_threads() // size))
+        llama = load_model(device=device, tp=TP(rank, size), **load_args)[0]
+        pipe.send(("loaded",))
+        init_tp_group(rank, size, dist.TCPStore("127.0.0.1", port, size, is_master=False, timeout=DIST_TIMEOUT), device)
+        manager = lora.LoRAManager(llama, *lora_args) if lora_args else None
+        runner = ModelRunner(llama, lora_manager=manager, **runner_args)
+        while (call := pickle.loads(pipe.recv_bytes())) is not None:
+            method, args = call
+            getattr(runner, method)(*args)
+    except EOFError:  # rank 0 has gone: so do we
+        pass
+    except BaseException as e:
+        import traceback
+        traceback.print_exc()
+        with contextlib.suppress(OSError):
+            pipe.send(("error", f"{type(e).__name__}: {e}"))
+        sys.exit(1)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. Data parallelism
+
+
+class DataParallel:
+    """Data parallelism: `size` engines (ranks), each generating every size-th prompt, their outputs gathered on rank
+    0 in input order. The ranks are processes torchrun starts (on one host or many); they meet in its key-value
+    store (a TCPStore), not a process group, as each engine's default process group is its tensor-parallel ranks'.
+
+        dp = DataParallel.from_env()   # under torchrun: RANK of WORLD_SIZE; else rank 0 of 1
+        llm = LLM(model, device=f"cuda:{dp.local_rank}")
+        outputs = dp.gather(llm.generate(dp.shard(prompts), params, use_tqdm=dp.progress(len(prompts))))
+    """
+
+    def __init__(self, rank: int, size: int, store, local_rank: int = 0):
+        self.rank, self.size, self.local_rank = rank, size, local_rank
+        self.store, self.bar = dist.PrefixStore("minillm/", store), None
+
+    @classmethod
+    def from_env(cls) -> "DataParallel":
+        """This process's rank under torchrun (RANK, WORLD_SIZE, LOCAL_RANK, its store at MASTER_ADDR:MASTER_PORT)."""
+        if "WORLD_SIZE" not in os.environ:
+            return cls(0, 1, dist.HashStore())
+        store, rank, size = next(dist.rendezvous("env://", timeout=DIST_TIMEOUT))
+        return cls(rank, size, store, int(os.environ.get("LOCAL_RANK", rank)))
+
+    def shard(self, prompts: list) -> list:
+        return prompts[self.rank::self.size]
+
+    def progress(self, total: int):
+        """generate's use_tqdm: every rank counts its finished prompts in the store, rank 0 draws one bar for all."""
+        if self.size == 1:
+            return True  # alone: generate's own bar
+        if self.rank == 0:
+            self.bar = tqdm(total=total, desc="Processed prompts", dynamic_ncols=True)
+        return lambda **_: SharedProgress(self)
+
+    def gather(self, outputs: list) -> Optional[list]:
+        """Every rank's outputs to rank 0, in the order of the prompts shard() split: rank 0 gets them all, the
+        others None. (A rank that fails makes torchrun stop them all: rank 0 does not wait for it.)"""
+        if self.size == 1:
+            return outputs
+        self.store.set(f"outputs/{self.rank}", pickle.dumps(outputs))
+        if self.rank:
+            return None
+        parts = []
+        for rank in range(self.size):
+            while not self.store.check([f"outputs/{rank}"]):
+                self.draw()
+                time.sleep(0.05)
+            parts.append(pickle.loads(self.store.get(f"outputs/{rank}")))
+        merged = [None] * sum(map(len, parts))
+        for rank, part in enumerate(parts):
+            merged[rank::self.size] = part
+        if self.bar is not None:
+            self.draw()
+            self.bar.close()
+        return merged
+
+    def draw(self) -> None:
+        if self.bar is not None:
+            self.bar.update(int(self.store.add("done", 0)) - self.bar.n)
+
+
+class SharedProgress:
+    """What generate's loop calls on its progress bar, for one data-parallel rank: finished prompts are counted in
+    the store for rank 0's bar, which gather closes. (Rank 0's token rates are not all ranks': the bar's prompts/s is.)"""
+
+    def __init__(self, dp: DataParallel):
+        self.dp = dp
+
+    def update(self, n: int) -> None:
+        self.dp.store.add("done", n)
+        self.dp.draw()
+
+    def set_postfix_str(self, text: str) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def check_data_parallel(args, device: torch.device) -> None:
+    """--data-parallel-size K: K engines of --tensor-parallel-size GPUs each on this host (torchrun: its processes)."""
+    K, world = args.data_parallel_size, int(os.environ.get("WORLD_SIZE", args.data_parallel_size))
+    if K < 1 or K not in (1, world):
+        raise ValueError(f"--data-parallel-size must be at least 1, and under torchrun 1 or the number of "
+                         f"processes ({world}), got {K}")
+    if K > 1 and args.prompts == "-":
+        raise ValueError("--data-parallel-size: every rank reads the prompts: give a file, not stdin")
+    first, count = device.index or 0, torch.cuda.device_count() if device.type == "cuda" else 0
+    if device.type == "cuda" and "WORLD_SIZE" not in os.environ and first + K * args.tensor_parallel_size > count:
+        raise ValueError(f"--data-parallel-size {K} x --tensor-parallel-size {args.tensor_parallel_size} needs "
+                         f"{K * args.tensor_parallel_size} GPUs from cuda:{first} on, but this machine has {count}")
