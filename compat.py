@@ -19,6 +19,7 @@ import math
 import os
 import random
 import sys
+import time
 from dataclasses import dataclass, fields
 from typing import Any, Callable, Optional, TypedDict
 
@@ -552,8 +553,54 @@ class HFTokenizerAPI:
     def all_special_ids(self) -> list[int]:
         return self.convert_tokens_to_ids(self.all_special_tokens)
 
+    # -- chat templates --
 
-# ---- chat templates: OpenAI content parts and continue_final_message ----
+    def apply_chat_template(self, conversation: list[dict], tools: Optional[list[dict]] = None,
+                            documents: Optional[list[dict]] = None, chat_template: Optional[str] = None,
+                            add_generation_prompt: bool = False, continue_final_message: bool = False,
+                            tokenize: bool = True, return_dict: bool = False, **template_kwargs):
+        """Render a conversation ([{"role", "content"}, ...]) with the model's jinja2 chat template, as HF
+        transformers 4 does, with its defaults: token ids (no BOS added: the template writes it), or the text
+        with tokenize=False, or a BatchEncoding with return_dict=True. A list of conversations gives a list.
+        `tools`, `documents` and any other keyword (vLLM's chat_template_kwargs) are template variables.
+        continue_final_message: end the text with the last message's content, left open for the model to go on."""
+        if conversation and isinstance(conversation[0], (list, tuple)):
+            return [self.apply_chat_template(c, tools, documents, chat_template, add_generation_prompt,
+                                             continue_final_message, tokenize, return_dict, **template_kwargs)
+                    for c in conversation]
+        if add_generation_prompt and continue_final_message:
+            raise ValueError("add_generation_prompt and continue_final_message cannot both be set: one opens a new "
+                             "assistant message, the other continues the last one")
+        template = chat_template or self.chat_template
+        if template is None:
+            raise ValueError("this model's tokenizer has no chat template; pass chat_template=")
+        conversation = text_content(conversation, template, template_kwargs.pop("chat_template_content_format", "auto"))
+        text = render_chat_template(template, conversation, tools=tools, documents=documents,
+                                    add_generation_prompt=add_generation_prompt, **template_kwargs,
+                                    bos_token=self.bos_token or "", eos_token=self.eos_token or "",
+                                    unk_token=self.unk_token or "", pad_token=self.pad_token or "")
+        if continue_final_message:
+            text = cut_after_final_message(text, conversation[-1]["content"])
+        if not tokenize:
+            return text
+        ids = self.encode(text, add_special_tokens=False)
+        return BatchEncoding(input_ids=ids, attention_mask=[1] * len(ids)) if return_dict else ids
+
+
+# ---- chat templates: rendering, OpenAI content parts and continue_final_message ----
+
+
+def render_chat_template(template: str, messages: list[dict], **variables) -> str:
+    import jinja2.sandbox
+
+    def raise_exception(message):  # templates call it to reject a conversation
+        raise jinja2.exceptions.TemplateError(message)
+    # HF's environment: blocks don't leave their newlines behind; tojson keeps non-ASCII text as is
+    env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                                       extensions=["jinja2.ext.loopcontrols"])
+    env.filters["tojson"] = lambda x, indent=None, **kw: json.dumps(x, ensure_ascii=False, indent=indent, **kw)
+    env.globals.update(raise_exception=raise_exception, strftime_now=lambda f: time.strftime(f))
+    return env.from_string(template).render(messages=messages, **variables)
 
 
 def text_content(conversation: list[dict], template: str, content_format: str = "auto") -> list[dict]:
@@ -610,3 +657,124 @@ def cut_after_final_message(text: str, content) -> str:
     kept = content.lstrip()
     end = start + (len(kept) if text[start:start + len(kept)] == kept else len(content.strip()))
     return text[:end]
+
+
+# ----------------------------------------------------------------------------------------------
+# What vLLM's LLM and LLMEngine have beyond generate and step (minillm's classes inherit these)
+
+
+class LLMEngineAPI:
+    """vLLM's LLMEngine calls that the step loop does not need, on minillm.LLMEngine's state."""
+
+    @classmethod
+    def from_engine_args(cls, engine_args: EngineArgs, usage_context=None) -> "LLMEngine":
+        """vLLM's way to build one (usage_context is accepted and has no effect)."""
+        return cls(engine_args)
+
+    def reset_prefix_cache(self) -> bool:
+        """Forget every cached block, as vLLM's: only while no request holds a block (else False, and nothing changes)."""
+        if any(block.ref_count for block in self.block_manager.blocks):
+            return False
+        self.block_manager.cached.clear()
+        for block in self.block_manager.blocks:
+            block.hash = None
+        return True
+
+    def get_metrics(self) -> list[Metric]:
+        """vLLM's metrics under its names: prompt and generation token counters, preemptions, running and
+        waiting sequences, and histograms of each finished sequence's time to first token and end-to-end latency."""
+        counters = dict(prompt_tokens=self.num_prompt_tokens, generation_tokens=self.num_generation_tokens,
+                        num_preemptions=self.scheduler.num_preemptions)
+        gauges = dict(num_requests_running=len(self.scheduler.running), num_requests_waiting=len(self.scheduler.waiting))
+        return metrics_snapshot(self.model_name, counters, gauges, [t for t, _ in self.latencies], [e for _, e in self.latencies])
+
+
+class LLMAPI:
+    """vLLM's LLM calls beside generate: the context manager, the tokenizer, the default sampling parameters,
+    the prefix cache, metrics, the profiler, chat and beam search. On minillm.LLM's llm_engine and generate."""
+
+    def close(self) -> None:
+        """Stop the tensor-parallel workers (they stop at interpreter exit too); `with LLM(...) as llm:` calls it."""
+        self.llm_engine.close()
+
+    def __enter__(self) -> "LLM":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self):
+        if "llm_engine" in self.__dict__:
+            self.llm_engine.close()
+
+    def get_tokenizer(self) -> "Tokenizer":
+        return self.llm_engine.tokenizer
+
+    def get_default_sampling_params(self) -> SamplingParams:
+        """What generate and chat use without sampling_params: generation_config.json's values (EngineArgs.generation_config)."""
+        from minillm import SamplingParams
+        return SamplingParams(**self.llm_engine.default_params)
+
+    def reset_prefix_cache(self) -> bool:
+        return self.llm_engine.reset_prefix_cache()
+
+    def get_metrics(self) -> list[Metric]:
+        return self.llm_engine.get_metrics()
+
+    def start_profile(self) -> None:
+        self.llm_engine.profiler.start()
+
+    def stop_profile(self) -> None:
+        self.llm_engine.profiler.stop()
+
+    def chat(self, messages, sampling_params=None, *, use_tqdm: bool | Callable = True, lora_request=None,
+             chat_template: Optional[str] = None, chat_template_content_format: str = "auto",
+             add_generation_prompt: bool = True, continue_final_message: bool = False, tools: Optional[list] = None,
+             chat_template_kwargs: Optional[dict] = None) -> list[RequestOutput]:
+        """Generate the next message of one conversation ([{"role", "content"}, ...]) or of a list of them,
+        rendered with the model's chat template (or `chat_template`); one RequestOutput per conversation.
+        tools, chat_template_kwargs (template variables) and continue_final_message reach the template as
+        vLLM passes them (see Tokenizer.apply_chat_template)."""
+        import jinja2
+        conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
+        prompts, tokenizer = [], self.get_tokenizer()
+        for i, conversation in enumerate(conversations):
+            try:
+                text = tokenizer.apply_chat_template(
+                    conversation, tools, chat_template=chat_template, tokenize=False, add_generation_prompt=add_generation_prompt,
+                    continue_final_message=continue_final_message, chat_template_content_format=chat_template_content_format,
+                    **(chat_template_kwargs or {}))
+            except jinja2.TemplateError as e:  # the template rejected it (raise_exception), or a field is missing
+                raise ValueError(f"conversation {i}: {e}") from e
+            prompts.append({"prompt": text, "prompt_token_ids": tokenizer.encode(text, add_special_tokens=False)})
+        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm, lora_request=lora_request)
+
+    def beam_search(self, prompts, params: BeamSearchParams, lora_request=None, use_tqdm: bool = False) -> list:
+        """vLLM's beam search, built on generate: every step extends each live beam by one token, looking at its
+        2 * beam_width most likely ones, and keeps the beam_width best (beam_search_score). The beams of a prompt
+        share their blocks through the prefix cache, so each step computes one new token per beam."""
+        from minillm import SamplingParams
+        engine, eos = self.llm_engine, self.llm_engine.eos_token_id
+        prompts = [prompts] if isinstance(prompts, (str, dict)) else list(prompts)
+        starts = [engine.tokenize_prompt(f"prompt {i}", p)[1] for i, p in enumerate(prompts)]
+        live = [[BeamSearchSequence(ids, [], lora_request=lora_request)] for ids in starts]
+        done = [[] for _ in prompts]
+        score = lambda b: beam_search_score(b.tokens, b.cum_logprob, eos, params.length_penalty)
+        one = SamplingParams(max_tokens=1, temperature=params.temperature, logprobs=2 * params.beam_width, ignore_eos=True)
+        for _ in range(params.max_tokens):
+            beams = [(i, b) for i, bs in enumerate(live) for b in bs]
+            if not beams:
+                break
+            outs = self.generate([{"prompt_token_ids": b.tokens} for _, b in beams], one, use_tqdm=use_tqdm,
+                                 lora_request=lora_request)
+            grown = [[] for _ in prompts]
+            for (i, beam), out in zip(beams, outs):
+                for token, lp in out.outputs[0].logprobs[0].items():
+                    new = BeamSearchSequence(beam.tokens + [token], beam.logprobs + [out.outputs[0].logprobs[0]],
+                                             beam.cum_logprob + lp.logprob, lora_request=lora_request)
+                    (done[i] if token == eos and not params.ignore_eos else grown[i]).append(new)
+            live = [sorted(g, key=score, reverse=True)[:params.beam_width] for g in grown]
+        results = [BeamSearchOutput(sorted(d + b, key=score, reverse=True)[:params.beam_width]) for d, b in zip(done, live)]
+        for b in (b for r in results for b in r.sequences):
+            b.text = engine.tokenizer.decode(b.tokens)  # as vLLM's LLM.beam_search: prompt and output, as HF decodes
+        return results
