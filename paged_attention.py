@@ -248,7 +248,9 @@ def _attn_tiles(
     return acc, l_i, m_i
 
 
-@triton.jit
+# stride_bt (the width of the step's block-table rows) changes from step to step; Triton would compile a variant
+# for each of "1", "a multiple of 16" and "other" of it, the first time it meets one: mid-generate, seconds each.
+@triton.jit(do_not_specialize=["stride_bt"])
 def _paged_attention_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr,
     block_tables_ptr, seq_lens_ptr, query_start_loc_ptr,
