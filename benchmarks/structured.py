@@ -3,6 +3,9 @@
     OMP_NUM_THREADS=1 python benchmarks/structured.py            # the per-step costs (CPU or GPU)
     python benchmarks/structured.py --e2e                        # also LLM.generate with a JSON schema vs without
                                                                  # (needs the engine to take structured_outputs)
+    python benchmarks/structured.py --workload-b                 # on a GPU: throughput.py's workload (b) with and
+                                                                 # without a JSON schema (issue #12: <= 10% slower)
+    OMP_NUM_THREADS=1 python benchmarks/structured.py --workload-b --tiny   # the same on a tiny model: a CPU check
 
 Per step, for B rows all under the same JSON schema, each at a different point of a JSON document (so the
 masks are those of a real decode), at the default model's vocabulary (49,152) and Llama 3's (128,256):
@@ -11,13 +14,26 @@ masks are those of a real decode), at the default model's vocabulary (49,152) an
   accept    advancing B states by one token each
   sample    for scale: minillm.sample (greedy) on the same (B, V) logits
 --e2e: 32 prompts, greedy, under tests/test_structured.py's SCHEMA, against the same number of tokens unconstrained.
+--workload-b (instead of the rest): workload (b) (256 prompts of 100-1024 random tokens, temperature 0.6) on
+throughput.py's random Llama-3.2-1B-shaped checkpoint with the Llama 3 tokenizer, in one process: first as
+throughput.py runs it (256 tokens each, ignore_eos), then under tests/test_structured.py's SCHEMA (nested object:
+a string pattern, integer and number ranges, an enum, a bounded array, an object holding a fixed-length array;
+xgrammar's default free whitespace, as vLLM's) with max_tokens=256 and no ignore_eos, then unconstrained again
+with ignore_eos and each prompt's JSON-run length as its max_tokens. Random weights write no sensible JSON: the
+sampler picks among the tokens the grammar allows, mostly whitespace (~80% of the characters on a tiny random
+model, whose documents end by the grammar after ~130-150 tokens), so a document's length is the grammar's and
+the sampler's doing, not the model's, and differs from workload (b)'s 256. The last run decodes exactly the tokens the JSON run did, prompt by prompt,
+so the two have the same schedule and their ratio is the cost of the constraint alone; the slowdown is taken
+between them. The JSON run and its twin are made twice; the prefix cache is reset before every run.
 """
 import argparse
 import importlib.metadata
 import importlib.util
 import json
 import os
+import shutil
 import sys
+import tempfile
 import time
 
 import torch
@@ -104,11 +120,70 @@ def end_to_end(device):
           f"unconstrained {unconstrained:.2f} s ({n / unconstrained:.0f} tok/s): x{constrained / unconstrained:.2f}")
 
 
+def timed_run(llm, prompts, params) -> tuple[float, list]:
+    """(seconds, outputs) of one generate call on token-id prompts, from an empty prefix cache."""
+    llm.reset_prefix_cache()
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    sync()
+    t = time.perf_counter()
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    sync()
+    return time.perf_counter() - t, outs
+
+
+def valid_json(text: str) -> bool:
+    try:
+        json.loads(text)
+        return True
+    except ValueError:
+        return False
+
+
+def workload_b(tiny: bool):
+    """Workload (b) without and with a JSON schema, and unconstrained at the JSON run's lengths (see the docstring)."""
+    from benchmarks.roofline import LLAMA_3_2_1B, TINY, build_random_checkpoint, make_workload
+    tmp = tempfile.mkdtemp()
+    llm = minillm.LLM(build_random_checkpoint(tmp, TINY if tiny else LLAMA_3_2_1B), max_model_len=4096)
+    V = llm.llm_engine.cfg.vocab_size
+    prompts, outs = make_workload("b", V, tiny)
+    free = lambda lengths: [minillm.SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=m) for m in lengths]
+    schema = minillm.SamplingParams(temperature=0.6, max_tokens=max(outs),
+                                    structured_outputs=so.StructuredOutputsParams(json=BOUNDED_SCHEMA))
+    warm, warm_outs = make_workload("b", V, tiny, seed=99, n=16)
+    timed_run(llm, warm, free(warm_outs))  # warm-up: kernels, graphs, the vocabulary and the schema compiled
+    timed_run(llm, warm, [schema] * len(warm))
+    dt, res = timed_run(llm, prompts, free(outs))
+    rows = [("(b) unconstrained, ignore_eos", sum(outs), dt, "-", "")]
+    for r in (1, 2):
+        dt_json, res = timed_run(llm, prompts, [schema] * len(prompts))
+        lengths = [len(o.outputs[0].token_ids) for o in res]
+        ended = [o.outputs[0] for o in res if o.outputs[0].finish_reason == "stop"]
+        note = f"{len(ended)} ended by the grammar, {sum(valid_json(c.text) for c in ended)} of them valid JSON"
+        dt_twin, _ = timed_run(llm, prompts, free(lengths))
+        rows += [(f"(b) JSON schema, max_tokens {max(outs)} (round {r})", sum(lengths), dt_json, f"{dt_json / dt_twin - 1:+.1%}", note),
+                 (f"(b) unconstrained, the same lengths (round {r})", sum(lengths), dt_twin, "", "")]
+    card = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
+    print(f"\ndevice: {card}  torch {torch.__version__}  xgrammar {importlib.metadata.version('xgrammar')}  "
+          f"Llama 3 tokenizer, vocabulary {V:,}" + ("  (--tiny: a tiny model, 8 prompts 1/8 as long)" if tiny else ""))
+    print("| run | out tokens | wall s | out tok/s | JSON vs the same lengths unconstrained | |")
+    print("|---|---:|---:|---:|---:|---|")
+    for name, n, secs, slower, note in rows:
+        print(f"| {name} | {n} | {secs:.2f} | {n / secs:.0f} | {slower} | {note} |")
+    print("random weights write no sensible JSON: the JSON run samples among the tokens the grammar allows (mostly "
+          "whitespace) until the grammar's end or max_tokens, without ignore_eos; its twin decodes the same number of "
+          "tokens per prompt unconstrained, so their time ratio is the constraint's cost (target: <= +10% on a GPU)")
+    shutil.rmtree(tmp)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--e2e", action="store_true")
+    ap.add_argument("--workload-b", action="store_true", help="only workload (b) with and without a JSON schema")
+    ap.add_argument("--tiny", action="store_true", help="with --workload-b: a tiny model and 8 short prompts")
     ap.add_argument("--repeat", type=int, default=20)
     args = ap.parse_args()
+    if args.workload_b:
+        return workload_b(args.tiny)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     print(f"device: {torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU'}, "
           f"torch threads {torch.get_num_threads()}, xgrammar {importlib.metadata.version('xgrammar')}")
