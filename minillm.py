@@ -1291,6 +1291,8 @@ class ModelRunner:
         self.kv_cache = allocate_kv_cache(self.cfg, self.num_blocks, block_size, self.dtype, self.device)
         self.max_seq_len = min(max_model_len, self.num_blocks * block_size)  # no sequence outgrows the cache
         self.last_sampled = None  # the last step's tokens (B,), on the device: the next step's PENDING inputs
+        self.last_sampling = None  # (params, generators, rows, SamplingTensors) of the last step that sampled
+        self.counting = torch.arange(max(max_num_batched_tokens, max_num_seqs) + 1, device=self.device)  # 0, 1, 2, ...
         # Each running sequence's block table lives in one row here, and a step sends only the blocks rows gained:
         # uploading every table every step was the host's largest cost (~9k ints at batch 256).
         self.PROMPT_ROW = max_num_seqs  # the row of prompt_logits' one sequence
@@ -1306,8 +1308,8 @@ class ModelRunner:
         a size it always compiles apart."""
         C, D, V, eps = self.cfg.hidden_size, self.cfg.head_dim, self.cfg.vocab_size, self.cfg.rms_norm_eps
         like = lambda *shape, dtype=self.dtype: torch.ones(*shape, dtype=dtype, device=self.device)
-        for n in (3, 1):
-            fused(rms_norm)(like(n, C), like(C), eps)
+        for n in (3, 1):  # (the norm's weight as the model passes it: a Parameter, which torch.compile guards apart)
+            fused(rms_norm)(like(n, C), self.model.norm.weight, eps)
             fused(apply_rope)(like(n, 5, D), like(n, D // 2, dtype=torch.float32), like(n, D // 2, dtype=torch.float32))
             fused(silu_and_mul)(like(n, 7), like(n, 7))
             fused(gumbel_argmax)(like(n, V, dtype=torch.float32), like(n, dtype=torch.float32), like(n, V, dtype=torch.float32))
@@ -1416,9 +1418,12 @@ class ModelRunner:
             updates = updates.view(-1, 3).long()  # (U, 3): row, logical block, physical block
             self.block_tables[updates[:, 0], updates[:, 1]] = updates[:, 2].int()
         tables = self.block_tables[table_rows.long(), :width]  # (B, width)
-        starts = F.pad(q_lens.cumsum(0), (1, 0)).int()    # (B+1,) where each sequence's new tokens start
+        if max(step.query_lens) == 1:  # a decode step: token i is sequence i's one new token
+            starts, token_seq = self.counting[:len(q_lens) + 1].int(), self.counting[:len(ids)]
+        else:
+            starts = F.pad(q_lens.cumsum(0), (1, 0)).int()  # (B+1,) where each sequence's new tokens start
+            token_seq = torch.repeat_interleave(self.counting[:len(q_lens)], q_lens, output_size=len(ids))  # (N,) its sequence
         # each new token's cache slot: the physical block holding its position, times block_size, plus the offset
-        token_seq = torch.repeat_interleave(torch.arange(len(q_lens), device=self.device), q_lens, output_size=len(ids))  # (N,)
         slot_mapping = tables[token_seq, pos // self.block_size].long() * self.block_size + pos % self.block_size  # (N,)
         meta = AttentionMetadata(slot_mapping, tables, s_lens, starts, max(step.query_lens), max(seq_lens),
                                  self.lora.prepare(step.lora) if self.lora else None)
@@ -1463,7 +1468,19 @@ class ModelRunner:
         for row, blocked in enumerate(step.blocked):
             if blocked:
                 logits[row, [t for t in blocked if t < V]] = float("-inf")
-        ps = step.params
+        st = self.sampling_tensors(step.params, step.generators, V)
+        if step.penalty_ids:
+            st = replace(st, penalties=(*self.seen_tokens(step.penalty_ids, last_ids, V), *self.last_sampling[2][4:]))
+        return sample(logits, st, self.generator)
+
+    def sampling_tensors(self, ps: list[SamplingParams], generators: list, V: int) -> SamplingTensors:
+        """The rows' SamplingTensors, built again only when the rows' requests changed: in a run of decode steps
+        the batch is the same sequences step after step, and building them (seven lists of S and a copy to the
+        device) cost a sixth of the host's step."""
+        if self.last_sampling is not None:
+            old_ps, old_gens, _, st = self.last_sampling  # (holding the params keeps their ids from being reused)
+            if len(old_ps) == len(ps) and all(a is b for a, b in zip(old_ps, ps)) and all(a is b for a, b in zip(old_gens, generators)):
+                return st
         top_k = [p.top_k if 0 < p.top_k < V else V for p in ps]  # a top_k past the vocabulary keeps all, as vLLM
         rows = torch.tensor([[p.temperature for p in ps], [p.top_p for p in ps], [p.min_p for p in ps], top_k,
                              [p.presence_penalty for p in ps], [p.frequency_penalty for p in ps],
@@ -1472,11 +1489,11 @@ class ModelRunner:
             rows = rows.pin_memory().to(self.device, non_blocking=True)
         st = SamplingTensors(
             temperature=rows[0], top_p=rows[1], min_p=rows[2], top_k=rows[3].long(),
-            generators={row: g for row, (g, p) in enumerate(zip(step.generators, ps)) if g is not None and not p.greedy},
+            generators={row: g for row, (g, p) in enumerate(zip(generators, ps)) if g is not None and not p.greedy},
             all_greedy=all(p.greedy for p in ps), any_top_k_top_p=any(k < V for k in top_k) or any(p.top_p < 1 for p in ps),
-            any_min_p=any(p.min_p > 0 for p in ps),
-            penalties=(*self.seen_tokens(step.penalty_ids, last_ids, V), *rows[4:]) if step.penalty_ids else None)
-        return sample(logits, st, self.generator)
+            any_min_p=any(p.min_p > 0 for p in ps))
+        self.last_sampling = (ps, generators, rows, st)
+        return st
 
     def seen_tokens(self, penalty_ids: list[tuple], last_ids: torch.Tensor, V: int) -> tuple[torch.Tensor, torch.Tensor]:
         """For the penalties: which tokens each prompt holds, (S, V) bool, and how often each output holds them,
