@@ -62,6 +62,8 @@ class EngineArgs:
     max_num_batched_tokens: Optional[int] = None  # tokens in one step; None: 8192
     scheduling_policy: str = "fcfs"      # "fcfs" or "priority"
     enforce_eager: bool = False          # no CUDA graphs
+    logits_processors: Optional[list] = None  # engine-level LogitsProcessor subclasses, or their names
+    #                                           "pkg.module:Class" (structured.EngineLogitsProcessors)
     # LoRA
     enable_lora: bool = False
     max_loras: int = 1                   # adapters in one step
@@ -87,7 +89,6 @@ class EngineArgs:
     enable_chunked_prefill: Optional[bool] = None  # minillm always chunks long prompts
     enable_sleep_mode: bool = False
     logprobs_mode: str = "raw_logprobs"  # logprobs of the model's logits, before penalties, temperature, top-k/p
-    logits_processors: Optional[list] = None
     speculative_config: Optional[dict] = None
     # accepted, no effect: minillm runs no remote code, has no swap space, logs no stats, compiles what it
     # compiles and overlaps host and device work by itself
@@ -110,7 +111,7 @@ class EngineArgs:
                 tokenizer_mode=["auto", "hf", "slow"], task=[None, "auto", "generate"], runner=["auto", "generate"],
                 convert=["auto", "none"], model_impl=["auto", "vllm"], skip_tokenizer_init=[False],
                 enable_prompt_embeds=[False], enable_chunked_prefill=[None, True], enable_sleep_mode=[False],
-                logprobs_mode=["raw_logprobs"], logits_processors=[None], speculative_config=[None],
+                logprobs_mode=["raw_logprobs"], speculative_config=[None],
                 scheduling_policy=["fcfs", "priority"],
                 dtype=["auto", "float16", "half", "bfloat16", "float32", "float",
                        torch.float16, torch.bfloat16, torch.float32])
@@ -118,7 +119,7 @@ class EngineArgs:
     def __post_init__(self):
         for name, ok in self.ONLY.items():
             value = getattr(self, name)
-            value = None if value in ([], {}) else value  # an empty list of logits processors is none
+            value = None if value in ([], {}) else value  # an empty speculative_config is none
             if value not in ok:
                 raise ValueError(f"{name}={getattr(self, name)!r} is not supported; minillm takes "
                                  f"{' or '.join(map(repr, ok))}")

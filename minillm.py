@@ -112,7 +112,8 @@ from formats import apply_tokenizer_config, from_hf_json, from_tiktoken_model
 from lora import LoRARequest
 from parallel import TP, DataParallel, TPWorkers, check_data_parallel, check_tensor_parallel, take_shard, tp_plan  # noqa: F401
 # (importable from here, as from vllm)
-from structured import GuidedDecodingParams, StructuredOutputsParams  # noqa: F401
+from structured import (BatchUpdate, GuidedDecodingParams, LogitsProcessor, MoveDirectionality,  # noqa: F401
+                        StructuredOutputsParams, process_dict_updates)
 
 # ----------------------------------------------------------------------------------------------
 # 1. Configs
@@ -1561,6 +1562,10 @@ class LLMEngine(LLMEngineAPI):
         self.model_name, self.max_logprobs = args.served_model_name or args.model or model_path, args.max_logprobs
         self.max_model_len = args.max_model_len or self.cfg.max_position_embeddings
         block_size, max_num_seqs, max_tokens = args.block_size or 16, args.max_num_seqs or 256, args.max_num_batched_tokens or 8192
+        self.logits_processors = structured.EngineLogitsProcessors(args.logits_processors, structured.VllmConfig(
+            structured.ModelConfig(model_path, self.max_model_len, self.cfg.vocab_size, llama.embed_tokens.weight.dtype),
+            structured.SchedulerConfig(max_num_seqs, max_tokens), structured.ParallelConfig(tp.size)),
+            self.device) if args.logits_processors else None  # LLM(logits_processors=[cls, ...]): see constrain
         self.start_runner(args, llama, model_path, tp, dict(
             block_size=block_size, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_tokens,
             max_model_len=self.max_model_len, gpu_memory_utilization=args.gpu_memory_utilization,
@@ -1665,6 +1670,8 @@ class LLMEngine(LLMEngineAPI):
                     self.grammar_compiler = structured.GrammarCompiler(self.tokenizer, self.cfg.vocab_size, self.eos_ids)
                 self.grammar_compiler.compile(params.structured_outputs)
             structured.LogitsControls.from_params(params, self.tokenizer, self.cfg.vocab_size)  # ids checked
+            if self.logits_processors is not None:
+                self.logits_processors.validate(params)
         except ValueError as e:
             raise ValueError(f"{label}: {e}") from None
         return params
@@ -1737,7 +1744,7 @@ class LLMEngine(LLMEngineAPI):
 
     def launch(self, batch: list[tuple[Sequence, int]]):
         step, sampled, scored = self.prepare_step(batch)
-        constrained = any(seq.grammar is not None or seq.controls is not None for seq in sampled)
+        constrained = self.logits_processors is not None or any(seq.grammar is not None or seq.controls is not None for seq in sampled)
         tokens = self.runner.execute(step, (lambda logits: self.constrain(logits, sampled)) if constrained else None)
         for seq, n in batch:
             seq.num_computed_tokens += n
@@ -1758,12 +1765,15 @@ class LLMEngine(LLMEngineAPI):
         """Called by the runner between this step's logits (S, V) and its sampler. A grammar's mask (and bad words,
         and a logits processor) needs each row's last token on the host, but that token is still in flight: so the
         last step lands now, while the GPU runs this step's forward pass, instead of after the launch."""
-        if self.in_flight is not None and any(seq.needs_host_tokens for seq in sampled):
+        processors = self.logits_processors
+        if self.in_flight is not None and (processors is not None or any(seq.needs_host_tokens for seq in sampled)):
             self.landed_early |= self.land(*self.in_flight)
             self.in_flight = None
         structured.apply_masks(logits, [seq.grammar for seq in sampled])
         structured.apply_logits_controls(logits, [seq.controls for seq in sampled],
                                          [seq.output_token_ids for seq in sampled], [seq.prompt_token_ids for seq in sampled])
+        if processors is not None:  # the engine-level ones see every row, and need each row's output ids
+            processors.apply(logits, sampled)
 
     def assign_table_rows(self, batch: list[tuple[Sequence, int]]) -> None:
         """Each running sequence has a row of the runner's block tables. A sequence that stopped running (finished,
@@ -1864,6 +1874,8 @@ class LLMEngine(LLMEngineAPI):
         # a request that finished in the failed step but was not reported yet is reported by the next step
         self.landed_early = {rid: True for rid, seqs in self.requests.items() if all(s.finish_reason for s in seqs)}
         self.in_flight = self.runner.last_sampled = None
+        if self.logits_processors is not None:  # the next step tells them every row anew
+            self.logits_processors.reset()
         for seq in self.table_row_of.values():
             seq.table_row = None
         self.table_row_of, self.free_table_rows = {}, list(range(self.runner.PROMPT_ROW))

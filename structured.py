@@ -1,15 +1,17 @@
 """
-Constrained decoding for minillm: structured outputs (JSON schema, regex, choice, grammar) and the
-per-request logits controls (logit_bias, allowed_token_ids, bad_words, logits_processors).
+Constrained decoding for minillm: structured outputs (JSON schema, regex, choice, grammar), the
+per-request logits controls (logit_bias, allowed_token_ids, bad_words, logits_processors), and vLLM v1's
+engine-level logits processors (LLM(logits_processors=[cls, ...]), section 5).
 
 The contract: pure logits transforms and grammar states, no engine knowledge. The engine
   1. validates a request's params before any work (StructuredOutputsParams checks itself;
      GrammarCompiler.compile raises ValueError for a bad schema/regex/grammar; LogitsControls.from_params
-     checks the ids),
+     checks the ids; EngineLogitsProcessors.validate asks each processor class),
   2. gives each completion its own GrammarState (n > 1: one per child) and LogitsControls,
-  3. each step, once the rows' output tokens are on the host, calls apply_masks and
-     apply_logits_controls on the (B, V) logits before sampling,
-  4. calls state.accept(token) when a token lands.
+  3. each step, once the rows' output tokens are on the host, calls apply_masks,
+     apply_logits_controls and EngineLogitsProcessors.apply on the (B, V) logits before sampling,
+  4. calls state.accept(token) when a token lands,
+  5. after an exception in a step, calls EngineLogitsProcessors.reset.
 
 How a mask is made: the grammar engine, xgrammar, compiles the vocabulary once per tokenizer and each
 distinct constraint once; a GrammarState is a pushdown-automaton matcher that writes the next token's
@@ -31,7 +33,9 @@ References: vLLM's structured outputs and v1 logits processors; XGrammar (Dong e
 
 from __future__ import annotations
 
+import collections.abc
 import functools
+import importlib
 import inspect
 import json
 import math
@@ -523,17 +527,28 @@ def apply_logits_controls_reference(logits, controls, output_ids, prompt_ids=Non
 
 # ----------------------------------------------------------------------------------------------
 # 5. Engine-level logits processors: vLLM v1's interface, for LLM(logits_processors=[cls, ...])
+#
+# One object per class for the whole engine, acting on the whole batch. It keeps its own state per row (which
+# rows it acts on, and how), so before each step that samples the engine tells it how the rows changed since
+# the last one (a BatchUpdate), then hands it the (S, V) logits of the rows that sample. A row is one sampled
+# sequence (each of a request's n completions is its own), in the step's order. A sequence joins the batch at
+# the step that samples its first token and leaves it at the first step that does not sample it: finished,
+# aborted or preempted (vLLM also takes unscheduled requests out of its batch); a preempted one is added again
+# when it resumes, its output_ids as long as they were.
 
 
 class MoveDirectionality(Enum):
-    UNIDIRECTIONAL = auto()  # a -> b
-    SWAP = auto()            # a <-> b
+    UNIDIRECTIONAL = auto()  # (a, b, UNIDIRECTIONAL): the row at a moves to b; a is left empty
+    SWAP = auto()            # (a, b, SWAP): the rows at a and b trade places
 
 
 @dataclass(frozen=True)
 class BatchUpdate:
-    """How the batch rows changed since the last step; process removed, then added, then moved.
-    added: (row, params, prompt_ids, output_ids) with output_ids a live list the engine keeps extending."""
+    """How the rows changed since the last update, to apply in this order: `removed`, rows left empty;
+    `added`, (row, params, prompt_ids, output_ids) a new request at that row, replacing whatever was there;
+    `moved`, (a, b, MoveDirectionality) one after another. output_ids is live: it grows as the row's tokens land.
+    As in vLLM, no row is both removed and added in one update, so removed and added may be read in either order
+    (vLLM's own helper, process_dict_updates, reads added first)."""
     batch_size: int
     removed: Sequence[int]
     added: Sequence[tuple]
@@ -541,12 +556,13 @@ class BatchUpdate:
 
 
 class LogitsProcessor(ABC):
-    """vLLM v1's engine-level logits processor: one object for the whole batch, told of changes to
-    the batch (update_state) before each step and applied to the (B, V) logits (apply)."""
+    """vLLM v1's engine-level logits processor. The engine makes one of each class given to LLM, as
+    cls(vllm_config, device, is_pin_memory); before every step that samples it calls update_state (a BatchUpdate,
+    or None when the rows are those of the last call), then apply with the (S, V) logits of those rows."""
 
     @classmethod
     def validate_params(cls, sampling_params) -> None:
-        """Raise ValueError for params this processor cannot take (called before any work)."""
+        """Raise ValueError for a request this processor cannot take: called for every request, before any work."""
 
     @abstractmethod
     def __init__(self, vllm_config, device: torch.device, is_pin_memory: bool):
@@ -554,23 +570,229 @@ class LogitsProcessor(ABC):
 
     @abstractmethod
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
-        ...
+        """logits (S, V) -> (S, V), changed in place or a new tensor."""
 
     @abstractmethod
     def is_argmax_invariant(self) -> bool:
-        """True when apply never changes the argmax (greedy rows may skip it)."""
+        """True when apply never changes which token of a row is the most likely: greedy rows skip it then."""
+
+    def needs_output_token_ids(self) -> bool:
+        """vLLM's hint that output_ids must hold real tokens, not placeholders; minillm's always do."""
+        return False
 
     @abstractmethod
     def update_state(self, batch_update: Optional[BatchUpdate]) -> None:
         ...
 
 
+def process_dict_updates(state: dict, update: Optional[BatchUpdate], new_state: Callable) -> bool:
+    """vLLM's helper for a processor that acts on some rows: `state` maps a row to that row's entry, made by
+    new_state(params, prompt_ids, output_ids) when its request is added (None: the processor leaves that row
+    alone). Applies `update` to `state`; returns whether any entry changed."""
+    if update is None:
+        return False
+    changed = False
+    for row in update.removed:
+        changed |= state.pop(row, None) is not None
+    for row, params, prompt_ids, output_ids in update.added:
+        entry = new_state(params, prompt_ids, output_ids)
+        changed |= state.pop(row, None) is not None or entry is not None
+        if entry is not None:
+            state[row] = entry
+    for a, b, direction in update.moved:
+        entry_a, entry_b = state.pop(a, None), state.pop(b, None)
+        changed |= entry_a is not None or entry_b is not None
+        for row, entry in ((b, entry_a), (a, entry_b if direction is MoveDirectionality.SWAP else None)):
+            if entry is not None:
+                state[row] = entry
+    return changed
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    model: str           # the checkpoint's path
+    max_model_len: int   # prompt + output
+    vocab_size: int      # V, the logits' width (the model's: padded rows included)
+    dtype: torch.dtype
+
+    def get_vocab_size(self) -> int:
+        return self.vocab_size
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_seqs: int            # the most rows a step samples (vLLM's MinP sizes its buffers by it)
+    max_num_batched_tokens: int
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    tensor_parallel_size: int    # processors run on rank 0 only, on the whole vocabulary
+
+
+@dataclass(frozen=True)
+class VllmConfig:
+    """What a processor's __init__ gets as vllm_config: the few fields of vLLM's engine config that processors
+    commonly read. Any other is an AttributeError that names it."""
+    model_config: ModelConfig
+    scheduler_config: SchedulerConfig
+    parallel_config: ParallelConfig
+    speculative_config: None = None  # minillm does not speculate
+
+
+class OutputTokenIds(collections.abc.Sequence):
+    """A live, read-only view of one sequence's output token ids, as BatchUpdate.added hands it out: it grows as
+    tokens land. A negative id at the end is a token still on the device (minillm's PENDING), not part of the
+    view; the engine lands those before it calls the processors, so there the view holds every token."""
+
+    def __init__(self, seq):  # seq: anything with token_ids (prompt + output) and prompt_token_ids
+        self.seq = seq
+
+    def __len__(self) -> int:
+        ids, start = self.seq.token_ids, len(self.seq.prompt_token_ids)
+        end = len(ids)
+        while end > start and ids[end - 1] < 0:
+            end -= 1
+        return end - start
+
+    def __getitem__(self, i):
+        start, n = len(self.seq.prompt_token_ids), len(self)
+        if isinstance(i, slice):
+            return [self.seq.token_ids[start + j] for j in range(*i.indices(n))]
+        if not -n <= i < n:
+            raise IndexError(f"output token {i} of {n}")
+        return self.seq.token_ids[start + i % n]
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, collections.abc.Sequence) and list(self) == list(other)
+
+    def __repr__(self) -> str:
+        return repr(list(self))
+
+
 def batch_update(previous: Sequence, current: Sequence, added_info: Callable[[Any], tuple]) -> Optional[BatchUpdate]:
-    """The BatchUpdate from the rows of the last step (`previous`, a key per row, e.g. request ids) to this
-    step's (`current`). A row whose key changed is removed and re-added (no moves: minillm lays the batch out
-    anew each step); added_info(key) gives (params, prompt_ids, output_ids) of a key. None if nothing changed."""
-    removed = [i for i in range(len(previous)) if i >= len(current) or previous[i] != current[i]]
-    added = [(i, *added_info(k)) for i, k in enumerate(current) if i >= len(previous) or previous[i] != k]
-    if not removed and not added:
+    """The BatchUpdate from the rows the processors hold (`previous`, a key per row; None: a row of unknown
+    content, to clear) to this step's rows (`current`, distinct keys). A key in both keeps its entry and only moves.
+    A new key is added at its own row when that row is free, else at the lowest free row, and moved from there.
+    The row of a key that left is removed, unless a new key is added there (never both, as in vLLM).
+    added_info(key) -> (params, prompt_ids, output_ids). None when nothing changed."""
+    if list(previous) == list(current):
         return None
-    return BatchUpdate(len(current), removed, added, [])
+    kept = set(previous) & set(current)
+    at = {k: i for i, k in enumerate(previous) if k in kept}  # key -> the row it holds
+    free = {i for i in range(max(len(previous), len(current))) if i >= len(previous) or previous[i] not in kept}
+    new = [k for k in current if k not in kept]
+    for row, k in enumerate(current):  # new keys whose own row is free go there ...
+        if k not in kept and row in free:
+            at[k] = row
+            free.discard(row)
+    rest = iter(sorted(free))           # ... the others to the lowest free rows
+    for k in new:
+        if k not in at:
+            at[k] = next(rest)
+    added = [(at[k], *added_info(k)) for k in new]
+    taken = {at[k] for k in new}
+    removed = [i for i, k in enumerate(previous) if k not in kept and i not in taken]
+    # then every key to its row, in row order: into an empty row, or trading places with the key there
+    holder = {i: k for k, i in at.items()}  # row -> key
+    moved = []
+    for row, k in enumerate(current):
+        src = at[k]
+        if src == row:
+            continue
+        if row in holder:  # its key belongs to a later row: it takes k's old one
+            other = holder[row]
+            moved.append((src, row, MoveDirectionality.SWAP))
+            at[other], holder[src] = src, other
+        else:
+            moved.append((src, row, MoveDirectionality.UNIDIRECTIONAL))
+            del holder[src]
+        at[k], holder[row] = row, k
+    return BatchUpdate(len(current), removed, added, moved)
+
+
+def load_processor_class(entry, label: str) -> type:
+    """An engine-level processor as a class: a LogitsProcessor subclass, or its fully qualified name,
+    "pkg.module:Class" (vLLM's spelling) or "pkg.module.Class". A TypeError or ValueError naming `label` else."""
+    if isinstance(entry, str):
+        module_name, _, qualname = entry.partition(":") if ":" in entry else entry.rpartition(".")
+        if not module_name or not qualname:
+            raise ValueError(f"{label}: {entry!r} is not a qualified class name ('pkg.module:Class' or 'pkg.module.Class')")
+        try:
+            obj = importlib.import_module(module_name)
+            for attr in qualname.split("."):
+                obj = getattr(obj, attr)
+        except (ImportError, AttributeError) as e:
+            raise ValueError(f"{label}: cannot load {entry!r}: {e}") from e
+        entry = obj
+    if not (isinstance(entry, type) and issubclass(entry, LogitsProcessor)):
+        hint = ("; a per-request function goes in SamplingParams(logits_processors=[...])"
+                if callable(entry) and not isinstance(entry, type) else "")
+        raise TypeError(f"{label}: expected a subclass of LogitsProcessor (structured.LogitsProcessor, importable "
+                        f"from minillm) or its qualified name, got {entry!r}{hint}")
+    return entry
+
+
+class EngineLogitsProcessors:
+    """The engine's logits processors, LLM(logits_processors=[...]), and the rows they hold.
+
+    apply(logits, sequences), each step that samples: one BatchUpdate from the last step's rows to this step's
+    (keyed by sequence id) to every processor's update_state, then each processor's apply on the (S, V) logits,
+    whose rows the sampler then reads (a processor that returns a new tensor has it copied back). The engine
+    lands every in-flight token first, so the output_ids views are complete.
+
+    is_argmax_invariant() follows vLLM's rule: greedy rows skip such a processor (vLLM takes their argmax before
+    it runs, then applies it for the sampled rows only). So it is not called in a step whose rows are all
+    greedy, and otherwise greedy rows get their logits back after it; update_state is still called every step.
+    The argmax-invariant ones run after the others, as in vLLM; unlike vLLM, which runs them after penalties and
+    temperature, they see the logits before min_tokens, penalties and temperature, as the others do.
+
+    After an exception anywhere in a step, reset() forgets which processor holds which row: the next update adds
+    every row anew and removes every other row a processor may hold."""
+
+    def __init__(self, entries, vllm_config: VllmConfig, device: torch.device):
+        if not isinstance(entries, (list, tuple)):
+            raise TypeError(f"logits_processors: expected a list of LogitsProcessor classes or their names, got {entries!r}")
+        self.classes = [load_processor_class(e, f"logits_processors[{i}]") for i, e in enumerate(entries)]
+        made = [cls(vllm_config, device, device.type == "cuda") for cls in self.classes]  # vLLM's arguments
+        invariant = [p.is_argmax_invariant() for p in made]  # asked once, as vLLM does
+        self.argmax_invariant = [p for p, yes in zip(made, invariant) if yes]
+        self.non_argmax_invariant = [p for p, yes in zip(made, invariant) if not yes]
+        self.rows: list = []  # the key (sequence id) of each row the processors hold; None: unknown (after reset)
+        self.width = 0        # how many rows a processor may hold, should an update_state fail half way
+
+    def validate(self, params) -> None:
+        """Every class's validate_params; its ValueError gets the class's name (the engine adds the request's)."""
+        for cls in self.classes:
+            try:
+                cls.validate_params(params)
+            except ValueError as e:
+                raise ValueError(f"{cls.__name__}: {e}") from e
+
+    def apply(self, logits: torch.Tensor, sequences: Sequence) -> torch.Tensor:
+        """logits (S, V) of the rows that sample, `sequences` their S minillm Sequences in row order, their output
+        tokens landed. Returns logits, changed in place."""
+        assert logits.shape[0] == len(sequences), (logits.shape, len(sequences))
+        keys, by_key = [s.seq_id for s in sequences], {s.seq_id: s for s in sequences}
+        update = batch_update(self.rows, keys, lambda k: (by_key[k].params, by_key[k].prompt_token_ids, OutputTokenIds(by_key[k])))
+        self.width = max(len(self.rows), len(keys))
+        for p in self.non_argmax_invariant + self.argmax_invariant:
+            p.update_state(update)
+        self.rows, self.width = keys, len(keys)
+        for p in self.non_argmax_invariant:
+            self.write(logits, p.apply(logits))
+        greedy = [i for i, s in enumerate(sequences) if s.params.greedy]
+        if self.argmax_invariant and len(greedy) < len(sequences):
+            greedy_logits = logits[greedy].clone()  # (G, V)
+            for p in self.argmax_invariant:
+                self.write(logits, p.apply(logits))
+            logits[greedy] = greedy_logits
+        return logits
+
+    @staticmethod
+    def write(logits: torch.Tensor, out: torch.Tensor) -> None:
+        if out is not logits:
+            logits.copy_(out)
+
+    def reset(self) -> None:
+        self.rows = [None] * self.width

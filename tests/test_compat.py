@@ -229,7 +229,7 @@ def test_engine_args_have_vllms_names_and_defaults():
     ("quantization", "awq"), ("data_parallel_size", 2), ("pipeline_parallel_size", 2), ("kv_cache_dtype", "fp8"),
     ("cpu_offload_gb", 4), ("load_format", "pt"), ("tokenizer_mode", "mistral"), ("config_format", "mistral"),
     ("distributed_executor_backend", "ray"), ("enable_chunked_prefill", False), ("logprobs_mode", "processed_logprobs"),
-    ("logits_processors", ["my.Processor"]), ("speculative_config", {"method": "ngram"}), ("dtype", "float8"),
+    ("speculative_config", {"method": "ngram"}), ("dtype", "float8"),
 ])
 def test_engine_args_refuse_what_minillm_cannot_honour(name, value):
     with pytest.raises(ValueError, match=rf"^{name}={value!r} is not supported".replace("[", r"\[").replace("{", r"\{")):

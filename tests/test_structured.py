@@ -343,15 +343,6 @@ def test_apply_logits_controls_equals_reference(tok):
     assert so.apply_logits_controls(logits, [None] * 4, output_ids) is logits
 
 
-def test_batch_update_diff():
-    info = lambda key: (f"params-{key}", [0], [])
-    assert so.batch_update(["a", "b"], ["a", "b"], info) is None
-    u = so.batch_update(["a", "b", "c"], ["a", "c"], info)
-    assert u.batch_size == 2 and u.removed == [1, 2] and [a[:2] for a in u.added] == [(1, "params-c")]
-    u = so.batch_update([], ["x"], info)
-    assert u.removed == [] and u.added == [(0, "params-x", [0], [])]
-
-
 # -- through the engine --
 
 
