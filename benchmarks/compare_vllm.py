@@ -27,6 +27,7 @@ The vLLM subprocess gets PYTHONPATH=/tmp/vsite (--vllm-site) in front, VLLM_USE_
 is not bundled) and HF_HUB_OFFLINE=1 by itself. Prints one table: per row each engine's figure and minillm/vLLM.
 """
 import argparse
+import hashlib
 import json
 import os
 import shutil
@@ -62,7 +63,8 @@ def run_engine(engine: str, model: str, tiny: bool) -> dict:
     else:
         import minillm
         make_llm, params_cls = minillm.LLM, minillm.SamplingParams
-        version = subprocess.run(["git", "-C", HERE, "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip() or "?"
+        # (the file's own hash, not git's HEAD: the GPU machine gets a copy of the working tree, whose .git may be stale)
+        version = "minillm.py sha1 " + hashlib.sha1(open(os.path.join(HERE, "..", "minillm.py"), "rb").read()).hexdigest()[:10]
     t = time.perf_counter()
     llm = make_llm(model, **ENGINE_ARGS)
     result = {"engine": engine, "version": version, "startup_s": time.perf_counter() - t, "rows": {}}
@@ -106,7 +108,7 @@ def measure(engine: str, model: str, tiny: bool, env=None):
 
 
 def print_table(mini: dict, vl) -> None:
-    head = f"\ndevice: {mini['device']}  torch {mini['torch']}  minillm {mini['version']}"
+    head = f"\ndevice: {mini['device']}  torch {mini['torch']}  {mini['version']}"
     print(head + (f"  vLLM {vl['version']} (its max_num_batched_tokens: {vl['max_num_batched_tokens']})" if vl else "  vLLM: not run"))
     print("| row | minillm | vLLM | minillm / vLLM |")
     print("|---|---:|---:|---:|")

@@ -38,12 +38,12 @@ decode steps alone. The target there is >= 0.75 of the limit.
 Prints one table: roofline and achieved per workload, with the card's name and the versions.
 """
 import argparse
+import hashlib
 import importlib.util
 import json
 import os
 import random
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -194,9 +194,10 @@ def sampled(out_lens: list[int], make_params) -> list:  # workload (a)/(b)'s sam
 def versions() -> str:
     triton = __import__("triton").__version__ if importlib.util.find_spec("triton") else "none"
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    rev = subprocess.run(["git", "-C", root, "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    # (the file's own hash, not git's HEAD: the GPU machine gets a copy of the working tree, whose .git may be stale)
+    rev = "minillm.py sha1 " + hashlib.sha1(open(os.path.join(root, "minillm.py"), "rb").read()).hexdigest()[:10]
     card = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
-    return f"device: {card}  torch {torch.__version__}  triton {triton}  minillm {rev or '?'}"
+    return f"device: {card}  torch {torch.__version__}  triton {triton}  {rev}"
 
 
 def batch_one(llm, V: int, tiny: bool, seed: int) -> tuple[float, float]:
