@@ -1680,6 +1680,7 @@ class LLMEngine(LLMEngineAPI):
         """Queue a request whose inputs are checked. n > 1 is n sequences (vLLM's child requests): they share the
         prompt's blocks through the prefix cache, child i of a seeded request uses seed + i, as in vLLM, and only
         child 0 computes prompt logprobs (the same for all; the others can then use the cache)."""
+        self.runner.last_sampling = None  # its tensors: a params object may have been changed since they were made
         children = [params] if params.n == 1 else [
             replace(params, n=1, seed=None if params.seed is None else params.seed + c,
                     prompt_logprobs=params.prompt_logprobs if c == 0 else None) for c in range(params.n)]

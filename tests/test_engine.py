@@ -164,6 +164,23 @@ def test_seeded_sampling_is_the_same_alone_and_in_a_batch(smol):
     assert len({tuple(o.outputs[0].token_ids) for o in unseeded}) > 1  # sampling really samples
 
 
+def test_sampling_tensors_are_reused_only_for_the_same_requests(smol):
+    """The runner keeps the last step's sampling tensors while the rows' params are the same objects; a params
+    object changed between generate calls must not be served the old tensors."""
+    runner, V = smol.llm_engine.runner, smol.llm_engine.cfg.vocab_size
+    a, b = SamplingParams(temperature=0.5), SamplingParams(temperature=0.9)
+    first = runner.sampling_tensors([a, b], [None, None], V)
+    assert runner.sampling_tensors([a, b], [None, None], V) is first
+    assert runner.sampling_tensors([a, SamplingParams(temperature=0.9)], [None, None], V) is not first
+    prompts = ["Once upon a time", "The weather today", "def add(a, b):"]
+    sp = SamplingParams(temperature=1.0, max_tokens=12, ignore_eos=True)  # (no seed: no generator tells the rows apart)
+    sampled = [o.outputs[0].token_ids for o in smol.generate(prompts, sp, use_tqdm=False)]
+    sp.temperature = 0.0  # the same object, now greedy
+    greedy = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    again = [o.outputs[0].token_ids for o in smol.generate(prompts, sp, use_tqdm=False)]
+    assert again == [o.outputs[0].token_ids for o in smol.generate(prompts, greedy, use_tqdm=False)] != sampled
+
+
 def test_progress_bar_callable_is_used(smol):
     calls = []
 
