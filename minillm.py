@@ -841,6 +841,13 @@ class BlockManager:
         total = seq.num_computed_tokens + num_new_tokens
         return max(0, -(-total // self.block_size) - len(seq.block_table))
 
+    def fits_in_place(self, seq: "Sequence", num_new_tokens: int) -> bool:
+        """Whether allocate(seq, num_new_tokens) would do nothing: the tokens fit in the blocks seq has, and fill
+        none the prefix cache has yet to see (most decode steps; the scheduler skips allocate for them)."""
+        total = seq.num_computed_tokens + num_new_tokens
+        return total <= len(seq.block_table) * self.block_size and (
+            not self.enable_prefix_caching or total // self.block_size <= seq.num_hashed_blocks)
+
     def can_allocate(self, seq: "Sequence", num_new_tokens: int, cached: list[int] = ()) -> bool:
         # cached blocks cover their tokens, but those no one holds leave the free list too
         new = self.blocks_needed(seq, len(cached) * self.block_size + num_new_tokens) - len(cached)
@@ -1120,15 +1127,16 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
-            while not self.block_manager.can_allocate(seq, n):
-                victim = self.running[-1]
-                self.preempt(victim)
-                preempted = True
-                if victim is seq:
-                    break
-            if seq.status is not SequenceStatus.RUNNING:
-                break  # seq preempted itself: everything after it is gone too
-            self.block_manager.allocate(seq, n)
+            if not self.block_manager.fits_in_place(seq, n):  # (most decode steps: nothing to allocate)
+                while not self.block_manager.can_allocate(seq, n):
+                    victim = self.running[-1]
+                    self.preempt(victim)
+                    preempted = True
+                    if victim is seq:
+                        break
+                if seq.status is not SequenceStatus.RUNNING:
+                    break  # seq preempted itself: everything after it is gone too
+                self.block_manager.allocate(seq, n)
             batch.append((seq, n))
             budget -= n
             i += 1
