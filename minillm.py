@@ -8,19 +8,21 @@ of prompts and returns one `RequestOutput` per prompt, in input order. Code writ
 What happens inside, in the order this file is written:
   1. configs        ModelConfig (the checkpoint's shape), SamplingParams, the output classes
   2. loading        HF folders (config.json + safetensors) and GGUF files, straight to the device
-  3. tokenizer      every tokenizer becomes a tiktoken Encoding; chat templates; incremental detokenization
+  3. tokenizer      every tokenizer becomes a tiktoken Encoding; incremental detokenization
   4. model          Llama: RMSNorm, RoPE, grouped-query attention over a paged KV cache, SwiGLU;
                    each projection adds its token's LoRA delta when the step uses adapters (lora.py);
                    tensor parallelism: each rank holds a slice of every layer, two all-reduces a layer
   5. KV cache       blocks of `block_size` token slots, a BlockManager with prefix caching, block tables
   6. sampler        penalties, greedy / temperature / top-k / top-p / min-p, logprobs; batched on the device
   7. scheduler      continuous batching with chunked prefill and preemption by recompute
-  8. model runner   the device side: KV cache sizing, CUDA graphs, one step's inputs in, sampled tokens out;
-                   the tensor-parallel worker processes, one runner each
-  9. engine         LLMEngine (requests, steps, landing tokens, outputs) and LLM (generate, chat)
- 10. generate, CLI  `python minillm.py --prompts file.txt`; data parallelism (one host, or torchrun)
-The vLLM and HF API surface the engine itself does not need (EngineArgs, hub ids, prompt dicts, metric
-objects, the profiler, the HF tokenizer calls) is in compat.py; every name in it is importable from here.
+  8. model runner   the device side: KV cache sizing, CUDA graphs, one step's inputs in, sampled tokens out
+  9. engine         LLMEngine (requests, steps, landing tokens, outputs) and LLM (generate)
+ 10. generate, CLI  `python minillm.py --prompts file.txt`
+Beside it, each imported here and skippable on a first reading: formats.py (the bytes of GGUF and tokenizer
+files), parallel.py (tensor parallelism's slices and worker processes, data parallelism), compat.py (the vLLM
+and HF API the engine itself does not need: EngineArgs, hub ids, chat, beam search, metrics, the profiler, the
+HF tokenizer calls and chat templates; every name in it is importable from here), structured.py (constrained
+decoding and logits processors), timeline.py (traces), lora.py and paged_attention.py.
 
 Dimension legend used in shape comments:
   N           tokens in one engine step (the new tokens of every scheduled sequence, packed)
