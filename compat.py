@@ -517,7 +517,7 @@ class HFTokenizerAPI:
             if i in added:
                 tokens[i] = added[i]
             elif any(c not in self.UNBYTE for c in text):
-                tokens[i] = text  # a vocabulary string that is not byte-level kept its text (see _bpe_encoding)
+                tokens[i] = text  # a vocabulary string that is not byte-level kept its text (see formats.bpe_encoding)
             elif i in self.extra or (i not in self.unknown and self.token_bytes(i)):  # (b"": no such id)
                 tokens[i] = "".join(self.BYTE_CHARS[b] for b in self.token_bytes(i))
         return tokens
