@@ -1572,10 +1572,9 @@ class LLMEngine(LLMEngineAPI):
         self.model_name, self.max_logprobs = args.served_model_name or args.model or model_path, args.max_logprobs
         self.max_model_len = args.max_model_len or self.cfg.max_position_embeddings
         block_size, max_num_seqs, max_tokens = args.block_size or 16, args.max_num_seqs or 256, args.max_num_batched_tokens or 8192
-        self.logits_processors = structured.EngineLogitsProcessors(args.logits_processors, structured.VllmConfig(
-            structured.ModelConfig(model_path, self.max_model_len, self.cfg.vocab_size, llama.embed_tokens.weight.dtype),
-            structured.SchedulerConfig(max_num_seqs, max_tokens), structured.ParallelConfig(tp.size)),
-            self.device) if args.logits_processors else None  # LLM(logits_processors=[cls, ...]): see constrain
+        self.logits_processors = structured.EngineLogitsProcessors.for_engine(  # LLM(logits_processors=[...]): see constrain
+            args.logits_processors, self.device, model_path, self.max_model_len, self.cfg.vocab_size,
+            llama.embed_tokens.weight.dtype, max_num_seqs, max_tokens, tp.size) if args.logits_processors else None
         self.start_runner(args, llama, model_path, tp, dict(
             block_size=block_size, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_tokens,
             max_model_len=self.max_model_len, gpu_memory_utilization=args.gpu_memory_utilization,
@@ -1596,8 +1595,7 @@ class LLMEngine(LLMEngineAPI):
         self.landed_early = {}  # requests that progressed outside a step's landing (see constrain, recover)
         self.in_flight = None  # the last step's (SampledTokens, [(sequence, index of its PENDING token)], scored)
         # vLLM's metrics (get_metrics): two counters, and (time to first token, end-to-end) per finished sequence
-        self.num_prompt_tokens = self.num_generation_tokens = 0
-        self.latencies: list[tuple[float, float]] = []
+        self.num_prompt_tokens, self.num_generation_tokens, self.latencies = 0, 0, []
         self.profiler = Profiler(args.profiler_config)  # LLM.start_profile() / stop_profile()
 
     def start_runner(self, args: EngineArgs, llama: "Llama", model_path: str, tp: TP, runner_args: dict) -> None:

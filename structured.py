@@ -750,6 +750,13 @@ class EngineLogitsProcessors:
     After an exception anywhere in a step, reset() forgets which processor holds which row: the next update adds
     every row anew and removes every other row a processor may hold."""
 
+    @classmethod
+    def for_engine(cls, entries, device: torch.device, model: str, max_model_len: int, vocab_size: int, dtype,
+                   max_num_seqs: int, max_num_batched_tokens: int, tensor_parallel_size: int) -> "EngineLogitsProcessors":
+        config = VllmConfig(ModelConfig(model, max_model_len, vocab_size, dtype),
+                            SchedulerConfig(max_num_seqs, max_num_batched_tokens), ParallelConfig(tensor_parallel_size))
+        return cls(entries, config, device)
+
     def __init__(self, entries, vllm_config: VllmConfig, device: torch.device):
         if not isinstance(entries, (list, tuple)):
             raise TypeError(f"logits_processors: expected a list of LogitsProcessor classes or their names, got {entries!r}")
