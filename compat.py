@@ -2,8 +2,10 @@
 The vLLM and Hugging Face API surface that offline scripts call and the engine does not need: vLLM's engine
 arguments (`EngineArgs`, `FlexibleArgumentParser`), models by hub id (`resolve_model`), a checkpoint's
 generation_config.json as the default SamplingParams, the shapes vLLM hands back or takes (prompt dicts,
-metrics, a request's timestamps, the profiler's config), and the HF tokenizer calls (`tok(text).input_ids`,
-`batch_decode`, `eos_token_id`, `convert_tokens_to_ids`, OpenAI content parts in chat templates, ...).
+metrics, a request's timestamps, the profiler's config), the HF tokenizer calls (`tok(text).input_ids`,
+`batch_decode`, `eos_token_id`, `convert_tokens_to_ids`, `apply_chat_template`, ...), and the calls of vLLM's
+LLM and LLMEngine beyond generate and step (`chat`, `beam_search`, `get_metrics`, the profiler, `with LLM(...)`),
+as the mixins minillm's classes inherit.
 
 It lives beside minillm.py so that the engine reads top to bottom without it; minillm imports every name
 here, so `from minillm import EngineArgs` works as `from vllm import EngineArgs` does.
