@@ -14,6 +14,9 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import minillm  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from roofline import copy_bandwidth  # noqa: E402
+
 
 def graph_time(fn, args, reps=50) -> float:
     """Seconds per call of fn(*args), replayed from a CUDA graph of `reps` calls."""
@@ -40,10 +43,7 @@ def main():
     args = ap.parse_args()
     B, C, F_, H, D, V = args.batch, 2048, 8192, 32, 64, 128256
     bf = dict(dtype=torch.bfloat16, device="cuda")
-    x = torch.randn(1 << 28, **bf)
-    copy = graph_time(lambda a: a.clone(), (x,), reps=5)
-    bw = 2 * x.numel() * 2 / copy
-    del x
+    bw = copy_bandwidth(torch.device("cuda"), 1 << 30)  # roofline.py's measure, so the two scripts agree
     norm_w = torch.nn.Parameter(torch.ones(C, **bf), requires_grad=False)
     cases = {
         "rms_norm": (minillm.rms_norm, (torch.randn(B, C, **bf), norm_w, 1e-5), 2 * B * C * 2),
