@@ -1479,19 +1479,19 @@ class ModelRunner:
         for row, blocked in enumerate(step.blocked):
             if blocked:
                 logits[row, [t for t in blocked if t < V]] = float("-inf")
-        st = self.sampling_tensors(step.params, step.generators, V)
-        if step.penalty_ids:
-            st = replace(st, penalties=(*self.seen_tokens(step.penalty_ids, last_ids, V), *self.last_sampling[2][4:]))
+        st, rows = self.sampling_tensors(step.params, step.generators, V)
+        if step.penalty_ids:  # rows 4, 5, 6: presence, frequency, repetition
+            st = replace(st, penalties=(*self.seen_tokens(step.penalty_ids, last_ids, V), *rows[4:]))
         return sample(logits, st, self.generator)
 
-    def sampling_tensors(self, ps: list[SamplingParams], generators: list, V: int) -> SamplingTensors:
-        """The rows' SamplingTensors, built again only when the rows' requests changed: in a run of decode steps
+    def sampling_tensors(self, ps: list[SamplingParams], generators: list, V: int) -> tuple[SamplingTensors, torch.Tensor]:
+        """The rows' SamplingTensors (without penalties) and their (7, S) parameter rows, built again only when the rows' requests changed: in a run of decode steps
         the batch is the same sequences step after step, and building them (seven lists of S and a copy to the
         device) cost a sixth of the host's step."""
         if self.last_sampling is not None:
-            old_ps, old_gens, _, st = self.last_sampling  # (holding the params keeps their ids from being reused)
+            old_ps, old_gens, rows, st = self.last_sampling  # (holding the params keeps their ids from being reused)
             if len(old_ps) == len(ps) and all(a is b for a, b in zip(old_ps, ps)) and all(a is b for a, b in zip(old_gens, generators)):
-                return st
+                return st, rows
         top_k = [p.top_k if 0 < p.top_k < V else V for p in ps]  # a top_k past the vocabulary keeps all, as vLLM
         rows = torch.tensor([[p.temperature for p in ps], [p.top_p for p in ps], [p.min_p for p in ps], top_k,
                              [p.presence_penalty for p in ps], [p.frequency_penalty for p in ps],
@@ -1504,7 +1504,7 @@ class ModelRunner:
             all_greedy=all(p.greedy for p in ps), any_top_k_top_p=any(k < V for k in top_k) or any(p.top_p < 1 for p in ps),
             any_min_p=any(p.min_p > 0 for p in ps))
         self.last_sampling = (ps, generators, rows, st)
-        return st
+        return st, rows
 
     def seen_tokens(self, penalty_ids: list[tuple], last_ids: torch.Tensor, V: int) -> tuple[torch.Tensor, torch.Tensor]:
         """For the penalties: which tokens each prompt holds, (S, V) bool, and how often each output holds them,

@@ -169,9 +169,9 @@ def test_sampling_tensors_are_reused_only_for_the_same_requests(smol):
     object changed between generate calls must not be served the old tensors."""
     runner, V = smol.llm_engine.runner, smol.llm_engine.cfg.vocab_size
     a, b = SamplingParams(temperature=0.5), SamplingParams(temperature=0.9)
-    first = runner.sampling_tensors([a, b], [None, None], V)
-    assert runner.sampling_tensors([a, b], [None, None], V) is first
-    assert runner.sampling_tensors([a, SamplingParams(temperature=0.9)], [None, None], V) is not first
+    first = runner.sampling_tensors([a, b], [None, None], V)[0]
+    assert runner.sampling_tensors([a, b], [None, None], V)[0] is first
+    assert runner.sampling_tensors([a, SamplingParams(temperature=0.9)], [None, None], V)[0] is not first
     prompts = ["Once upon a time", "The weather today", "def add(a, b):"]
     sp = SamplingParams(temperature=1.0, max_tokens=12, ignore_eos=True)  # (no seed: no generator tells the rows apart)
     sampled = [o.outputs[0].token_ids for o in smol.generate(prompts, sp, use_tqdm=False)]
