@@ -1,9 +1,12 @@
 """Paged attention: the KV-cache write and the attention that reads keys and values
-through block tables, as plain-PyTorch references and as Triton kernels.
+through block tables, three ways: plain-PyTorch references, a batched PyTorch CPU
+path and Triton kernels.
 
-minillm calls the Triton kernels on CUDA and the references on the CPU; the tests
-run the kernels on the CPU too, under TRITON_INTERPRET=1, with the references as
-the oracle.
+minillm calls the Triton kernels on CUDA and, on the CPU, write_kv_cache_cpu and
+paged_attention_cpu (batched PyTorch: one SDPA call for the decoding sequences, one
+per prefilling sequence). The *_ref functions are plain per-sequence loops, kept as
+the tests' oracle: the tests check the kernels (on the CPU too, under
+TRITON_INTERPRET=1) and the _cpu functions against them.
 
 Dimension legend
     N           new tokens in the batch, all sequences packed together (varlen)
@@ -56,7 +59,7 @@ import triton
 import triton.language as tl
 
 # ----------------------------------------------------------------------------
-# references: plain PyTorch, the CPU path and the oracle for the kernels
+# references: plain PyTorch, the oracle for the kernels and the _cpu functions
 # ----------------------------------------------------------------------------
 
 
