@@ -146,10 +146,11 @@ def write_trace(trace: dict, path: str) -> None:
 class Recorder:
     """What `LLM(..., trace=True)` records (engine.trace; the block manager's and scheduler's `events`).
     The engine calls it at a few points, each behind `if ... is not None`, so a run without a trace pays
-    nothing: `add` as sequences are queued, `note` at each block event, preemption and admission,
-    `scheduled` right after each schedule, `end_step` at the end of each step. An event between two steps
-    (an abort, say) goes into the next step's record. One row per sequence: the request id, or for
-    n > 1 "<request id>.<index>"."""
+    nothing: `add` as sequences are queued, `note` at each block event and preemption, `admitted` at each
+    admission (its prefix-cache hit; "resumed" when a preempted sequence comes back), `scheduled` right
+    after each schedule, `end_step` at the end of each step. An event between two steps (an abort, say)
+    goes into the next step's record. One row per sequence: the request id, or for n > 1
+    "<request id>.<index>"."""
 
     def __init__(self, engine, model: str):
         self.engine = engine  # read for its block manager (the block counts) and its scheduler (the budgets)
