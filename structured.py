@@ -9,7 +9,8 @@ The contract: pure logits transforms and grammar states, no engine knowledge. Th
      checks the ids; EngineLogitsProcessors.validate asks each processor class),
   2. gives each completion its own GrammarState (n > 1: one per child) and LogitsControls,
   3. each step, once the rows' output tokens are on the host, calls apply_masks,
-     apply_logits_controls and EngineLogitsProcessors.apply on the (B, V) logits before sampling,
+     apply_logits_controls and EngineLogitsProcessors.apply, before sampling, on the (S, V) logits of
+     only the rows sampled this step (not the prompt-logprobs rows, nor a prefill chunk that samples nothing),
   4. calls state.accept(token) when a token lands,
   5. after an exception in a step, calls EngineLogitsProcessors.reset.
 
@@ -25,8 +26,9 @@ Why xgrammar (benchmarks/grammar_engines.py compares it with llguidance and outl
 below holds it to that), unlimited rollback and fork for free, EBNF/GBNF, Lark, regex and JSON schema; it
 is vLLM's default backend.
 
-Dimension legend: B rows of the batch, R constrained rows, V vocab size (the model's: padded rows
-included), W = ceil(V / 32) bitmask words per row.
+Dimension legend: S rows of the logits given (the engine gives the rows it samples this step, one per
+sampled sequence), R constrained rows, V vocab size (the model's: padded rows included), W = ceil(V / 32)
+bitmask words per row.
 
 References: vLLM's structured outputs and v1 logits processors; XGrammar (Dong et al. 2024, arXiv:2411.15100).
 """
@@ -328,18 +330,18 @@ def constrained_bitmask(states: Sequence[Optional[GrammarState]], vocab_size: in
 
 
 def apply_masks(logits: torch.Tensor, states: Sequence[Optional[GrammarState]]) -> torch.Tensor:
-    """logits (B, V) on the device, states one per row (None: unconstrained). Sets the logits of
+    """logits (S, V) on the device, states one per row (None: unconstrained). Sets the logits of
     disallowed tokens to -inf in the rows with a state, in place; other rows are not touched.
     The states must have seen their rows' output tokens so far (see GrammarState.sync)."""
     if all(s is None for s in states):
         return logits
-    B, V = logits.shape
+    S, V = logits.shape
     wrong = {s.vocab_size for s in states if s is not None} - {V}
     if wrong:
         raise ValueError(f"apply_masks: logits have {V} columns, a grammar state was compiled for {wrong.pop()}")
     rows, bitmask = constrained_bitmask(states, V, pin=logits.is_cuda)
     allowed = unpack_bitmask(bitmask.to(logits.device, non_blocking=True), V)  # (R, V)
-    if len(rows) == B:
+    if len(rows) == S:
         return logits.masked_fill_(~allowed, float("-inf"))
     index = torch.tensor(rows, dtype=torch.long).to(logits.device, non_blocking=True)  # (R,)
     logits[index] = logits[index].masked_fill(~allowed, float("-inf"))
@@ -467,7 +469,7 @@ class LogitsControls:
 
 def apply_logits_controls(logits: torch.Tensor, controls: Sequence[Optional[LogitsControls]],
                           output_ids: Sequence[Sequence[int]], prompt_ids: Optional[Sequence[Sequence[int]]] = None) -> torch.Tensor:
-    """logits (B, V) on the device; one LogitsControls (or None) per row; each row's output (and prompt) ids
+    """logits (S, V) on the device; one LogitsControls (or None) per row; each row's output (and prompt) ids
     so far. Order: allowed_token_ids, bad_words, logit_bias (each one indexed op over all rows), then the
     per-request processors row by row. Returns the logits (changed in place where possible)."""
     if all(c is None for c in controls):
