@@ -135,7 +135,7 @@ def read_adapter_config(req: LoRARequest) -> dict:
 def load_adapter(req: LoRARequest, shapes: dict, num_layers: int, max_lora_rank: int, shards: dict = {}) -> LoRAAdapter:
     """Read a PEFT adapter folder into host memory, checking it against the model.
     shapes: module name -> (K, OUT) of the model's projection. shards: under tensor parallelism, the slice of each
-    projection's weight this rank holds (minillm's Shard: dim, start, size, full); its adapter is cut the same way:
+    projection's weight this rank holds (parallel.Shard: dim, start, size, full); its adapter is cut the same way:
     a column-parallel weight's B by its output rows, a row-parallel weight's A by its input columns."""
     from safetensors.torch import load_file
     cfg = read_adapter_config(req)
