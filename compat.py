@@ -3,12 +3,13 @@ The vLLM and Hugging Face API surface that offline scripts call and the engine d
 arguments (`EngineArgs`, `FlexibleArgumentParser`), models by hub id (`resolve_model`), a checkpoint's
 generation_config.json as the default SamplingParams, the shapes vLLM hands back or takes (prompt dicts,
 metrics, a request's timestamps, the profiler's config), the HF tokenizer calls (`tok(text).input_ids`,
-`batch_decode`, `eos_token_id`, `convert_tokens_to_ids`, `apply_chat_template`, ...), and the calls of vLLM's
-LLM and LLMEngine beyond generate and step (`chat`, `beam_search`, `get_metrics`, the profiler, `with LLM(...)`),
-as the mixins minillm's classes inherit.
+`batch_decode`, `eos_token_id`, `convert_tokens_to_ids`, `apply_chat_template`, ...), the engine's observer
+for vLLM's metrics (`Metrics`), and the calls of vLLM's LLM and LLMEngine beyond generate and step (`chat`,
+`beam_search`, `get_metrics`, `reset_prefix_cache`), which minillm's classes reach through one-line methods.
 
-It lives beside minillm.py so that the engine reads top to bottom without it; minillm imports every name
-here, so `from minillm import EngineArgs` works as `from vllm import EngineArgs` does.
+It lives beside minillm.py so that the engine reads top to bottom without it. It imports minillm (in functions),
+so minillm imports it only when a feature needs it; `from minillm import EngineArgs` finds every public name
+here through minillm's module __getattr__, as `from vllm import EngineArgs` does.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import enum
 import functools
+import inspect
 import json
 import math
 import os
@@ -26,6 +28,8 @@ from dataclasses import dataclass, fields
 from typing import Any, Callable, Optional, TypedDict
 
 import torch
+
+from formats import BYTE_CHARS, UNBYTE
 
 # ----------------------------------------------------------------------------------------------
 # Engine arguments
@@ -494,9 +498,16 @@ class BatchEncoding(dict):
             raise AttributeError(name) from None
 
 
+def hf_tokenizer_attribute(tokenizer, name: str):
+    """minillm.Tokenizer's `name` that minillm.py does not define: HFTokenizerAPI's, bound to the tokenizer."""
+    attr = inspect.getattr_static(HFTokenizerAPI, name)  # (AttributeError if HF has no such name either)
+    return attr.__get__(tokenizer, type(tokenizer)) if hasattr(attr, "__get__") else attr
+
+
 class HFTokenizerAPI:
     """The part of HF's tokenizer API that offline scripts call, with transformers' defaults and return types,
-    on top of minillm.Tokenizer's encode/decode/token_bytes."""
+    on top of minillm.Tokenizer's encode/decode/token_bytes. Not a base class: minillm.Tokenizer's __call__ and
+    __len__ call these, and its __getattr__ finds the rest here (hf_tokenizer_attribute)."""
 
     def __call__(self, text: str | list[str], add_special_tokens: bool = True) -> BatchEncoding:
         if isinstance(text, str):
@@ -518,10 +529,10 @@ class HFTokenizerAPI:
             text = self.extra[i].decode(errors="replace") if i in self.extra else ""
             if i in added:
                 tokens[i] = added[i]
-            elif any(c not in self.UNBYTE for c in text):
+            elif any(c not in UNBYTE for c in text):
                 tokens[i] = text  # a vocabulary string that is not byte-level kept its text (see formats.bpe_encoding)
             elif i in self.extra or (i not in self.unknown and self.token_bytes(i)):  # (b"": no such id)
-                tokens[i] = "".join(self.BYTE_CHARS[b] for b in self.token_bytes(i))
+                tokens[i] = "".join(BYTE_CHARS[b] for b in self.token_bytes(i))
         return tokens
 
     @functools.cached_property
@@ -663,121 +674,113 @@ def cut_after_final_message(text: str, content) -> str:
 
 
 # ----------------------------------------------------------------------------------------------
-# What vLLM's LLM and LLMEngine have beyond generate and step (minillm's classes inherit these)
+# What vLLM's LLM and LLMEngine have beyond generate and step: minillm's one-line methods call these
 
 
-class LLMEngineAPI:
-    """vLLM's LLMEngine calls that the step loop does not need, on minillm.LLMEngine's state."""
+class Metrics:
+    """The engine's observer (minillm.Observer's events): vLLM's token counters and, per finished sequence, its
+    time to first token and end-to-end latency (get_metrics), and each request's timestamps
+    (RequestOutput.metrics, a RequestStateStats on seq.stats)."""
 
-    @classmethod
-    def from_engine_args(cls, engine_args: EngineArgs, usage_context=None) -> "LLMEngine":
-        """vLLM's way to build one (usage_context is accepted and has no effect)."""
-        return cls(engine_args)
+    def __init__(self):
+        self.num_prompt_tokens, self.num_generation_tokens, self.latencies = 0, 0, []
 
-    def reset_prefix_cache(self) -> bool:
-        """Forget every cached block, as vLLM's: only while no request holds a block (else False, and nothing changes)."""
-        if any(block.ref_count for block in self.block_manager.blocks):
-            return False
-        self.block_manager.cached.clear()
-        for block in self.block_manager.blocks:
-            block.hash = None
-        return True
+    def added(self, seqs: list) -> None:
+        for seq in seqs:
+            seq.stats = RequestStateStats(arrival_time=time.time(), queued_ts=time.monotonic())
 
-    def get_metrics(self) -> list[Metric]:
-        """vLLM's metrics under its names: prompt and generation token counters, preemptions, running and
-        waiting sequences, and histograms of each finished sequence's time to first token and end-to-end latency."""
-        counters = dict(prompt_tokens=self.num_prompt_tokens, generation_tokens=self.num_generation_tokens,
-                        num_preemptions=self.scheduler.num_preemptions)
-        gauges = dict(num_requests_running=len(self.scheduler.running), num_requests_waiting=len(self.scheduler.waiting))
-        return metrics_snapshot(self.model_name, counters, gauges, [t for t, _ in self.latencies], [e for _, e in self.latencies])
+    def admitted(self, seq) -> None:
+        if seq.num_cached_tokens is None:  # its first time (a preemption does not move scheduled_ts)
+            seq.stats.scheduled_ts = time.monotonic()
+
+    def token(self, seq) -> None:
+        """vLLM's counters and the sequence's timestamps: its prompt counts as processed at its first token."""
+        now, stats = time.monotonic(), seq.stats
+        if stats.num_generation_tokens == 0:
+            self.num_prompt_tokens += len(seq.prompt_token_ids)
+            stats.first_token_ts, stats.first_token_latency = now, time.time() - stats.arrival_time
+        stats.num_generation_tokens += 1
+        stats.last_token_ts = now
+        self.num_generation_tokens += 1
+
+    def finished(self, seq) -> None:
+        self.latencies.append((seq.stats.first_token_latency, time.time() - seq.stats.arrival_time))
+
+    def block(self, kind: str, block_id: int) -> None: pass
+    def preempted(self, seq) -> None: pass
+    def scheduled(self, batch: list) -> None: pass
+    def step_ended(self, started: float) -> None: pass
 
 
-class LLMAPI:
-    """vLLM's LLM calls beside generate: the context manager, the tokenizer, the default sampling parameters,
-    the prefix cache, metrics, the profiler, chat and beam search. On minillm.LLM's llm_engine and generate."""
+def get_metrics(engine) -> list[Metric]:
+    """vLLM's metrics under its names: prompt and generation token counters, preemptions, running and
+    waiting sequences, and histograms of each finished sequence's time to first token and end-to-end latency."""
+    m = engine.observer
+    counters = dict(prompt_tokens=m.num_prompt_tokens, generation_tokens=m.num_generation_tokens,
+                    num_preemptions=engine.scheduler.num_preemptions)
+    gauges = dict(num_requests_running=len(engine.scheduler.running), num_requests_waiting=len(engine.scheduler.waiting))
+    return metrics_snapshot(engine.model_name, counters, gauges, [t for t, _ in m.latencies], [e for _, e in m.latencies])
 
-    def close(self) -> None:
-        """Stop the tensor-parallel workers (they stop at interpreter exit too); `with LLM(...) as llm:` calls it."""
-        self.llm_engine.close()
 
-    def __enter__(self) -> "LLM":
-        return self
+def reset_prefix_cache(engine) -> bool:
+    """Forget every cached block, as vLLM's: only while no request holds a block (else False, and nothing changes)."""
+    if any(block.ref_count for block in engine.block_manager.blocks):
+        return False
+    engine.block_manager.cached.clear()
+    for block in engine.block_manager.blocks:
+        block.hash = None
+    return True
 
-    def __exit__(self, *exc) -> None:
-        self.close()
 
-    def __del__(self):
-        if "llm_engine" in self.__dict__:
-            self.llm_engine.close()
+def chat(llm, messages, sampling_params=None, *, use_tqdm: bool | Callable = True, lora_request=None,
+         chat_template: Optional[str] = None, chat_template_content_format: str = "auto",
+         add_generation_prompt: bool = True, continue_final_message: bool = False, tools: Optional[list] = None,
+         chat_template_kwargs: Optional[dict] = None) -> list:
+    """LLM.chat: generate the next message of one conversation ([{"role", "content"}, ...]) or of a list of them,
+    rendered with the model's chat template (or `chat_template`); one RequestOutput per conversation.
+    tools, chat_template_kwargs (template variables) and continue_final_message reach the template as
+    vLLM passes them (see HFTokenizerAPI.apply_chat_template)."""
+    import jinja2
+    conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
+    prompts, tokenizer = [], llm.get_tokenizer()
+    for i, conversation in enumerate(conversations):
+        try:
+            text = tokenizer.apply_chat_template(
+                conversation, tools, chat_template=chat_template, tokenize=False, add_generation_prompt=add_generation_prompt,
+                continue_final_message=continue_final_message, chat_template_content_format=chat_template_content_format,
+                **(chat_template_kwargs or {}))
+        except jinja2.TemplateError as e:  # the template rejected it (raise_exception), or a field is missing
+            raise ValueError(f"conversation {i}: {e}") from e
+        prompts.append({"prompt": text, "prompt_token_ids": tokenizer.encode(text, add_special_tokens=False)})
+    return llm.generate(prompts, sampling_params, use_tqdm=use_tqdm, lora_request=lora_request)
 
-    def get_tokenizer(self) -> "Tokenizer":
-        return self.llm_engine.tokenizer
 
-    def get_default_sampling_params(self) -> SamplingParams:
-        """What generate and chat use without sampling_params: generation_config.json's values (EngineArgs.generation_config)."""
-        from minillm import SamplingParams
-        return SamplingParams(**self.llm_engine.default_params)
-
-    def reset_prefix_cache(self) -> bool:
-        return self.llm_engine.reset_prefix_cache()
-
-    def get_metrics(self) -> list[Metric]:
-        return self.llm_engine.get_metrics()
-
-    def start_profile(self) -> None:
-        self.llm_engine.profiler.start()
-
-    def stop_profile(self) -> None:
-        self.llm_engine.profiler.stop()
-
-    def chat(self, messages, sampling_params=None, *, use_tqdm: bool | Callable = True, lora_request=None,
-             chat_template: Optional[str] = None, chat_template_content_format: str = "auto",
-             add_generation_prompt: bool = True, continue_final_message: bool = False, tools: Optional[list] = None,
-             chat_template_kwargs: Optional[dict] = None) -> list[RequestOutput]:
-        """Generate the next message of one conversation ([{"role", "content"}, ...]) or of a list of them,
-        rendered with the model's chat template (or `chat_template`); one RequestOutput per conversation.
-        tools, chat_template_kwargs (template variables) and continue_final_message reach the template as
-        vLLM passes them (see Tokenizer.apply_chat_template)."""
-        import jinja2
-        conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
-        prompts, tokenizer = [], self.get_tokenizer()
-        for i, conversation in enumerate(conversations):
-            try:
-                text = tokenizer.apply_chat_template(
-                    conversation, tools, chat_template=chat_template, tokenize=False, add_generation_prompt=add_generation_prompt,
-                    continue_final_message=continue_final_message, chat_template_content_format=chat_template_content_format,
-                    **(chat_template_kwargs or {}))
-            except jinja2.TemplateError as e:  # the template rejected it (raise_exception), or a field is missing
-                raise ValueError(f"conversation {i}: {e}") from e
-            prompts.append({"prompt": text, "prompt_token_ids": tokenizer.encode(text, add_special_tokens=False)})
-        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm, lora_request=lora_request)
-
-    def beam_search(self, prompts, params: BeamSearchParams, lora_request=None, use_tqdm: bool = False) -> list:
-        """vLLM's beam search, built on generate: every step extends each live beam by one token, looking at its
-        2 * beam_width most likely ones, and keeps the beam_width best (beam_search_score). The beams of a prompt
-        share their blocks through the prefix cache, so each step computes one new token per beam."""
-        from minillm import SamplingParams
-        engine, eos = self.llm_engine, self.llm_engine.eos_token_id
-        prompts = [prompts] if isinstance(prompts, (str, dict)) else list(prompts)
-        starts = [engine.tokenize_prompt(f"prompt {i}", p)[1] for i, p in enumerate(prompts)]
-        live = [[BeamSearchSequence(ids, [], lora_request=lora_request)] for ids in starts]
-        done = [[] for _ in prompts]
-        score = lambda b: beam_search_score(b.tokens, b.cum_logprob, eos, params.length_penalty)
-        one = SamplingParams(max_tokens=1, temperature=params.temperature, logprobs=2 * params.beam_width, ignore_eos=True)
-        for _ in range(params.max_tokens):
-            beams = [(i, b) for i, bs in enumerate(live) for b in bs]
-            if not beams:
-                break
-            outs = self.generate([{"prompt_token_ids": b.tokens} for _, b in beams], one, use_tqdm=use_tqdm,
-                                 lora_request=lora_request)
-            grown = [[] for _ in prompts]
-            for (i, beam), out in zip(beams, outs):
-                for token, lp in out.outputs[0].logprobs[0].items():
-                    new = BeamSearchSequence(beam.tokens + [token], beam.logprobs + [out.outputs[0].logprobs[0]],
-                                             beam.cum_logprob + lp.logprob, lora_request=lora_request)
-                    (done[i] if token == eos and not params.ignore_eos else grown[i]).append(new)
-            live = [sorted(g, key=score, reverse=True)[:params.beam_width] for g in grown]
-        results = [BeamSearchOutput(sorted(d + b, key=score, reverse=True)[:params.beam_width]) for d, b in zip(done, live)]
-        for b in (b for r in results for b in r.sequences):
-            b.text = engine.tokenizer.decode(b.tokens)  # as vLLM's LLM.beam_search: prompt and output, as HF decodes
-        return results
+def beam_search(llm, prompts, params: BeamSearchParams, lora_request=None, use_tqdm: bool = False) -> list:
+    """LLM.beam_search, vLLM's, built on generate: every step extends each live beam by one token, looking at its
+    2 * beam_width most likely ones, and keeps the beam_width best (beam_search_score). The beams of a prompt
+    share their blocks through the prefix cache, so each step computes one new token per beam."""
+    from minillm import SamplingParams
+    engine, eos = llm.llm_engine, llm.llm_engine.eos_token_id
+    prompts = [prompts] if isinstance(prompts, (str, dict)) else list(prompts)
+    starts = [engine.tokenize_prompt(f"prompt {i}", p)[1] for i, p in enumerate(prompts)]
+    live = [[BeamSearchSequence(ids, [], lora_request=lora_request)] for ids in starts]
+    done = [[] for _ in prompts]
+    score = lambda b: beam_search_score(b.tokens, b.cum_logprob, eos, params.length_penalty)
+    one = SamplingParams(max_tokens=1, temperature=params.temperature, logprobs=2 * params.beam_width, ignore_eos=True)
+    for _ in range(params.max_tokens):
+        beams = [(i, b) for i, bs in enumerate(live) for b in bs]
+        if not beams:
+            break
+        outs = llm.generate([{"prompt_token_ids": b.tokens} for _, b in beams], one, use_tqdm=use_tqdm,
+                            lora_request=lora_request)
+        grown = [[] for _ in prompts]
+        for (i, beam), out in zip(beams, outs):
+            for token, lp in out.outputs[0].logprobs[0].items():
+                new = BeamSearchSequence(beam.tokens + [token], beam.logprobs + [out.outputs[0].logprobs[0]],
+                                         beam.cum_logprob + lp.logprob, lora_request=lora_request)
+                (done[i] if token == eos and not params.ignore_eos else grown[i]).append(new)
+        live = [sorted(g, key=score, reverse=True)[:params.beam_width] for g in grown]
+    results = [BeamSearchOutput(sorted(d + b, key=score, reverse=True)[:params.beam_width]) for d, b in zip(done, live)]
+    for b in (b for r in results for b in r.sequences):
+        b.text = engine.tokenizer.decode(b.tokens)  # as vLLM's LLM.beam_search: prompt and output, as HF decodes
+    return results

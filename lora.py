@@ -306,6 +306,10 @@ class LoRAManager:
             token_slots = token_slots.pin_memory().to(self.device, non_blocking=True)
         return LoRABatch.build(token_slots, self.max_loras)
 
+    def batch(self, token_slots: torch.Tensor) -> "LoRABatch":
+        """The LoRABatch of these (N,) token slots, for a step the runner lays out itself (CUDA graph capture)."""
+        return LoRABatch.build(token_slots, self.max_loras)
+
     def acquire_slot(self, lora_int_id: int, wanted: set) -> int:
         """The slot holding this adapter; copy it into a free slot, or the least recently used one
         that this step does not need, if it is not on the device."""
@@ -364,6 +368,10 @@ class LoRABatch:
     def build(cls, token_slots: torch.Tensor, num_slots: int) -> "LoRABatch":
         """The LoRABatch of these slots (what the engine calls); its tiles come on first use."""
         return cls(token_slots, num_slots)
+
+    def add(self, ys: list, x, projs) -> list:
+        """minillm.project's seam: ys[j] += each token's LoRA delta of projs[j] (all the projections of x)."""
+        return add_stacked(ys, x, projs, self)
 
     @functools.cached_property
     def tiles(self) -> tuple[torch.Tensor, torch.Tensor]:

@@ -42,7 +42,7 @@ RoPE (arXiv:2104.09864); GQA (arXiv:2305.13245); nanoGPT, llama2.c, gpt-fast and
 from __future__ import annotations
 
 import argparse
-import base64
+import bisect
 import codecs
 import copy
 import functools
@@ -51,9 +51,7 @@ import importlib.util
 import itertools
 import json
 import math
-import mmap
 import os
-import struct
 import subprocess
 import sys
 import time
@@ -93,29 +91,33 @@ if __name__ == "__main__":  # the command line: its arguments first, then this f
     import minillm
     sys.exit(minillm.main(_args))
 
-import numpy as np
 import tiktoken
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-import lora
 import paged_attention as pa
-import structured
-import timeline
-from compat import (LLMAPI, EngineArgs, HFTokenizerAPI, LLMEngineAPI, Profiler, RequestOutputKind, RequestStateStats,
-                    decoded_token, default_sampling_params, resolve_model, set_random_seed)
-from compat import (BatchEncoding, BeamSearchOutput, BeamSearchParams, BeamSearchSequence, Counter,  # noqa: F401
-                    FlexibleArgumentParser, Gauge, Histogram, Metric, ProfilerConfig, TextPrompt, TokensPrompt, Vector)
 from formats import GGUFFile, SUPPORTED, UNBYTE, BYTE_CHARS, dequantize, tokenizer_from_gguf  # noqa: F401
 from formats import apply_tokenizer_config, from_hf_json, from_tiktoken_model
-from lora import LoRARequest
-from parallel import TP, DataParallel, TPWorkers, check_data_parallel, check_tensor_parallel, take_shard, tp_plan  # noqa: F401
-# (importable from here, as from vllm)
-from structured import (BatchUpdate, GuidedDecodingParams, LogitsProcessor, MoveDirectionality,  # noqa: F401
-                        StructuredOutputsParams, process_dict_updates)
+
+
+# The companions import minillm themselves, so it imports none of them at load time: each is reached through a seam
+# when its feature is first used, and vLLM's other names (`from minillm import EngineArgs, TokensPrompt, ...`)
+# are looked up in them when first asked for (PEP 562).
+COMPANIONS = ("compat", "structured", "lora", "parallel", "formats", "timeline", "cli")
+
+
+def companion(name: str):
+    """A companion module, imported when first used."""
+    return importlib.import_module(name)
+
+
+def __getattr__(name: str):
+    for module in COMPANIONS if not name.startswith("__") else ():
+        if not name.startswith("_") and hasattr(companion(module), name):
+            return getattr(companion(module), name)
+    raise AttributeError(f"module 'minillm' has no attribute {name!r}")
 
 # ----------------------------------------------------------------------------------------------
 # 1. Configs
@@ -172,6 +174,7 @@ class ModelConfig:
 
 
 SAMPLING_EPS = 1e-5     # vLLM's: a temperature below it is greedy
+CUMULATIVE, FINAL_ONLY = 0, 2  # vLLM's RequestOutputKind (compat.py): every step's output so far, or the last only
 MIN_TEMPERATURE = 0.01  # vLLM's: a lower positive temperature is raised to it (logits / T would overflow)
 
 
@@ -198,10 +201,11 @@ class SamplingParams:
     repetition_penalty: float = 1.0  # divides positive / multiplies negative logits of prompt and output tokens
     detokenize: bool = True          # False: no text (text "", decoded_token None), so no stop strings either
     spaces_between_special_tokens: bool = True  # (no effect: byte-level BPE puts no spaces between any tokens)
-    output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE  # what LLMEngine.step returns (not DELTA)
+    output_kind: int = CUMULATIVE    # RequestOutputKind: what LLMEngine.step returns of the request
     extra_args: Optional[dict] = None  # for custom samplers and plugins: minillm's sampler reads none
-    structured_outputs: Optional[structured.StructuredOutputsParams] = None  # JSON schema, regex, choice, grammar
-    guided_decoding: Optional[structured.StructuredOutputsParams] = None     # the older name of the same
+    # logits controls: the logits hook (structured.py) applies them between the logits and the sampler
+    structured_outputs: Optional[StructuredOutputsParams] = None  # JSON schema, regex, choice or grammar
+    guided_decoding: Optional[StructuredOutputsParams] = None     # the older name of the same
     logit_bias: Optional[dict] = None         # {token id: bias}, each clamped to [-100, 100]
     allowed_token_ids: Optional[list] = None  # sample only among these
     bad_words: Optional[list] = None          # never complete these words (vLLM's rule: structured.bad_words_token_ids)
@@ -255,7 +259,7 @@ class SamplingParams:
         need(isinstance(self.stop, list) and all(isinstance(s, str) and s for s in self.stop), "stop",
              "a non-empty str or a list of them")
         need(not self.stop or self.detokenize is not False, "stop", "empty with detokenize=False (no text to search)")
-        need(self.output_kind in (RequestOutputKind.CUMULATIVE, RequestOutputKind.FINAL_ONLY), "output_kind",
+        need(self.output_kind in (CUMULATIVE, FINAL_ONLY), "output_kind",
              "CUMULATIVE or FINAL_ONLY (minillm streams no deltas)")
         need(isinstance(self.stop_token_ids, list) and all(is_int(t) and t >= 0 for t in self.stop_token_ids),
              "stop_token_ids", "a list of non-negative integers")
@@ -271,6 +275,11 @@ class SamplingParams:
         for name in ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens", "detokenize",
                      "spaces_between_special_tokens"):
             need(isinstance(getattr(self, name), bool), name, "True or False")
+
+    @property
+    def has_logits_controls(self) -> bool:  # whether the logits hook (structured.py) has work for it
+        return bool(self.structured_outputs is not None or self.logit_bias or self.allowed_token_ids is not None
+                    or self.bad_words or self.logits_processors)
 
     @property
     def has_penalties(self) -> bool:
@@ -307,7 +316,7 @@ class RequestOutput:
     prompt_logprobs: Optional[list] = None   # per prompt token as CompletionOutput.logprobs; the first is None
     num_cached_tokens: int = 0               # prompt tokens whose K/V came from the prefix cache
     lora_request: Any = None
-    metrics: Optional[RequestStateStats] = None  # its timestamps (for n > 1: completion 0's)
+    metrics: Any = None  # its timestamps, a RequestStateStats (compat.py); for n > 1 completion 0's
 
 
 # ----------------------------------------------------------------------------------------------
@@ -336,7 +345,7 @@ def apply_hf_overrides(cfg: dict, hf_overrides) -> dict:
     return {**cfg, **(hf_overrides or {})}
 
 
-def load_hf_checkpoint(folder: str, device, dtype, hf_overrides=None, tp: TP = TP()) -> tuple[ModelConfig, dict]:
+def load_hf_checkpoint(folder: str, device, dtype, hf_overrides=None, plan=None) -> tuple[ModelConfig, dict]:
     """config.json + model.safetensors (or sharded model-*.safetensors) -> (config, {name: tensor}), each tensor
     only the slice that tensor-parallel rank tp.rank holds: the rest is never read. hf_overrides: vLLM's, see
     apply_hf_overrides."""
@@ -346,7 +355,7 @@ def load_hf_checkpoint(folder: str, device, dtype, hf_overrides=None, tp: TP = T
         raise FileNotFoundError(f"{folder} has no config.json: not a Hugging Face checkpoint folder")
     cfg = ModelConfig.from_hf(apply_hf_overrides(read_json("config.json"), hf_overrides), read_json("generation_config.json"))
     files = sorted(set(read_json("model.safetensors.index.json").get("weight_map", {}).values())) or ["model.safetensors"]
-    shards = tp_plan(cfg, tp)[1]  # (a size that does not split fails here, before any tensor is read)
+    cut = plan(cfg) if plan else (lambda name, t: t[:])
     weights = {}
     for file in files:
         with safe_open(os.path.join(folder, file), framework="pt", device="cpu") as f:
@@ -354,7 +363,7 @@ def load_hf_checkpoint(folder: str, device, dtype, hf_overrides=None, tp: TP = T
                 if "rotary_emb" in name:  # old checkpoints saved RoPE frequencies; we compute them
                     continue
                 # one tensor (or one shard of it) at a time: host memory stays near one copy of this rank's weights
-                part = take_shard(f.get_slice(name), shards.get(name.split(".")[-2]))
+                part = cut(name.removeprefix("model."), f.get_slice(name))
                 weights[name.removeprefix("model.")] = part.to(device=device, dtype=dtype)
     return cfg, weights
 
@@ -366,7 +375,7 @@ GGUF_NAMES = {"token_embd": "embed_tokens", "output_norm": "norm", "output": "lm
               "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"}
 
 
-def load_gguf_checkpoint(path: str, device, dtype, tp: TP = TP()) -> tuple[ModelConfig, dict, "Tokenizer"]:
+def load_gguf_checkpoint(path: str, device, dtype, plan=None) -> tuple[ModelConfig, dict, "Tokenizer"]:
     """A llama.cpp GGUF file -> (config, weights, tokenizer). Quantized tensors are dequantized to float; under
     tensor parallelism each is dequantized whole, then cut to this rank's shard."""
     file = GGUFFile(path)
@@ -386,7 +395,7 @@ def load_gguf_checkpoint(path: str, device, dtype, tp: TP = TP()) -> tuple[Model
         max_position_embeddings=meta("llama.context_length", 2048), tie_word_embeddings="output.weight" not in names,
         eos_token_ids=tuple(sorted(tokenizer.eos_ids)),
     )
-    shards = tp_plan(cfg, tp)[1]
+    cut = plan(cfg) if plan else (lambda name, t: t[:])
     weights = {}
     for tensor_name, kind, data in file.tensors:
         w = dequantize(data, kind)  # (out, in) like HF
@@ -403,7 +412,7 @@ def load_gguf_checkpoint(path: str, device, dtype, tp: TP = TP()) -> tuple[Model
                 w = w.reshape(heads, w.shape[0] // heads // 2, 2, -1).transpose(1, 2).reshape(w.shape)
         else:
             name = f"{GGUF_NAMES[parts[0]]}.weight"
-        weights[name] = take_shard(w, shards.get(name.split(".")[-2])).to(device=device, dtype=dtype)
+        weights[name] = cut(name, w).to(device=device, dtype=dtype)
     return cfg, weights, tokenizer
 
 
@@ -414,10 +423,10 @@ def load_gguf_checkpoint(path: str, device, dtype, tp: TP = TP()) -> tuple[Model
 # an Encoding (tokenizer.json's vocabulary and merges, a tiktoken file's ranks, a GGUF vocabulary).
 
 
-class Tokenizer(HFTokenizerAPI):
-    """The tiktoken Encoding plus the few facts the engine needs; the HF tokenizer calls that scripts make
-    (`tok(text).input_ids`, `batch_decode`, `eos_token_id`, ...) come from compat.HFTokenizerAPI."""
-    UNBYTE, BYTE_CHARS = UNBYTE, BYTE_CHARS  # (HFTokenizerAPI spells tokens with them)
+class Tokenizer:
+    """The tiktoken Encoding plus the few facts the engine needs. The HF tokenizer calls that scripts make
+    (`tok(text).input_ids`, `batch_decode`, `eos_token_id`, `apply_chat_template`, ...) are compat.py's
+    HFTokenizerAPI, reached through the three methods at the end."""
     enc: tiktoken.Encoding
     bos_id: int | None
     eos_ids: set[int]      # from the tokenizer's own config; generation_config.json is the engine's
@@ -455,6 +464,18 @@ class Tokenizer(HFTokenizerAPI):
         ids = [ids] if isinstance(ids, int) else ids
         b = b"".join(self.token_bytes(i) for i in ids if not (skip_special_tokens and i in self.special_ids))
         return b.decode("utf-8", errors="replace")
+
+    # -- HF's tokenizer calls (compat.HFTokenizerAPI) --
+
+    def __call__(self, text, add_special_tokens: bool = True): return self.hf("__call__")(text, add_special_tokens)
+    def __len__(self) -> int: return self.hf("__len__")()
+    def __getattr__(self, name: str): return self.hf(name)  # (only names not found above)
+
+    def hf(self, name: str):
+        if name.startswith("__") and name not in ("__call__", "__len__"):
+            raise AttributeError(name)  # (pickle, copy and friends probe for these)
+        return companion("compat").hf_tokenizer_attribute(self, name)
+
 
 class Detokenizer:
     """Streams the text of generated ids. A character can be split over several byte-level tokens:
@@ -560,44 +581,28 @@ def rope_tables(cfg: ModelConfig, max_len: int, device) -> tuple[torch.Tensor, t
 @dataclass
 class AttentionMetadata:
     """Everything attention needs to find the batch's tokens in the paged KV cache, and the LoRA slot of each
-    token for the linear layers. Built once per step by the engine and passed down explicitly (no global state)."""
+    token for the linear layers. Built once per step by the runner and passed down explicitly (no global state)."""
     slot_mapping: torch.Tensor     # (N,) cache slot (block * block_size + offset) of each new token; -1 = padding
     block_tables: torch.Tensor     # (B, max_blocks) physical block of each sequence's logical block
     seq_lens: torch.Tensor         # (B,) tokens in each sequence after this step (cached + new)
     query_start_loc: torch.Tensor  # (B+1,) where each sequence's new tokens start in the packed batch
     max_query_len: int             # the longest run of new tokens (1 = a pure decode step)
-    max_seq_len: int
-    lora: Optional[lora.LoRABatch] = None  # each token's adapter slot (lora.py); None: base model only
+    max_seq_len: int               # the longest sequence of this step (seq_lens' maximum)
+    lora: Any = None               # lora.LoRABatch: each token's adapter slot; None: the base model only
 
 
-# Tensor parallelism (Megatron-LM's, arXiv:1909.08053; parallel.py): each of tp ranks holds H/tp query heads, F/tp
-# MLP columns and V/tp vocabulary rows, as its own Llama of that shape (parallel.tp_plan). Heads and MLP columns are
-# independent, so the only exchanges are an all-reduce of the partial sums after o_proj and after down_proj (and
-# after the embedding lookup), and the gather of the logits on rank 0, which samples.
-def all_reduce(x: torch.Tensor, tp: TP) -> torch.Tensor:
-    """The sum of x over the tensor-parallel ranks, in place (NCCL between GPUs, gloo on the CPU)."""
-    if tp.size > 1:
-        dist.all_reduce(x)
-    return x
-
-
-def linear(proj: nn.Linear, x, lora_batch: Optional[lora.LoRABatch]) -> torch.Tensor:
-    """proj(x), plus each token's LoRA delta when the step uses adapters (their weights hang on proj)."""
-    y = proj(x)
-    return y if lora_batch is None else lora.add(y, x, proj.lora_a, proj.lora_b, lora_batch)
-
-
-def linear_stacked(projs: tuple, x, lora_batch: Optional[lora.LoRABatch]) -> list:
-    """[proj(x) for proj in projs] for projections of the same input (q/k/v, gate/up), plus each token's
-    LoRA deltas: one shrink and one expand serve all of them, as their adapter weights are stacked."""
+def project(projs: tuple, x, adapters) -> list:
+    """[proj(x) for proj in projs]: every projection of the model goes through here, the seam where LoRA attaches.
+    When the step uses adapters (a lora.LoRABatch), each token's LoRA delta is added: projections of the same
+    input (q/k/v, gate/up) share one shrink and one expand, as their adapter weights are stacked (lora.py)."""
     ys = [proj(x) for proj in projs]
-    return ys if lora_batch is None else lora.add_stacked(ys, x, projs, lora_batch)
+    return ys if adapters is None else adapters.add(ys, x, projs)
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, tp: TP):  # cfg: this rank's part (tp_plan); H, KVH: its heads
+    def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.tp, self.H, self.KVH, self.D = tp, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.H, self.KVH, self.D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.q_proj = nn.Linear(cfg.hidden_size, self.H * self.D, bias=False)
         self.k_proj = nn.Linear(cfg.hidden_size, self.KVH * self.D, bias=False)
         self.v_proj = nn.Linear(cfg.hidden_size, self.KVH * self.D, bias=False)
@@ -605,39 +610,38 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, meta: AttentionMetadata, k_cache, v_cache):
         N = x.shape[0]
-        q, k, v = linear_stacked((self.q_proj, self.k_proj, self.v_proj), x, meta.lora)  # (N, C) -> (N, H*D), (N, KVH*D) x2
+        q, k, v = project((self.q_proj, self.k_proj, self.v_proj), x, meta.lora)  # (N, C) -> (N, H*D), (N, KVH*D) x2
         q, k, v = q.view(N, self.H, self.D), k.view(N, self.KVH, self.D), v.view(N, self.KVH, self.D)
         rope = fused(apply_rope) if x.is_cuda else apply_rope
         q, k = rope(q, cos, sin), rope(k, cos, sin)
-        # The Triton kernels on the GPU; on the CPU the batched PyTorch version (same contract).
-        write_kv, attend = (pa.write_kv_cache, pa.paged_attention) if x.is_cuda else (pa.write_kv_cache_cpu, pa.paged_attention_cpu)
+        # The Triton kernels on the GPU; on the CPU their batched PyTorch twins (same contract)
+        write_kv, attend = ((pa.write_kv_cache, pa.paged_attention) if x.is_cuda
+                            else (pa.write_kv_cache_cpu, pa.paged_attention_cpu))
         write_kv(k, v, k_cache, v_cache, meta.slot_mapping)  # the new tokens' K/V into their slots
         o = attend(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc,
                    self.D ** -0.5, meta.max_query_len, meta.max_seq_len)  # (N, H, D)
-        o = linear(self.o_proj, o.view(N, self.H * self.D), meta.lora)  # (N, H*D) @ (H*D, C) -> (N, C)
-        return all_reduce(o, self.tp)  # row-parallel: the ranks' heads' shares of the output, summed
+        return project((self.o_proj,), o.view(N, self.H * self.D), meta.lora)[0]  # (N, H*D) @ (H*D, C) -> (N, C)
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig, tp: TP):  # cfg: this rank's part; F: its columns
+    def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.tp = tp
         self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
-    def forward(self, x, lora_batch=None):  # SwiGLU: (N, C) -> (N, F) -> (N, C)
-        gate, up = linear_stacked((self.gate_proj, self.up_proj), x, lora_batch)
-        return all_reduce(linear(self.down_proj, silu_and_mul(gate, up), lora_batch), self.tp)  # row-parallel, as o_proj
+    def forward(self, x, adapters=None):  # SwiGLU: (N, C) -> (N, F) -> (N, C)
+        gate, up = project((self.gate_proj, self.up_proj), x, adapters)
+        return project((self.down_proj,), silu_and_mul(gate, up), adapters)[0]
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, tp: TP):
+    def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = Attention(cfg, tp)
+        self.self_attn = Attention(cfg)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = MLP(cfg, tp)
+        self.mlp = MLP(cfg)
 
     def forward(self, x, cos, sin, meta, k_cache, v_cache):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, meta, k_cache, v_cache)
@@ -645,55 +649,37 @@ class DecoderLayer(nn.Module):
 
 
 class Llama(nn.Module):
-    """Parameter names follow the HF checkpoint minus its "model." prefix, so loading is a straight copy.
-    Under tensor parallelism, rank tp.rank's part of the model: cfg is then that part's shape (tp_plan)."""
+    """Parameter names follow the HF checkpoint minus its "model." prefix, so loading is a straight copy."""
 
-    def __init__(self, cfg: ModelConfig, tp: TP = TP()):
+    def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.tp, self.vocab_size = tp, cfg.vocab_size
-        self.cfg, self.shards = tp_plan(cfg, tp)
-        vocab = self.shards["embed_tokens"].size if tp.size > 1 else cfg.vocab_size  # this rank's rows
+        self.cfg = cfg
         # Given a weight, Embedding skips its random init, which even on the meta device (load_model) costs
         # seconds: normal_ there runs a Python decomposition. The checkpoint's weights replace it anyway.
-        self.embed_tokens = nn.Embedding(vocab, cfg.hidden_size, _weight=torch.empty(vocab, cfg.hidden_size))
-        self.layers = nn.ModuleList(DecoderLayer(self.cfg, tp) for _ in range(cfg.num_layers))
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size,
+                                         _weight=torch.empty(cfg.vocab_size, cfg.hidden_size))
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.lm_head = nn.Linear(cfg.hidden_size, vocab, bias=False)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.rope_cos = self.rope_sin = None  # (max_len, D/2) tables, made by load_model on the target device
 
     def forward(self, input_ids, positions, meta: AttentionMetadata, kv_cache):
         """input_ids, positions (N,) -> final hidden states (N, C). kv_cache: per layer a (k_cache, v_cache) pair."""
-        x = self.embed(input_ids)                                     # (N, C)
+        x = self.embed_tokens(input_ids)                               # (N, C)
         cos, sin = self.rope_cos[positions], self.rope_sin[positions]  # (N, D/2) each
         for layer, (k_cache, v_cache) in zip(self.layers, kv_cache):
             x = layer(x, cos, sin, meta, k_cache, v_cache)
         return self.norm(x)
 
-    def embed(self, input_ids):  # (N,) -> (N, C)
-        if self.tp.size == 1:
-            return self.embed_tokens(input_ids)
-        local = input_ids - self.shards["embed_tokens"].start  # (N,) row in this rank's vocab shard
-        mine = (local >= 0) & (local < self.embed_tokens.num_embeddings)
-        x = self.embed_tokens(torch.where(mine, local, 0)) * mine[:, None].to(self.embed_tokens.weight.dtype)
-        return all_reduce(x, self.tp)  # each id's row from the one rank that holds it
-
-    def compute_logits(self, h):
-        """(B, C) @ (C, V) -> (B, V), float32 for the sampler. Under tensor parallelism each rank scores its
-        vocab shard, (B, V/tp), and rank 0 gathers the whole (B, V); the other ranks get None."""
-        logits = self.lm_head(h)
-        if self.tp.size > 1:
-            parts = [torch.empty_like(logits) for _ in range(self.tp.size)] if self.tp.rank == 0 else None
-            dist.gather(logits, parts, dst=0)
-            if parts is None:
-                return None
-            logits = torch.cat(parts, dim=-1)[:, :self.vocab_size]  # (B, V): the padding rows' scores cut off
-        return logits.float()
+    def compute_logits(self, h):  # (B, C) @ (C, V) -> (B, V), float32 for the sampler
+        return self.lm_head(h).float()
 
 
 def load_model(path: str, device, dtype: str | torch.dtype, max_model_len: Optional[int], hf_overrides=None,
-               tp: TP = TP()):
-    """A checkpoint path -> (model in eval mode on `device`, config, tokenizer or None); under tensor parallelism
-    rank tp.rank's shard of the model, and the whole model's config."""
+               tp=None):
+    """A checkpoint path -> (model in eval mode on `device`, config, tokenizer or None). tp, the seam of tensor
+    parallelism (a parallel.TP): it cuts this rank's part of every tensor as it is read, gives the shape of that
+    part, and wraps the model with its all-reduces; the config returned is the whole model's."""
     device = torch.device(device)
     if path.endswith(".gguf"):
         if hf_overrides:
@@ -707,14 +693,16 @@ def load_model(path: str, device, dtype: str | torch.dtype, max_model_len: Optio
         raise FileNotFoundError(f"model {path!r}: expected a folder with config.json + safetensors, or a .gguf file")
     dtype = resolve_dtype(dtype, peek_dtype, device)
     if path.endswith(".gguf"):
-        cfg, weights, tokenizer = load_gguf_checkpoint(path, device, dtype, tp)
+        cfg, weights, tokenizer = load_gguf_checkpoint(path, device, dtype, tp and tp.cut)
     else:
-        (cfg, weights), tokenizer = load_hf_checkpoint(path, device, dtype, hf_overrides, tp), None
+        (cfg, weights), tokenizer = load_hf_checkpoint(path, device, dtype, hf_overrides, tp and tp.cut), None
     if cfg.tie_word_embeddings or "lm_head.weight" not in weights:
         weights["lm_head.weight"] = weights["embed_tokens.weight"]
     with torch.device("meta"):  # no memory, no random init: the loaded tensors become the parameters
-        model = Llama(cfg, tp)
+        model = Llama(cfg if tp is None else tp.part(cfg))
     model.load_state_dict(weights, strict=True, assign=True)
+    if tp is not None:
+        tp.wrap(model, cfg)
     model.rope_cos, model.rope_sin = rope_tables(cfg, max_model_len or cfg.max_position_embeddings, device)
     return model.eval(), cfg, tokenizer
 
@@ -780,6 +768,20 @@ def choose_cpu_threads(idle_cpus: Optional[float] = None, probe_s: float = 0.05)
 # same tokens share the blocks of that prefix, computed once (prefix caching; n > 1 shares this way too).
 
 
+class Observer:
+    """The seam for watching the engine work: the block manager, the scheduler and the engine tell their observer
+    of each event below, and this one ignores them all. The engine's own is compat.Metrics (vLLM's get_metrics and
+    RequestOutput.metrics); with LLM(trace=True), timeline.Recorder, which also records every step for a picture."""
+    def added(self, seqs: list) -> None: pass             # a request's sequences are queued
+    def block(self, kind: str, block_id: int) -> None: pass  # "allocated", "shared", "evicted" or "freed"
+    def admitted(self, seq) -> None: pass                 # a waiting sequence runs (its cached prefix computed)
+    def preempted(self, seq) -> None: pass                # a running one goes back to waiting
+    def scheduled(self, batch: list) -> None: pass        # a step's batch [(sequence, new tokens)]
+    def token(self, seq) -> None: pass                    # one output token landed on the host
+    def finished(self, seq) -> None: pass                 # a sequence got its finish reason
+    def step_ended(self, started: float) -> None: pass    # the step begun at time.perf_counter() `started` is over
+
+
 @dataclass
 class Block:
     block_id: int
@@ -802,14 +804,15 @@ class BlockManager:
     needs it. `free_block_ids` is ordered for eviction: blocks are taken from the front and freed ones
     join the back, so the least recently freed block is overwritten first."""
 
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
+                 observer: Observer = Observer()):
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
         self.blocks = [Block(i) for i in range(num_blocks)]
         self.free_block_ids: dict[int, None] = dict.fromkeys(range(num_blocks))  # an ordered set
         self.cached: dict[bytes, int] = {}
         self.uncommitted: list[tuple[bytes, int]] = []  # cached this step, before the step wrote their K/V
-        self.events: Optional[timeline.Recorder] = None  # while tracing (LLM(trace=True)): told of every block event
+        self.observer = observer
 
     def num_free_blocks(self) -> int:
         return len(self.free_block_ids)
@@ -860,8 +863,7 @@ class BlockManager:
         num_new_tokens tokens."""
         for block_id in cached:
             block = self.blocks[block_id]
-            if self.events is not None:
-                self.events.note("shared" if block.ref_count else "allocated", block_id)
+            self.observer.block("shared" if block.ref_count else "allocated", block_id)
             if block.ref_count == 0:
                 del self.free_block_ids[block_id]
             block.ref_count += 1
@@ -869,30 +871,37 @@ class BlockManager:
         seq.num_computed_tokens += len(cached) * self.block_size
         seq.num_hashed_blocks += len(cached)
         for _ in range(self.blocks_needed(seq, num_new_tokens)):
-            block_id = next(iter(self.free_block_ids))  # the least recently freed
-            del self.free_block_ids[block_id]
-            block = self.blocks[block_id]
-            if self.events is not None:
-                self.events.note("allocated", block_id)
-            if block.hash is not None:  # evict its old contents from the cache
-                del self.cached[block.hash]
-                block.hash = None
-                if self.events is not None:
-                    self.events.note("evicted", block_id)
-            block.ref_count = 1
-            seq.block_table.append(block_id)
-        # Cache the blocks this step fills (once their tokens are known: a block ending in a PENDING token
-        # waits for a later step). Each layer writes the whole step's K/V before any attention reads it,
-        # so a sequence scheduled later in this same step can already share them; until the step has run
-        # they are `uncommitted`, and dropped again if it fails.
-        if self.enable_prefix_caching and (seq.num_computed_tokens + num_new_tokens) // self.block_size > seq.num_hashed_blocks:
-            hashes = self.block_hashes(seq, seq.num_computed_tokens + num_new_tokens)
-            for j in range(seq.num_hashed_blocks, len(hashes)):
-                if hashes[j] not in self.cached:  # else an equal block is cached already; this one isn't shared
-                    self.uncommitted.append((hashes[j], seq.block_table[j]))
-                    self.cached[hashes[j]] = seq.block_table[j]
-                    self.blocks[seq.block_table[j]].hash = hashes[j]
-            seq.num_hashed_blocks = len(hashes)
+            seq.block_table.append(self.take_free_block())
+        if self.enable_prefix_caching:
+            self.cache_full_blocks(seq, seq.num_computed_tokens + num_new_tokens)
+
+    def take_free_block(self) -> int:
+        """The least recently freed block, for one sequence; whatever it held leaves the prefix cache."""
+        block_id = next(iter(self.free_block_ids))
+        del self.free_block_ids[block_id]
+        block = self.blocks[block_id]
+        self.observer.block("allocated", block_id)
+        if block.hash is not None:
+            del self.cached[block.hash]
+            block.hash = None
+            self.observer.block("evicted", block_id)
+        block.ref_count = 1
+        return block_id
+
+    def cache_full_blocks(self, seq: "Sequence", num_tokens: int) -> None:
+        """Put the blocks that seq's first num_tokens fill into the prefix cache (once their tokens are known: a block
+        ending in a PENDING token waits for a later step). Each layer writes the whole step's K/V before any
+        attention reads it, so a sequence scheduled later in this same step can already share them; until the
+        step has run they are `uncommitted`, and dropped again if it fails."""
+        if num_tokens // self.block_size <= seq.num_hashed_blocks:
+            return
+        hashes = self.block_hashes(seq, num_tokens)
+        for j in range(seq.num_hashed_blocks, len(hashes)):
+            if hashes[j] not in self.cached:  # else an equal block is cached already; this one isn't shared
+                self.uncommitted.append((hashes[j], seq.block_table[j]))
+                self.cached[hashes[j]] = seq.block_table[j]
+                self.blocks[seq.block_table[j]].hash = hashes[j]
+        seq.num_hashed_blocks = len(hashes)
 
     def commit(self) -> None:  # the step that writes the newly cached blocks has run
         self.uncommitted.clear()
@@ -920,20 +929,21 @@ class BlockManager:
             block.ref_count -= 1
             if block.ref_count == 0:
                 self.free_block_ids[block_id] = None
-                if self.events is not None:
-                    self.events.note("freed", block_id)
+                self.observer.block("freed", block_id)
         seq.block_table, seq.num_hashed_blocks, seq.num_uploaded_blocks = [], 0, 0
 
 
 def allocate_kv_cache(cfg: ModelConfig, num_blocks: int, block_size: int, dtype, device) -> list:
     """One (k_cache, v_cache) pair per layer, each (num_blocks, block_size, KVH, D), all views of one tensor. Left
     unfilled on the CPU (zeroing 1 GiB takes a second; the CPU attention never reads a slot before it is written)."""
-    cache = (torch.empty if torch.device(device).type == "cpu" else torch.zeros)(cfg.num_layers, 2, num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim, dtype=dtype, device=device)
+    make = torch.empty if torch.device(device).type == "cpu" else torch.zeros
+    cache = make(cfg.num_layers, 2, num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim, dtype=dtype, device=device)
     return [(cache[i, 0], cache[i, 1]) for i in range(cfg.num_layers)]
 
 
 def kv_bytes_per_block(cfg: ModelConfig, block_size: int, dtype) -> int:
-    return cfg.num_layers * 2 * block_size * cfg.num_kv_heads * cfg.head_dim * torch.tensor([], dtype=dtype).element_size()
+    element = torch.tensor([], dtype=dtype).element_size()
+    return cfg.num_layers * 2 * block_size * cfg.num_kv_heads * cfg.head_dim * element
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1020,7 +1030,7 @@ def gather_logprobs(logprobs: torch.Tensor, token_ids: torch.Tensor, k: int) -> 
 # 7. Sequences and the scheduler
 
 
-PENDING = -1  # a sampled token still on its way from the device (see InFlight)
+PENDING = -1  # a sampled token still on its way from the device (see LLMEngine.step: the one-step-late read-back)
 
 
 class SequenceStatus(Enum):
@@ -1035,7 +1045,7 @@ class Sequence:
 
     def __init__(self, seq_id: int, request_id: str, index: int, prompt: Optional[str], prompt_token_ids: list[int],
                  params: SamplingParams, priority: int, tokenizer: "Tokenizer", max_seq_len: int,
-                 generator: Optional[torch.Generator] = None, lora_request: Optional[LoRARequest] = None):
+                 generator: Optional[torch.Generator] = None, lora_request=None):
         self.seq_id, self.request_id, self.index = seq_id, request_id, index  # index: which of the n completions
         self.lora_request = lora_request         # None: the base model (its id is part of the prefix-cache hash)
         self.prompt, self.prompt_token_ids = prompt, prompt_token_ids
@@ -1044,9 +1054,9 @@ class Sequence:
         self.num_cached_tokens: Optional[int] = None  # of those, found in the prefix cache when first scheduled
         self.block_table: list[int] = []
         self.block_hashes: list[bytes] = []     # prefix-cache hashes of its full blocks of known tokens
+        self.num_hashed_blocks = 0               # leading blocks of block_table the prefix cache has seen
         self.table_row: Optional[int] = None     # its row of the runner's block tables, while running
         self.num_uploaded_blocks = 0             # leading blocks of block_table that row holds
-        self.num_hashed_blocks = 0               # leading blocks of block_table the prefix cache has seen
         self.pending_row = -1                    # if the last token is PENDING: its row in the step that sampled it
         self.params = params
         self.sort_key = (priority, seq_id)       # lower runs first; arrival breaks ties
@@ -1062,14 +1072,8 @@ class Sequence:
         self.cumulative_logprob = 0.0
         self.prompt_logprobs = [None] if params.prompt_logprobs is not None else None  # the first token has none
         self.num_prompt_logprobs = 1  # entries made or on their way from the device
-        self.grammar: Optional[structured.GrammarState] = None     # structured outputs: where the output is in its grammar
-        self.controls: Optional[structured.LogitsControls] = None  # logit_bias, allowed_token_ids, bad_words, processors
-        self.stats = RequestStateStats(arrival_time=time.time(), queued_ts=time.monotonic())  # RequestOutput.metrics
-
-    @property
-    def needs_host_tokens(self) -> bool:
-        """Whether this sequence's logits need its output tokens up to the last one on the host."""
-        return self.grammar is not None or (self.controls is not None and self.controls.needs_output_ids)
+        self.controls = None  # the logits hook's state for it (structured.py: its grammar, bias, bad words)
+        self.stats = None     # the observer's record of it (compat.Metrics: vLLM's RequestStateStats)
 
     @property
     def num_tokens(self) -> int:
@@ -1083,6 +1087,12 @@ class Sequence:
     def output_token_ids(self) -> list[int]:
         return self.token_ids[len(self.prompt_token_ids):]
 
+    def restart(self) -> None:
+        """Back to waiting, with no blocks, to be recomputed from the tokens it knows (preemption, recovery)."""
+        self.block_table, self.num_hashed_blocks, self.num_uploaded_blocks = [], 0, 0
+        self.num_computed_tokens = 0
+        self.status = SequenceStatus.WAITING
+
 
 class Scheduler:
     """Continuous batching. Every step builds one batch under two budgets, max_num_seqs sequences and
@@ -1095,18 +1105,19 @@ class Scheduler:
     waiting queue, to be recomputed from its tokens later (recompute, not swap). A waiting sequence that
     outranks running ones takes their blocks the same way when it can't fit."""
 
-    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int, max_loras: int = 0):
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
+                 max_loras: int = 0, observer: Observer = Observer()):
         self.block_manager = block_manager
         self.max_loras = max_loras  # most distinct LoRA adapters among running sequences; 0 = LoRA off
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: list[Sequence] = []
         self.running: list[Sequence] = []
-        self.num_preemptions = 0  # a running count, for tests and curious readers
-        self.events: Optional[timeline.Recorder] = None  # while tracing: told of admissions and preemptions
+        self.num_preemptions = 0  # a running count, for tests, metrics and curious readers
+        self.observer = observer
 
     def add(self, seq: Sequence) -> None:
-        insert_sorted(self.waiting, seq)
+        bisect.insort(self.waiting, seq, key=lambda s: s.sort_key)
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
@@ -1118,35 +1129,36 @@ class Scheduler:
         #    blocks (vLLM's priority preemption). Under "fcfs" only an older waiting sequence outranks a
         #    running one: one preempted earlier, or one the max_loras cap below let a newer one overtake.
         while self.waiting and self.running and self.waiting[0].sort_key < self.running[-1].sort_key:
-            seq = self.waiting[0]
-            cached = self.block_manager.find_cached_prefix(seq)
-            n = min(seq.num_tokens - len(cached) * self.block_manager.block_size, budget)
-            if self.block_manager.can_allocate(seq, n, cached):
+            if self.admission(self.waiting[0], budget)[2]:
                 break
             self.preempt(self.running[-1])
         # 1. running sequences, best first; preempt from the back when blocks run out
-        i, preempted = 0, False
-        while i < len(self.running) and budget > 0:
-            seq = self.running[i]
+        preempted = False
+        for seq in list(self.running):
+            if budget <= 0 or seq.status is not SequenceStatus.RUNNING:
+                break  # out of budget, or preempted for a sequence before it: so is everything after it
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
             if not self.block_manager.fits_in_place(seq, n):  # (most decode steps: nothing to allocate)
-                while not self.block_manager.can_allocate(seq, n):
-                    victim = self.running[-1]
-                    self.preempt(victim)
+                while not self.block_manager.can_allocate(seq, n) and seq.status is SequenceStatus.RUNNING:
+                    self.preempt(self.running[-1])
                     preempted = True
-                    if victim is seq:
-                        break
                 if seq.status is not SequenceStatus.RUNNING:
-                    break  # seq preempted itself: everything after it is gone too
+                    break  # seq preempted itself
                 self.block_manager.allocate(seq, n)
             batch.append((seq, n))
             budget -= n
-            i += 1
         # 2. waiting sequences, while the budgets and the free blocks allow (none after a preemption:
         #    the cache is full, and a preempted sequence must not be overtaken by a worse one)
         if not preempted:
             self.schedule_waiting(batch, budget)
         return batch
+
+    def admission(self, seq: Sequence, budget: int) -> tuple[list[int], int, bool]:
+        """What admitting a waiting sequence takes: its cached prefix blocks, the tokens it computes this step
+        (the rest of its tokens, up to the budget), and whether the free blocks allow it."""
+        cached = self.block_manager.find_cached_prefix(seq)
+        n = min(seq.num_tokens - len(cached) * self.block_manager.block_size, budget)
+        return cached, n, self.block_manager.can_allocate(seq, n, cached)
 
     def schedule_waiting(self, batch: list, budget: int) -> None:
         """Admit waiting sequences in order. Each starts from its longest cached prefix and computes only
@@ -1157,33 +1169,29 @@ class Scheduler:
             if seq.lora_request and seq.lora_request.lora_int_id not in loras and len(loras) >= self.max_loras:
                 w += 1
                 continue
-            cached = self.block_manager.find_cached_prefix(seq)
-            n = min(seq.num_tokens - len(cached) * self.block_manager.block_size, budget)
-            if not self.block_manager.can_allocate(seq, n, cached):
+            cached, n, fits = self.admission(seq, budget)
+            if not fits:
                 break
             self.waiting.pop(w)
             if seq.lora_request:
                 loras.add(seq.lora_request.lora_int_id)
             self.block_manager.allocate(seq, n, cached)
-            if self.events is not None:
-                self.events.admitted(seq, seq.num_computed_tokens)
+            self.observer.admitted(seq)
             if seq.num_cached_tokens is None:  # its first time
-                seq.num_cached_tokens, seq.stats.scheduled_ts = seq.num_computed_tokens, time.monotonic()
+                seq.num_cached_tokens = seq.num_computed_tokens
             seq.status = SequenceStatus.RUNNING
-            insert_sorted(self.running, seq)
+            bisect.insort(self.running, seq, key=lambda s: s.sort_key)
             batch.append((seq, n))
             budget -= n
 
     def preempt(self, seq: Sequence) -> None:
         """Recompute-style preemption: drop the sequence's K/V; it will prefill prompt + output again."""
-        if self.events is not None:
-            self.events.note("preempted", seq)
+        self.observer.preempted(seq)
         self.running.remove(seq)
         self.block_manager.free(seq)
         self.num_preemptions += 1
-        seq.num_computed_tokens = 0
-        seq.status = SequenceStatus.WAITING
-        insert_sorted(self.waiting, seq)
+        seq.restart()
+        self.add(seq)
 
     def finish(self, seq: Sequence) -> None:
         """Out of the queues (finished or aborted), its blocks free at once for the next step."""
@@ -1193,20 +1201,13 @@ class Scheduler:
             seq.status = SequenceStatus.FINISHED
 
 
-def insert_sorted(queue: list, seq: Sequence) -> None:
-    i = len(queue)
-    while i > 0 and queue[i - 1].sort_key > seq.sort_key:
-        i -= 1
-    queue.insert(i, seq)
-
-
 # ----------------------------------------------------------------------------------------------
 # 8. The model runner: one step's inputs in, sampled tokens out
 #
 # Everything that touches the device lives here: the KV cache (sized from what the GPU has left),
 # CUDA graphs, laying a step out as tensors, the forward pass and the sampler. The runner knows
 # nothing of text, stop strings or requests: a step arrives as plain lists (StepInput), which a
-# runner in another process could take just as well.
+# runner in another process could take just as well (parallel.py's tensor-parallel workers do).
 
 
 @dataclass
@@ -1234,8 +1235,14 @@ class StepInput:
     prompt_targets: list[int] = field(default_factory=list)   # the prompt token each of prompt_rows scores
     num_logprobs: int = 0           # top-k width of the reported logprobs (the largest asked for)
 
-    def for_workers(self) -> "StepInput":  # what tensor-parallel workers need: all but the sampler's inputs
-        return replace(self, params=[], generators=[], blocked=[], penalty_ids=[], logprob_rows=[], prompt_targets=[])
+
+@dataclass
+class StepLogits:
+    """What ModelRunner.forward hands to ModelRunner.sample: the logits of the rows that matter, on the device."""
+    logits: torch.Tensor    # (S + P, V) float32: the S rows that sample, then the P positions scoring a prompt token
+    last_ids: torch.Tensor  # (S,) the sampling rows' input tokens (an output ending in PENDING ends in that one)
+    scored: torch.Tensor    # (R,) rows of logits whose logprobs are reported
+    targets: torch.Tensor   # (P,) the prompt token each prompt position scores
 
 
 class SampledTokens:
@@ -1258,27 +1265,17 @@ class SampledTokens:
         return [int(t) for t in values[:self.num_tokens]], values[self.num_tokens:]
 
 
-def on_every_rank(method):
-    """A ModelRunner method that every tensor-parallel rank runs, with the same arguments, as each holds a part of
-    the model: rank 0 sends the call to the workers first (TPWorkers.run). Alone or on a worker: just the method."""
-    @functools.wraps(method)
-    def run(self, *args):
-        return method(self, *args) if self.workers is None else self.workers.run(method, self, *args)
-    return run
-
-
 class ModelRunner:
-    """The device side of the engine: weights, KV cache, CUDA graphs, forward pass and sampler. Under tensor
-    parallelism every rank has one, for its shard of the model; rank 0's also samples and has the `workers`."""
+    """The device side of the engine: weights, KV cache, CUDA graphs, forward pass and sampler. The engine uses
+    only its methods: kv_capacity, forward, sample, prompt_logits, forget_sampling, reset and close. (Under
+    tensor parallelism, parallel.TPModelRunner is one with the same methods, for rank 0's shard of the model.)"""
 
     CPU_KV_CACHE_BYTES = 1 << 30  # the CPU has no memory profile to size from: 1 GiB of KV cache
 
     def __init__(self, model: "Llama", *, block_size: int, max_num_seqs: int, max_num_batched_tokens: int,
                  max_model_len: int, gpu_memory_utilization: float, num_gpu_blocks_override: Optional[int],
-                 kv_cache_memory_bytes: Optional[int], enforce_eager: bool, seed: Optional[int], lora_manager=None,
-                 workers: Optional["TPWorkers"] = None):
-        self.model, self.cfg, self.lora = model, model.cfg, lora_manager  # cfg: this rank's part (tp_plan)
-        self.tp, self.workers = model.tp, workers
+                 kv_cache_memory_bytes: Optional[int], enforce_eager: bool, seed: Optional[int], lora_manager=None):
+        self.model, self.cfg, self.lora = model, model.cfg, lora_manager  # cfg: the shape of the model held here
         self.device, self.dtype = model.embed_tokens.weight.device, model.embed_tokens.weight.dtype
         self.block_size, self.max_num_seqs, self.max_model_len = block_size, max_num_seqs, max_model_len
         self.generator = torch.Generator(device=self.device)
@@ -1286,44 +1283,67 @@ class ModelRunner:
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)  # the memory profile, graphs and NCCL use the current device
             self.warm_up()
-        if num_gpu_blocks_override is not None:
-            self.num_blocks = num_gpu_blocks_override
-        elif kv_cache_memory_bytes is not None:
-            self.num_blocks = kv_cache_memory_bytes // kv_bytes_per_block(self.cfg, block_size, self.dtype)
-        elif self.device.type == "cuda":
-            self.num_blocks = self.profile_num_blocks(gpu_memory_utilization, max_num_batched_tokens)
-        else:
-            self.num_blocks = self.CPU_KV_CACHE_BYTES // kv_bytes_per_block(self.cfg, block_size, self.dtype)
-        if self.tp.size > 1:  # one block table serves every rank: the fewest blocks any rank has room for
-            fewest = torch.tensor([self.num_blocks], device=self.device)
-            dist.all_reduce(fewest, op=dist.ReduceOp.MIN)
-            self.num_blocks = int(fewest)
+        self.num_blocks = self.count_kv_blocks(num_gpu_blocks_override, kv_cache_memory_bytes,
+                                               gpu_memory_utilization, max_num_batched_tokens)
         if self.num_blocks < 1:
             raise ValueError("no memory is left for the KV cache; raise gpu_memory_utilization or use a smaller model")
         self.kv_cache = allocate_kv_cache(self.cfg, self.num_blocks, block_size, self.dtype, self.device)
         self.max_seq_len = min(max_model_len, self.num_blocks * block_size)  # no sequence outgrows the cache
-        self.last_sampled = None  # the last step's tokens (B,), on the device: the next step's PENDING inputs
+        self.last_sampled = None  # the last step's tokens (S,), on the device: the next step's PENDING inputs
         self.last_sampling = None  # (params, generators, rows, SamplingTensors) of the last step that sampled
         self.counting = torch.arange(max(max_num_batched_tokens, max_num_seqs) + 1, device=self.device)  # 0, 1, 2, ...
         # Each running sequence's block table lives in one row here, and a step sends only the blocks rows gained:
         # uploading every table every step was the host's largest cost (~9k ints at batch 256).
-        self.PROMPT_ROW = max_num_seqs  # the row of prompt_logits' one sequence
+        self.prompt_row = max_num_seqs  # the row of prompt_logits' one sequence; the engine's are 0 .. max_num_seqs-1
         self.block_tables = torch.zeros(max_num_seqs + 1, -(-self.max_seq_len // block_size), dtype=torch.int32,
                                         device=self.device)  # (rows, max blocks per sequence)
         self.graphs = {} if enforce_eager or self.device.type != "cuda" else self.capture_cuda_graphs()
+
+    # -- what the engine calls besides forward, sample and prompt_logits --
+
+    def kv_capacity(self) -> tuple[int, int]:
+        """(blocks in the KV cache, the longest sequence that max_model_len and the cache allow)."""
+        return self.num_blocks, self.max_seq_len
+
+    def forget_sampling(self) -> None:
+        """Drop the cached sampling tensors: a params object may have been changed since they were made."""
+        self.last_sampling = None
+
+    def reset(self) -> None:
+        """After an exception: no step is in flight, so no token on the device is waited for."""
+        self.last_sampled = self.last_sampling = None
+
+    def close(self) -> None:
+        """Nothing to stop on one device (parallel.TPModelRunner stops its worker processes here)."""
+
+    # -- start-up: compile, size the KV cache, capture graphs --
 
     @torch.inference_mode()
     def warm_up(self) -> None:
         """Compile the torch.compile'd ops now, not inside the first generate. First with sizes that equal no other
         dimension: torch.compile assumes two sizes that match at its first call always match (2048 tokens and a
-        hidden size of 2048, 32 heads and 32 rotary pairs), and recompiles when they don't. Then with one token or one row,
-        a size it always compiles apart."""
+        hidden size of 2048, 32 heads and 32 rotary pairs), and recompiles when they don't. Then with one token or
+        one row, a size it always compiles apart."""
         C, D, V, eps = self.cfg.hidden_size, self.cfg.head_dim, self.cfg.vocab_size, self.cfg.rms_norm_eps
         like = lambda *shape, dtype=self.dtype: torch.ones(*shape, dtype=dtype, device=self.device)
+        f32 = torch.float32
         for n in (3, 1):  # (the norm's weight as the model passes it: a Parameter, which torch.compile guards apart)
             fused(rms_norm)(like(n, C), self.model.norm.weight, eps)
-            fused(apply_rope)(like(n, 5, D), like(n, D // 2, dtype=torch.float32), like(n, D // 2, dtype=torch.float32))
-            fused(gumbel_argmax)(like(n, V, dtype=torch.float32), like(n, dtype=torch.float32), like(n, V, dtype=torch.float32))
+            fused(apply_rope)(like(n, 5, D), like(n, D // 2, dtype=f32), like(n, D // 2, dtype=f32))
+            fused(gumbel_argmax)(like(n, V, dtype=f32), like(n, dtype=f32), like(n, V, dtype=f32))
+
+    def count_kv_blocks(self, override: Optional[int], memory_bytes: Optional[int], gpu_memory_utilization: float,
+                        max_num_batched_tokens: int) -> int:
+        """The KV cache's size in blocks: num_gpu_blocks_override, else kv_cache_memory_bytes' worth, else what the
+        GPU's memory profile leaves; on the CPU, CPU_KV_CACHE_BYTES' worth."""
+        per_block = kv_bytes_per_block(self.cfg, self.block_size, self.dtype)
+        if override is not None:
+            return override
+        if memory_bytes is not None:
+            return memory_bytes // per_block
+        if self.device.type == "cuda":
+            return self.profile_num_blocks(gpu_memory_utilization, max_num_batched_tokens)
+        return self.CPU_KV_CACHE_BYTES // per_block
 
     @torch.inference_mode()
     def profile_num_blocks(self, gpu_memory_utilization: float, max_num_batched_tokens: int) -> int:
@@ -1334,12 +1354,12 @@ class ModelRunner:
         n, blocks = max_num_batched_tokens, -(-max_num_batched_tokens // self.block_size)
         cache = allocate_kv_cache(self.cfg, blocks, self.block_size, self.dtype, self.device)
         i32 = lambda x: torch.tensor(x, dtype=torch.int32, device=self.device)
-        meta = AttentionMetadata(torch.arange(n, device=self.device), i32([list(range(blocks))]), i32([n]), i32([0, n]), n, n)
+        meta = AttentionMetadata(torch.arange(n, device=self.device), i32([list(range(blocks))]), i32([n]),
+                                 i32([0, n]), n, n)
         positions = torch.arange(n, device=self.device) % self.max_model_len  # stay inside the RoPE tables
         h = self.model(torch.zeros(n, dtype=torch.long, device=self.device), positions, meta, cache)
-        logits = self.model.compute_logits(h[:1].expand(self.max_num_seqs, -1))  # (max_num_seqs, V); None: a worker
-        if logits is not None:
-            logits.sort(dim=-1)  # the sampler's largest temporary
+        logits = self.model.compute_logits(h[:1].expand(self.max_num_seqs, -1))  # (max_num_seqs, V)
+        logits.sort(dim=-1)  # the sampler's largest temporary
         torch.cuda.synchronize()
         del cache, h, logits
         free, total = torch.cuda.mem_get_info()
@@ -1362,15 +1382,16 @@ class ModelRunner:
         self.graph_inputs = g = dict(
             input_ids=torch.zeros(max_bs, **i64), positions=torch.zeros(max_bs, **i64),
             slot_mapping=torch.full((max_bs,), -1, **i64), block_tables=torch.zeros(max_bs, max_blocks, **i32),
-            seq_lens=torch.zeros(max_bs, **i32), query_start_loc=torch.arange(max_bs + 1, **i32),  # one token per row
+            seq_lens=torch.zeros(max_bs, **i32), query_start_loc=torch.arange(max_bs + 1, **i32),  # 1 token a row
             lora_slots=torch.full((max_bs,), -1, **i64))  # each token's adapter slot; grouped inside the graph
         graphs, pool = {}, None
         # Largest first: the smaller graphs reuse its memory pool. With LoRA on, each size also gets a graph
         # without the LoRA kernels, for the steps where no token uses an adapter.
         for bs, use_lora in [(bs, u) for bs in reversed(sizes) for u in ((True, False) if self.lora else (False,))]:
-            lora_batch = lambda: lora.LoRABatch.build(g["lora_slots"][:bs], self.lora.max_loras) if use_lora else None
+            # (a new LoRABatch each run: its tiles are made on first use, so the capture records that kernel too)
             meta = lambda: AttentionMetadata(g["slot_mapping"][:bs], g["block_tables"][:bs], g["seq_lens"][:bs],
-                                             g["query_start_loc"][: bs + 1], 1, self.max_seq_len, lora_batch())
+                                             g["query_start_loc"][: bs + 1], 1, self.max_seq_len,
+                                             self.lora.batch(g["lora_slots"][:bs]) if use_lora else None)
             run = lambda: self.model(g["input_ids"][:bs], g["positions"][:bs], meta(), self.kv_cache)
             run()  # warm-up outside the capture: Triton compiles here
             graph = torch.cuda.CUDAGraph()
@@ -1380,6 +1401,8 @@ class ModelRunner:
             graphs[bs, use_lora] = (graph, hidden)
         torch.cuda.synchronize()
         return graphs
+
+    # -- one step --
 
     def run_model(self, input_ids, positions, meta: AttentionMetadata) -> torch.Tensor:
         """The forward pass of one step: (N,) token ids -> (N, C) hidden states, through a graph when one fits."""
@@ -1416,7 +1439,7 @@ class ModelRunner:
         the (P,) prompt tokens scored. All in one upload: a second copy from unpinned memory would make the
         host wait for the GPU, and the host must run ahead of it."""
         S = len(step.sample_rows)
-        seq_lens = [step.positions[end - 1] + 1 for end in itertools.accumulate(step.query_lens)]  # (B,) after this step
+        seq_lens = [step.positions[end - 1] + 1 for end in itertools.accumulate(step.query_lens)]  # (B,) after it
         width = -(-max(seq_lens) // self.block_size)  # the most blocks any sequence of the step has
         dst, src = [d for d, _ in step.pending], [s for _, s in step.pending]
         scored = step.logprob_rows + list(range(S, S + len(step.prompt_rows)))
@@ -1433,46 +1456,45 @@ class ModelRunner:
             starts, token_seq = self.counting[:len(q_lens) + 1].int(), self.counting[:len(ids)]
         else:
             starts = F.pad(q_lens.cumsum(0), (1, 0)).int()  # (B+1,) where each sequence's new tokens start
-            token_seq = torch.repeat_interleave(self.counting[:len(q_lens)], q_lens, output_size=len(ids))  # (N,) its sequence
+            token_seq = torch.repeat_interleave(self.counting[:len(q_lens)], q_lens, output_size=len(ids))  # (N,)
         # each new token's cache slot: the physical block holding its position, times block_size, plus the offset
-        slot_mapping = tables[token_seq, pos // self.block_size].long() * self.block_size + pos % self.block_size  # (N,)
+        slot_mapping = tables[token_seq, pos // self.block_size].long() * self.block_size + pos % self.block_size
         meta = AttentionMetadata(slot_mapping, tables, s_lens, starts, max(step.query_lens), max(seq_lens),
                                  self.lora.prepare(step.lora) if self.lora else None)
         return ids, pos, meta, (rows.long(), scored.long(), targets.long())
 
-    @on_every_rank
     @torch.inference_mode()
-    def execute(self, step: StepInput, constrain: Optional[Callable] = None) -> Optional[SampledTokens]:
-        """Run one step: the forward pass, then logits where a token is sampled or a prompt token scored,
-        logprobs, and sampling. The tokens stay on the device as the next step's PENDING inputs."""
+    def forward(self, step: StepInput) -> Optional[StepLogits]:
+        """Queue one step's forward pass on the device, and the logits where a token is sampled or a prompt
+        token scored; None when there is neither. Nothing here waits for the device."""
         ids, pos, meta, (rows, scored, targets) = self.prepare(step)
         hidden = self.run_model(ids, pos, meta)  # (N, C)
-        S = len(step.sample_rows)
-        if not S and not step.prompt_rows:
+        if not step.sample_rows and not step.prompt_rows:
             return None
-        logits = self.model.compute_logits(hidden[rows])  # (S + P, V)
-        if logits is None:  # a tensor-parallel worker: rank 0 samples, and sends the tokens for the next step
-            self.last_sampled = self.share_tokens(torch.empty(S, dtype=torch.long, device=self.device))
+        logits = self.model.compute_logits(hidden[rows])  # (S + P, C) @ (C, V) -> (S + P, V)
+        return StepLogits(logits, ids[rows[:len(step.sample_rows)]], scored, targets)
+
+    @torch.inference_mode()
+    def sample(self, out: Optional[StepLogits], step: StepInput, logits_hook: Optional[Callable] = None):
+        """The step's tokens (SampledTokens) from its logits: logprobs of the raw logits (as vLLM by default),
+        then the engine's logits_hook (structured outputs, logits controls: in place on the (S, V) rows that
+        sample), then the sampler. The tokens stay on the device as the next step's PENDING inputs."""
+        if out is None:
             return None
+        S, logits = len(step.sample_rows), out.logits
+        if len(out.scored):
+            raw_logprobs = logits[out.scored].log_softmax(dim=-1)  # (R, V)
+        if logits_hook is not None and S:
+            logits_hook(logits[:S])
+        tokens = self.pick_tokens(logits[:S], step, out.last_ids) if S else out.last_ids.new_zeros(0)  # (S,)
         report = None
-        if len(scored):  # as vLLM by default: logprobs of the raw logits, before any processing
-            raw_logprobs = logits[scored].log_softmax(dim=-1)  # (R, V)
-        if constrain is not None and S:  # the engine's masks (structured outputs, logits controls), in place
-            constrain(logits[:S])
-        tokens = self.share_tokens(self.sample(logits[:S], step, ids[rows[:S]]) if S else ids.new_zeros(0))  # (S,)
-        if len(scored):
-            scored_ids = torch.cat([tokens[scored[:len(step.logprob_rows)]], targets])  # (R,)
+        if len(out.scored):
+            scored_ids = torch.cat([tokens[out.scored[:len(step.logprob_rows)]], out.targets])  # (R,)
             report = gather_logprobs(raw_logprobs, scored_ids, min(step.num_logprobs, logits.shape[-1]))
         self.last_sampled = tokens
         return SampledTokens(tokens, report)
 
-    def share_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Rank 0's sampled tokens (S,) to every tensor-parallel rank: each feeds them to the next step (PENDING)."""
-        if self.tp.size > 1 and len(tokens):
-            dist.broadcast(tokens, src=0)
-        return tokens
-
-    def sample(self, logits: torch.Tensor, step: StepInput, last_ids: torch.Tensor) -> torch.Tensor:
+    def pick_tokens(self, logits: torch.Tensor, step: StepInput, last_ids: torch.Tensor) -> torch.Tensor:
         """logits (S, V) -> (S,) tokens, after min_tokens' blocked tokens; last_ids (S,) are the sampled rows'
         input tokens (an output ending in PENDING ends in that one)."""
         V = logits.shape[-1]
@@ -1484,29 +1506,30 @@ class ModelRunner:
             st = replace(st, penalties=(*self.seen_tokens(step.penalty_ids, last_ids, V), *rows[4:]))
         return sample(logits, st, self.generator)
 
-    def sampling_tensors(self, ps: list[SamplingParams], generators: list, V: int) -> tuple[SamplingTensors, torch.Tensor]:
-        """The rows' SamplingTensors (without penalties) and their (7, S) parameter rows, built again only when the rows' requests changed: in a run of decode steps
-        the batch is the same sequences step after step, and building them (seven lists of S and a copy to the
-        device) cost a sixth of the host's step."""
+    def sampling_tensors(self, ps: list[SamplingParams], generators: list, V: int) -> tuple[SamplingTensors, Any]:
+        """The rows' SamplingTensors (without penalties) and their (7, S) parameter rows, built again only when the
+        rows' requests changed: in a run of decode steps the batch is the same sequences step after step, and
+        building them (seven lists of S and a copy to the device) cost a sixth of the host's step."""
         if self.last_sampling is not None:
             old_ps, old_gens, rows, st = self.last_sampling  # (holding the params keeps their ids from being reused)
-            if len(old_ps) == len(ps) and all(a is b for a, b in zip(old_ps, ps)) and all(a is b for a, b in zip(old_gens, generators)):
+            if (len(old_ps) == len(ps) and all(a is b for a, b in zip(old_ps, ps))
+                    and all(a is b for a, b in zip(old_gens, generators))):
                 return st, rows
         top_k = [p.top_k if 0 < p.top_k < V else V for p in ps]  # a top_k past the vocabulary keeps all, as vLLM
         rows = torch.tensor([[p.temperature for p in ps], [p.top_p for p in ps], [p.min_p for p in ps], top_k,
                              [p.presence_penalty for p in ps], [p.frequency_penalty for p in ps],
-                             [p.repetition_penalty for p in ps]], dtype=torch.float32)  # (7, S): one copy to the device
+                             [p.repetition_penalty for p in ps]], dtype=torch.float32)  # (7, S): one copy
         if self.device.type == "cuda":
             rows = rows.pin_memory().to(self.device, non_blocking=True)
         st = SamplingTensors(
             temperature=rows[0], top_p=rows[1], min_p=rows[2], top_k=rows[3].long(),
             generators={row: g for row, (g, p) in enumerate(zip(generators, ps)) if g is not None and not p.greedy},
-            all_greedy=all(p.greedy for p in ps), any_top_k_top_p=any(k < V for k in top_k) or any(p.top_p < 1 for p in ps),
-            any_min_p=any(p.min_p > 0 for p in ps))
+            all_greedy=all(p.greedy for p in ps), any_min_p=any(p.min_p > 0 for p in ps),
+            any_top_k_top_p=any(k < V for k in top_k) or any(p.top_p < 1 for p in ps))
         self.last_sampling = (ps, generators, rows, st)
         return st, rows
 
-    def seen_tokens(self, penalty_ids: list[tuple], last_ids: torch.Tensor, V: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def seen_tokens(self, penalty_ids: list[tuple], last_ids: torch.Tensor, V: int) -> tuple[torch.Tensor, Any]:
         """For the penalties: which tokens each prompt holds, (S, V) bool, and how often each output holds them,
         (S, V). The ids go up padded with id V, which lands in a spare column; an output's PENDING last token
         is its row's input token on the device."""
@@ -1517,108 +1540,122 @@ class ModelRunner:
         prompt_ids, output_ids = prompt_ids.view(S, pw).long(), output_ids.view(S, ow).long()
         output_ids = torch.where(output_ids == PENDING, last_ids[:, None], output_ids)
         prompt_mask = torch.zeros(S, V + 1, dtype=torch.bool, device=self.device).scatter_(1, prompt_ids, True)
-        counts = torch.zeros(S, V + 1, device=self.device).scatter_add_(1, output_ids, torch.ones(output_ids.shape, device=self.device))
+        ones = torch.ones(output_ids.shape, device=self.device)
+        counts = torch.zeros(S, V + 1, device=self.device).scatter_add_(1, output_ids, ones)  # (S, V + 1)
         return prompt_mask[:, :V], counts[:, :V]
 
-    @on_every_rank
     @torch.inference_mode()
     def prompt_logits(self, token_ids: list[int], block_table: list[int], lora_request=None) -> torch.Tensor:
         """Logits (T, V) at every position of one prompt whose blocks are given, through the same paged path."""
-        T, row = len(token_ids), self.PROMPT_ROW
+        T, row = len(token_ids), self.prompt_row
         updates = [x for j, b in enumerate(block_table) for x in (row, j, b)]
         step = StepInput(token_ids, list(range(T)), [T], [row], updates, [(lora_request, T)])
         ids, pos, meta, _ = self.prepare(step)
         return self.model.compute_logits(self.model(ids, pos, meta, self.kv_cache))
 
 
-
 # ----------------------------------------------------------------------------------------------
 # 9. The engine: requests in, RequestOutputs out
 
 
-def check_priority(priority, label: str) -> int:
-    if not isinstance(priority, int) or isinstance(priority, bool):
-        raise TypeError(f"{label}: expected an integer, got {priority!r}")
-    return priority
-
-
-class LLMEngine(LLMEngineAPI):
+class LLMEngine:
     """The step-by-step engine, as vLLM's: `add_request`, then `step` until `has_unfinished_requests` is False.
     It owns the text side (prompts, the scheduler and block manager, landing sampled tokens, detokenizing, stop
-    conditions, outputs) and hands each step to the ModelRunner. LLM.generate drives it."""
+    conditions, outputs) and hands each step to the ModelRunner, through the runner's methods only. LLM.generate
+    drives it. Its one argument is vLLM's EngineArgs (compat.py: checked there, every default listed)."""
 
-    def __init__(self, args: EngineArgs):
-        """Everything from one EngineArgs (checked there): the model and tokenizer, LoRA slots, the model runner
-        with its KV cache, the block manager and the scheduler. As vLLM's worker, it seeds Python's, NumPy's and
-        torch's global generators with args.seed (scripts rely on it)."""
+    def __init__(self, args):
+        import compat
         self.device = check_device(None if args.device == "auto" else args.device)
         if self.device.type == "cpu":  # as many threads as there are free cores (MINILLM_NUM_THREADS overrides)
             torch.set_num_threads(choose_cpu_threads())
-        if args.seed is not None:
-            set_random_seed(args.seed)
+        if args.seed is not None:  # as vLLM's worker: Python's, NumPy's and torch's global generators
+            compat.set_random_seed(args.seed)
         hub = dict(download_dir=args.download_dir, token=args.hf_token)
-        model_path = resolve_model(args.model, args.revision, **hub) if args.model else default_model_path()
-        tp = check_tensor_parallel(args.tensor_parallel_size, self.device)
-        # rank 0's shard first: a model whose heads do not split fails before any worker starts
-        llama, self.cfg, gguf_tokenizer = load_model(model_path, self.device, args.dtype, args.max_model_len,
-                                                     args.hf_overrides, tp)
-        tokenizer = args.tokenizer and resolve_model(args.tokenizer, args.tokenizer_revision, **hub)
-        self.tokenizer = load_tokenizer(tokenizer or model_path) if (tokenizer or gguf_tokenizer is None) else gguf_tokenizer
-        # vLLM's EOS is the tokenizer's; the checkpoint's other EOS ids stop as stop tokens (stop_reason = the id)
-        self.eos_ids = set(self.cfg.eos_token_ids) | self.tokenizer.eos_ids
-        self.eos_token_id = next((i for i in sorted(self.tokenizer.eos_ids)
-                                  if self.tokenizer.decode([i]) == self.tokenizer.eos_token), None)
-        self.default_params = default_sampling_params(model_path, args.generation_config, args.override_generation_config)
+        model_path = compat.resolve_model(args.model, args.revision, **hub) if args.model else default_model_path()
+        tokenizer_path = args.tokenizer and compat.resolve_model(args.tokenizer, args.tokenizer_revision, **hub)
+        llama, tp = self.load(args, model_path, tokenizer_path)
+        self.default_params = compat.default_sampling_params(model_path, args.generation_config,
+                                                             args.override_generation_config)
         self.model_name, self.max_logprobs = args.served_model_name or args.model or model_path, args.max_logprobs
         self.max_model_len = args.max_model_len or self.cfg.max_position_embeddings
-        block_size, max_num_seqs, max_tokens = args.block_size or 16, args.max_num_seqs or 256, args.max_num_batched_tokens or 8192
-        self.logits_processors = structured.EngineLogitsProcessors.for_engine(  # LLM(logits_processors=[...]): see constrain
-            args.logits_processors, self.device, model_path, self.max_model_len, self.cfg.vocab_size,
-            llama.embed_tokens.weight.dtype, max_num_seqs, max_tokens, tp.size) if args.logits_processors else None
-        self.start_runner(args, llama, model_path, tp, dict(
-            block_size=block_size, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_tokens,
+        self.max_num_seqs = args.max_num_seqs or 256
+        block_size, max_tokens = args.block_size or 16, args.max_num_batched_tokens or 8192
+        self.runner = self.start_runner(args, llama, tp, model_path, dict(
+            block_size=block_size, max_num_seqs=self.max_num_seqs, max_num_batched_tokens=max_tokens,
             max_model_len=self.max_model_len, gpu_memory_utilization=args.gpu_memory_utilization,
             num_gpu_blocks_override=args.num_gpu_blocks_override, kv_cache_memory_bytes=args.kv_cache_memory_bytes,
             enforce_eager=args.enforce_eager, seed=args.seed))
-        self.max_seq_len = self.runner.max_seq_len
-        self.block_manager = BlockManager(self.runner.num_blocks, block_size, args.enable_prefix_caching is not False)
-        self.scheduler = Scheduler(self.block_manager, max_num_seqs, max_tokens, args.max_loras if args.enable_lora else 0)
+        num_blocks, self.max_seq_len = self.runner.kv_capacity()
+        self.block_manager = BlockManager(num_blocks, block_size, args.enable_prefix_caching is not False)
+        loras = args.max_loras if args.enable_lora else 0
+        self.scheduler = Scheduler(self.block_manager, self.max_num_seqs, max_tokens, loras)
         self.scheduling_policy = args.scheduling_policy
-        self.trace = timeline.Recorder(self, model_path) if args.trace else None  # what each step did (timeline.py)
-        self.block_manager.events = self.scheduler.events = self.trace
+        self.start_observer(args.trace, model_path)
+        self.logits_hook = None if not args.logits_processors else self.make_logits_hook(
+            args.logits_processors, model_path, llama.embed_tokens.weight.dtype, max_tokens, tp)
         self.requests: dict[str, list[Sequence]] = {}  # the unfinished requests, each its n sequences
         self.streaming: set[str] = set()  # requests whose output is wanted after every step, not only at the end
         self.next_seq_id = 0
-        self.free_table_rows = list(range(self.runner.PROMPT_ROW))  # rows of the runner's block_tables (a running
-        self.table_row_of: dict[int, Sequence] = {}                 # sequence each), and whose they are
-        self.grammar_compiler = None  # made by the first request with structured outputs (imports xgrammar)
-        self.landed_early = {}  # requests that progressed outside a step's landing (see constrain, recover)
+        self.free_table_rows = list(range(self.max_num_seqs))  # rows of the runner's block tables (a running
+        self.table_row_of: dict[int, Sequence] = {}            # sequence each), and whose they are
         self.in_flight = None  # the last step's (SampledTokens, [(sequence, index of its PENDING token)], scored)
-        # vLLM's metrics (get_metrics): two counters, and (time to first token, end-to-end) per finished sequence
-        self.num_prompt_tokens, self.num_generation_tokens, self.latencies = 0, 0, []
-        self.profiler = Profiler(args.profiler_config)  # LLM.start_profile() / stop_profile()
+        self.unreported: dict = {}  # requests that finished in a step that then failed (see recover)
+        self.profiler = compat.Profiler(args.profiler_config)  # LLM.start_profile() / stop_profile()
 
-    def start_runner(self, args: EngineArgs, llama: "Llama", model_path: str, tp: TP, runner_args: dict) -> None:
-        """The LoRA slots and the model runner (with its KV cache and CUDA graphs), and with tensor parallelism the
-        worker ranks, each building the same runner around its own shard."""
+    def load(self, args, model_path: str, tokenizer_path: Optional[str]) -> tuple:
+        """The model (this process's part of it, under tensor parallelism) and the tokenizer; self.cfg is the
+        whole model's config. vLLM's EOS is the tokenizer's; the checkpoint's other EOS ids stop as stop tokens."""
+        tp = None
+        if args.tensor_parallel_size != 1 or isinstance(args.tensor_parallel_size, bool):
+            import parallel  # the seam of tensor parallelism: rank 0's shard first, workers in start_runner
+            tp = parallel.check_tensor_parallel(args.tensor_parallel_size, self.device)
+        llama, self.cfg, gguf_tokenizer = load_model(model_path, self.device, args.dtype, args.max_model_len,
+                                                     args.hf_overrides, tp)
+        use_gguf = gguf_tokenizer is not None and not tokenizer_path
+        self.tokenizer = gguf_tokenizer if use_gguf else load_tokenizer(tokenizer_path or model_path)
+        self.eos_ids = set(self.cfg.eos_token_ids) | self.tokenizer.eos_ids
+        self.eos_token_id = next((i for i in sorted(self.tokenizer.eos_ids)
+                                  if self.tokenizer.decode([i]) == self.tokenizer.eos_token), None)
+        return llama, tp
+
+    def start_runner(self, args, llama: "Llama", tp, model_path: str, runner_args: dict) -> "ModelRunner":
+        """The LoRA slots (on the device, before the KV cache takes what memory is left) and the model runner.
+        Under tensor parallelism, parallel.TPModelRunner: it starts the worker ranks, each with the same runner
+        around its own shard."""
         lora_args = (args.max_loras, args.max_lora_rank) if args.enable_lora else None
+        self.lora = None
+        if lora_args:
+            import lora
+            self.lora = lora.LoRAManager(llama, *lora_args)
+        if tp is None:
+            return ModelRunner(llama, lora_manager=self.lora, **runner_args)
+        import parallel
         load_args = dict(path=model_path, dtype=llama.embed_tokens.weight.dtype, max_model_len=args.max_model_len,
                          hf_overrides=args.hf_overrides)
-        workers = TPWorkers(tp.size, self.device, load_args, runner_args, lora_args) if tp.size > 1 else None
-        try:
-            # LoRA: adapter slots on the device, before the KV cache takes what memory is left
-            self.lora = lora.LoRAManager(llama, *lora_args) if lora_args else None
-            self.runner = ModelRunner(llama, lora_manager=self.lora, workers=workers, **runner_args)
-        except BaseException:
-            if workers is not None:
-                workers.close()
-            raise
+        return parallel.TPModelRunner(llama, tp, load_args, lora_args, lora_manager=self.lora, **runner_args)
+
+    def start_observer(self, trace: bool, model_path: str) -> None:
+        """The observer seam: compat.Metrics counts for get_metrics and times each request; with trace=True,
+        timeline.Recorder, which does that too and records every step."""
+        self.tracing = bool(trace)
+        self.observer = companion("timeline").Recorder(self, model_path) if trace else companion("compat").Metrics()
+        self.block_manager.observer = self.scheduler.observer = self.observer
+
+    def make_logits_hook(self, processors=None, model_path=None, dtype=None, max_tokens=None, tp=None):
+        """The logits-hook seam (structured.LogitsHook): made with the engine, for LLM(logits_processors=[...]),
+        or by the first request with structured outputs, logit_bias, allowed_token_ids, bad_words or logits
+        processors of its own. Between the logits and the sampler, it applies them to the rows that sample."""
+        import structured
+        engine_processors = processors and structured.EngineLogitsProcessors.for_engine(
+            processors, self.device, model_path, self.max_model_len, self.cfg.vocab_size, dtype,
+            self.max_num_seqs, max_tokens, 1 if tp is None else tp.size)
+        return structured.LogitsHook(self.tokenizer, self.cfg.vocab_size, self.eos_ids, engine_processors)
 
     def close(self) -> None:
         """Stop the tensor-parallel workers, if any (the engine can do no more work then). Idempotent."""
-        if getattr(self, "runner", None) is not None and self.runner.workers is not None:
-            self.runner.workers.close()
-            self.runner.workers.broken = "the LLM was closed"
+        if getattr(self, "runner", None) is not None:
+            self.runner.close()
 
     # -- requests --
 
@@ -1647,23 +1684,29 @@ class LLMEngine(LLMEngineAPI):
         return text, ids
 
     def add_request(self, request_id: str, prompt, params: Optional[SamplingParams] = None,
-                    lora_request: Optional[LoRARequest] = None, priority: int = 0) -> None:
+                    lora_request=None, priority: int = 0) -> None:
         """Queue one request; `step` then returns its RequestOutput after every step that gave it a token."""
         request_id = str(request_id)
         if request_id in self.requests:
             raise ValueError(f"request {request_id!r} is already in the engine")
         params = self.check_params(params or SamplingParams(**self.default_params), "sampling_params")
-        check_priority(priority, "priority")
-        if priority != 0 and self.scheduling_policy != "priority":
-            raise ValueError("priority is only honoured with scheduling_policy='priority'")
+        check_priority(priority, "priority", self.scheduling_policy)
         text, ids = self.tokenize_prompt("prompt", prompt)
-        self.add_checked(request_id, text, ids, params, lora.per_prompt(lora_request, 1, self.lora)[0], priority)
-        if params.output_kind != RequestOutputKind.FINAL_ONLY:
+        self.add_checked(request_id, text, ids, params, self.adapters(lora_request, 1)[0], priority)
+        if params.output_kind != FINAL_ONLY:
             self.streaming.add(request_id)
+
+    def adapters(self, lora_request, num_prompts: int) -> list:
+        """One LoRARequest or None per prompt, each adapter loaded and checked (lora.per_prompt)."""
+        if lora_request is None:
+            return [None] * num_prompts
+        import lora
+        return lora.per_prompt(lora_request, num_prompts, self.lora)
 
     def check_params(self, params, label: str) -> SamplingParams:
         """Checked again (a field may have been set since it was made), and against the engine: max_logprobs caps
-        logprobs and prompt_logprobs, -1 counting as the whole vocabulary (as in vLLM)."""
+        logprobs and prompt_logprobs, -1 counting as the whole vocabulary (as in vLLM); the logits hook checks
+        grammars, token ids and what the logits processors accept."""
         if not isinstance(params, SamplingParams):
             raise TypeError(f"{label}: expected a SamplingParams, got {type(params).__name__}")
         try:
@@ -1673,13 +1716,10 @@ class LLMEngine(LLMEngineAPI):
                 if asked is not None and (V if asked == -1 else asked) > cap:
                     raise ValueError(f"requested {name}={asked}, more than max_logprobs={self.max_logprobs} "
                                      f"allows (an engine argument)")
-            if params.structured_outputs is not None:  # compiled once per distinct grammar (the compiler caches)
-                if self.grammar_compiler is None:
-                    self.grammar_compiler = structured.GrammarCompiler(self.tokenizer, self.cfg.vocab_size, self.eos_ids)
-                self.grammar_compiler.compile(params.structured_outputs)
-            structured.LogitsControls.from_params(params, self.tokenizer, self.cfg.vocab_size)  # ids checked
-            if self.logits_processors is not None:
-                self.logits_processors.validate(params)
+            if params.has_logits_controls and self.logits_hook is None:
+                self.logits_hook = self.make_logits_hook()
+            if self.logits_hook is not None:
+                self.logits_hook.check(params)
         except ValueError as e:
             raise ValueError(f"{label}: {e}") from None
         return params
@@ -1688,7 +1728,7 @@ class LLMEngine(LLMEngineAPI):
         """Queue a request whose inputs are checked. n > 1 is n sequences (vLLM's child requests): they share the
         prompt's blocks through the prefix cache, child i of a seeded request uses seed + i, as in vLLM, and only
         child 0 computes prompt logprobs (the same for all; the others can then use the cache)."""
-        self.runner.last_sampling = None  # its tensors: a params object may have been changed since they were made
+        self.runner.forget_sampling()  # a params object may have been changed since its tensors were made
         children = [params] if params.n == 1 else [
             replace(params, n=1, seed=None if params.seed is None else params.seed + c,
                     prompt_logprobs=params.prompt_logprobs if c == 0 else None) for c in range(params.n)]
@@ -1698,14 +1738,10 @@ class LLMEngine(LLMEngineAPI):
             seqs.append(Sequence(self.next_seq_id, request_id, c, text, token_ids, child, priority, self.tokenizer,
                                  self.max_seq_len, generator, lora_request))
             self.next_seq_id += 1
-        controls = structured.LogitsControls.from_params(params, self.tokenizer, self.cfg.vocab_size)
-        for seq in seqs:  # each completion its own grammar state
-            seq.controls = controls
-            if params.structured_outputs is not None:
-                seq.grammar = self.grammar_compiler.new_state(params.structured_outputs)
+        if self.logits_hook is not None:  # each completion its own grammar state
+            self.logits_hook.attach(seqs, params)
         self.requests[request_id] = seqs
-        if self.trace is not None:
-            self.trace.add(seqs)
+        self.observer.added(seqs)
         for seq in seqs:
             self.scheduler.add(seq)
 
@@ -1726,24 +1762,30 @@ class LLMEngine(LLMEngineAPI):
     def step(self) -> list[RequestOutput]:
         """One engine step, in the walkthrough's numbered parts:
           1. schedule: the scheduler picks the batch; the block manager gives it blocks
-          2. lay the batch out as a StepInput
-          3. the model runner runs it and samples; the new tokens stay on the device
+          2. lay the batch out as a StepInput; the runner queues its forward pass on the device
+          3. sample, after the logits hook (grammars, logits controls), if any row has one
           4. commit: the step has run, so its tokens count as computed and its full blocks may be shared
-          5. land the previous step's tokens, read back while step 3 ran: detokenize, check stops
+          5. land the previous step's tokens, read back while steps 2-4 ran: detokenize, check stops
           6. outputs: the requests that finished (and streaming requests that gained a token)
         An exception anywhere leaves every request queued and consistent (see recover)."""
         started = time.perf_counter()
         try:
-            batch = self.scheduler.schedule()                              # 1
-            if self.trace is not None:
-                self.trace.scheduled(batch)
-            launched = self.launch(batch) if batch else None              # 2, 3, 4
-            previous, self.in_flight = self.in_flight, launched
-            progressed = self.land(*previous) if previous else {}         # 5 (or already, in constrain)
-            progressed, self.landed_early = self.landed_early | progressed, {}
-            if self.trace is not None:
-                self.trace.end_step(started)
-            outputs = self.collect_outputs(progressed)                    # 6
+            batch = self.scheduler.schedule()                                  # 1
+            self.observer.scheduled(batch)
+            progressed, self.unreported = self.unreported, {}
+            previous, self.in_flight = self.in_flight, None
+            if batch:
+                step, sampled, scored = self.prepare_step(batch)               # 2
+                logits = self.runner.forward(step)
+                if previous and self.logits_hook is not None and self.logits_hook.needs_tokens(sampled):
+                    progressed |= self.land(*previous)  # the hook reads each row's last token: it lands now
+                    previous = None
+                tokens = self.runner.sample(logits, step, self.hook_for(sampled))   # 3
+                self.in_flight = self.commit(batch, sampled, scored, tokens)  # 4
+            if previous:
+                progressed |= self.land(*previous)                             # 5
+            self.observer.step_ended(started)
+            outputs = self.collect_outputs(progressed)                         # 6
             if not self.requests:
                 self.in_flight = None  # tokens sampled past the end of finished sequences: nobody needs them
             return outputs
@@ -1751,38 +1793,28 @@ class LLMEngine(LLMEngineAPI):
             self.recover()
             raise
 
-    def launch(self, batch: list[tuple[Sequence, int]]):
-        step, sampled, scored = self.prepare_step(batch)
-        constrained = self.logits_processors is not None or any(seq.grammar is not None or seq.controls is not None for seq in sampled)
-        tokens = self.runner.execute(step, (lambda logits: self.constrain(logits, sampled)) if constrained else None)
+    def hook_for(self, sampled: list[Sequence]) -> Optional[Callable]:
+        """The logits hook for this step's sampling rows, as the runner calls it; None when no row has a control."""
+        if self.logits_hook is None or not self.logits_hook.applies(sampled):
+            return None
+        return lambda logits: self.logits_hook.apply(logits, sampled)
+
+    def commit(self, batch: list, sampled: list[Sequence], scored: list, tokens) -> Optional[tuple]:
+        """Step 4. In the device's stream order the step has run: its tokens' K/V are in the cache, and the blocks
+        it filled may be shared. The one-step-late read-back: each sequence that sampled ends in a PENDING
+        placeholder until its token lands, after the next step is queued; meanwhile the runner feeds that token
+        to the next step straight from the device. Returns what is now in flight."""
         for seq, n in batch:
             seq.num_computed_tokens += n
-        self.block_manager.commit()  # the blocks this step filled hold their K/V now
-        # The one-step-late read-back: each sampled sequence ends in a PENDING placeholder until its token
-        # lands, after the next step is launched; meanwhile the runner feeds that token to the next step
-        # straight from the device. So the host never waits for the GPU between two steps.
+        self.block_manager.commit()
         for row, seq in enumerate(sampled):
             if seq.finish_reason is not None:
-                continue  # it finished on the token that landed early (constrain): this row was sampled in vain
+                continue  # it finished on the token that landed early (for the hook): this row was sampled in vain
             seq.token_ids.append(PENDING)
             seq.pending_row = row
             if seq.num_tokens >= seq.max_len:  # its last token: nothing more to schedule
                 self.scheduler.finish(seq)
         return None if tokens is None else (tokens, [(seq, seq.num_tokens - 1) for seq in sampled], scored)
-
-    def constrain(self, logits: torch.Tensor, sampled: list[Sequence]) -> None:
-        """Called by the runner between this step's logits (S, V) and its sampler. A grammar's mask (and bad words,
-        and a logits processor) needs each row's last token on the host, but that token is still in flight: so the
-        last step lands now, while the GPU runs this step's forward pass, instead of after the launch."""
-        processors = self.logits_processors
-        if self.in_flight is not None and (processors is not None or any(seq.needs_host_tokens for seq in sampled)):
-            self.landed_early |= self.land(*self.in_flight)
-            self.in_flight = None
-        structured.apply_masks(logits, [seq.grammar for seq in sampled])
-        structured.apply_logits_controls(logits, [seq.controls for seq in sampled],
-                                         [seq.output_token_ids for seq in sampled], [seq.prompt_token_ids for seq in sampled])
-        if processors is not None:  # the engine-level ones see every row, and need each row's output ids
-            processors.apply(logits, sampled)
 
     def assign_table_rows(self, batch: list[tuple[Sequence, int]]) -> None:
         """Each running sequence has a row of the runner's block tables. A sequence that stopped running (finished,
@@ -1798,10 +1830,9 @@ class LLMEngine(LLMEngineAPI):
                 self.table_row_of[seq.seq_id] = seq
 
     def prepare_step(self, batch: list[tuple[Sequence, int]]) -> tuple[StepInput, list[Sequence], list]:
-        """The batch as a StepInput, the sequences that sample a token (their chunk reaches their last token),
-        and what is scored: [(sequence, "logprobs" or "prompt_logprobs", k)] in the order of the report rows."""
-        step = StepInput([], [], [], [], [], [])
-        sampled, prompt_scored = [], []
+        """Step 2: the batch as a StepInput, the sequences that sample a token (their chunk reaches their last
+        token), and what is scored: [(sequence, "logprobs" or "prompt_logprobs", k)] in the order of the report."""
+        step, sampled, prompt_scored = StepInput([], [], [], [], [], []), [], []
         self.assign_table_rows(batch)
         for seq, n in batch:
             start, first = seq.num_computed_tokens, len(step.input_ids)
@@ -1824,23 +1855,28 @@ class LLMEngine(LLMEngineAPI):
                     step.prompt_targets.append(seq.token_ids[p + 1])
                     prompt_scored.append((seq, "prompt_logprobs", seq.params.prompt_logprobs))
                     seq.num_prompt_logprobs += 1
-        for row, seq in enumerate(sampled):
-            p = seq.params
-            step.params.append(p)
-            step.generators.append(seq.generator)
-            early = seq.num_output_tokens < p.min_tokens  # EOS and stop tokens wait until the output is that long
-            step.blocked.append(sorted(set(p.stop_token_ids) | (set() if p.ignore_eos else self.eos_ids)) if early else [])
-            if p.logprobs is not None:
-                step.logprob_rows.append(row)
-        if any(seq.params.has_penalties for seq in sampled):
-            step.penalty_ids = [(seq.prompt_token_ids, seq.output_token_ids) for seq in sampled]
+        self.add_sampling_rows(step, sampled)
         scored = [(sampled[row], "logprobs", sampled[row].params.logprobs) for row in step.logprob_rows] + prompt_scored
         V = self.cfg.vocab_size
         step.num_logprobs = max((V if k == -1 else k for _, _, k in scored), default=0)
         return step, sampled, scored
 
+    def add_sampling_rows(self, step: StepInput, sampled: list[Sequence]) -> None:
+        """What the sampler needs of each sampling row: its params and generator, the tokens min_tokens still blocks
+        (EOS and stop tokens, until the output is that long), and the ids the penalties count."""
+        for row, seq in enumerate(sampled):
+            p = seq.params
+            step.params.append(p)
+            step.generators.append(seq.generator)
+            early = seq.num_output_tokens < p.min_tokens
+            step.blocked.append(sorted(set(p.stop_token_ids) | (set() if p.ignore_eos else self.eos_ids)) if early else [])
+            if p.logprobs is not None:
+                step.logprob_rows.append(row)
+        if any(seq.params.has_penalties for seq in sampled):
+            step.penalty_ids = [(seq.prompt_token_ids, seq.output_token_ids) for seq in sampled]
+
     def land(self, sampled: SampledTokens, landing: list, scored: list) -> dict:
-        """The previous step's tokens reach the host: each PENDING placeholder becomes its token, with its
+        """Step 5: the previous step's tokens reach the host: each PENDING placeholder becomes its token, with its
         logprobs; then detokenize and check the stop conditions. Returns the ids of requests that progressed."""
         tokens, rows = sampled.get()
         width = len(rows) // len(scored) if scored else 0
@@ -1851,43 +1887,36 @@ class LLMEngine(LLMEngineAPI):
             elif seq.finish_reason is None:  # (else its token is dropped below)
                 seq.logprobs.append(self.logprob_entry(row, k, seq.logprobs, seq.params.detokenize))
                 seq.cumulative_logprob += row[1]
-        progressed, now, wall = {}, time.monotonic(), time.time()
+        progressed = {}
         for (seq, i), token in zip(landing, tokens):
             if seq.finish_reason is not None:
                 continue  # it finished on an earlier token, or was aborted: this one was computed in vain
             seq.token_ids[i] = token
             progressed[seq.request_id] = True
-            self.count_token(seq, now, wall)
+            self.observer.token(seq)
             if self.process_token(seq, i):
                 self.scheduler.finish(seq)
-                self.latencies.append((seq.stats.first_token_latency, wall - seq.stats.arrival_time))
+                self.observer.finished(seq)
         return progressed
-
-    def count_token(self, seq: Sequence, now: float, wall: float) -> None:
-        """vLLM's token counters and the sequence's timestamps: its prompt counts as processed at its first token."""
-        if seq.stats.num_generation_tokens == 0:
-            self.num_prompt_tokens += len(seq.prompt_token_ids)
-            seq.stats.first_token_ts, seq.stats.first_token_latency = now, wall - seq.stats.arrival_time
-        seq.stats.num_generation_tokens += 1
-        seq.stats.last_token_ts = now
-        self.num_generation_tokens += 1
 
     def recover(self, abort=()) -> None:
         """Back to a consistent state after an exception (KeyboardInterrupt included) at any point of a step or
         of generate: the requests in `abort` are dropped; every other unfinished sequence waits to be recomputed
         from the tokens it knows; nothing is in flight; no block is held, and none stays in the prefix cache
-        whose K/V the failed step may not have written. Rebuilt from `requests`, so it holds whatever was half done."""
+        whose K/V the failed step may not have written. Rebuilt from `requests`, so it holds whatever was half done.
+        What stays: the prefix cache's other blocks, the seeded generators where they are, the metrics."""
         for rid in abort:
             self.requests.pop(rid, None)
             self.streaming.discard(rid)
         # a request that finished in the failed step but was not reported yet is reported by the next step
-        self.landed_early = {rid: True for rid, seqs in self.requests.items() if all(s.finish_reason for s in seqs)}
-        self.in_flight = self.runner.last_sampled = None
-        if self.logits_processors is not None:  # the next step tells them every row anew
-            self.logits_processors.reset()
+        self.unreported = {rid: True for rid, seqs in self.requests.items() if all(s.finish_reason for s in seqs)}
+        self.in_flight = None
+        self.runner.reset()
+        if self.logits_hook is not None:  # the engine's logits processors are told every row anew
+            self.logits_hook.reset()
         for seq in self.table_row_of.values():
             seq.table_row = None
-        self.table_row_of, self.free_table_rows = {}, list(range(self.runner.PROMPT_ROW))
+        self.table_row_of, self.free_table_rows = {}, list(range(self.max_num_seqs))
         self.scheduler.running.clear()
         self.scheduler.waiting.clear()
         for seq in itertools.chain(*self.requests.values()):
@@ -1895,8 +1924,7 @@ class LLMEngine(LLMEngineAPI):
                 continue
             while seq.token_ids[-1] == PENDING:  # never landed: it will be sampled again
                 seq.token_ids.pop()
-            seq.block_table, seq.num_hashed_blocks, seq.num_computed_tokens = [], 0, 0
-            seq.status = SequenceStatus.WAITING
+            seq.restart()
             if seq.prompt_logprobs is not None:
                 seq.num_prompt_logprobs = len(seq.prompt_logprobs)
             self.scheduler.add(seq)
@@ -1924,8 +1952,8 @@ class LLMEngine(LLMEngineAPI):
                                         None if s.logprobs is None else s.cumulative_logprob, s.logprobs,
                                         s.finish_reason, s.stop_reason, s.lora_request) for s in seqs]
         return RequestOutput(request_id, s0.prompt, s0.prompt_token_ids, completions, finished=finished,
-                             prompt_logprobs=s0.prompt_logprobs, num_cached_tokens=max(s.num_cached_tokens or 0 for s in seqs),
-                             lora_request=s0.lora_request, metrics=s0.stats)
+                             prompt_logprobs=s0.prompt_logprobs, lora_request=s0.lora_request, metrics=s0.stats,
+                             num_cached_tokens=max(s.num_cached_tokens or 0 for s in seqs))
 
     def logprob_entry(self, row: list[float], k: int, earlier: list, detokenize: bool) -> dict:
         """A row of gather_logprobs -> vLLM's {token_id: Logprob}: the scored token, then the top k (-1: all).
@@ -1933,6 +1961,7 @@ class LLMEngine(LLMEngineAPI):
         width = (len(row) - 3) // 2
         k = width if k < 0 else k
         context = [next(iter(e)) for e in earlier[-4:] if e]
+        decoded_token = companion("compat").decoded_token  # vLLM's text of one token, after its context
         decode = (lambda t: decoded_token(self.tokenizer, t, context)) if detokenize else (lambda t: None)
         token = int(row[0])
         entry = {token: Logprob(row[1], int(row[2]), decode(token))}
@@ -1945,8 +1974,8 @@ class LLMEngine(LLMEngineAPI):
         rules. EOS and stop tokens count once min_tokens tokens exist, and their own text is left out unless
         include_stop_str_in_output. Stop strings are looked for once the output is longer than min_tokens."""
         p, token, n = seq.params, seq.token_ids[i], i + 1 - len(seq.prompt_token_ids)  # n: output tokens so far
-        if seq.grammar is not None and not seq.grammar.accept(token):
-            seq.finish_reason = "stop"  # only when other masks left the row nothing the grammar allows
+        if seq.controls is not None and not self.logits_hook.accept(seq, token):
+            seq.finish_reason = "stop"  # its grammar allows no such token: only when other masks left it nothing else
         if n >= p.min_tokens:
             if not p.ignore_eos and token in self.eos_ids:  # the tokenizer's EOS: no stop_reason
                 seq.finish_reason, seq.stop_reason = "stop", None if token == self.eos_token_id else token
@@ -1968,6 +1997,16 @@ class LLMEngine(LLMEngineAPI):
                 find_stop_string(seq, old_len)
         return True
 
+    # -- vLLM's LLMEngine calls beyond the step loop (compat.py) --
+
+    @classmethod
+    def from_engine_args(cls, engine_args, usage_context=None) -> "LLMEngine":
+        return cls(engine_args)  # (usage_context: accepted, no effect)
+
+    def reset_prefix_cache(self) -> bool: return companion("compat").reset_prefix_cache(self)
+    def get_metrics(self) -> list: return companion("compat").get_metrics(self)
+
+
 def find_stop_string(seq: Sequence, old_len: int) -> bool:
     """Look for a stop string that ends in the newly added text; cut the text there if found. Of several, the
     one that completes first wins, ties going to list order (vLLM's rule)."""
@@ -1984,13 +2023,23 @@ def find_stop_string(seq: Sequence, old_len: int) -> bool:
     return True
 
 
-class LLM(LLMAPI):
+def check_priority(priority, label: str, policy: str) -> int:
+    """vLLM's rule: a priority is an integer, and one other than 0 needs scheduling_policy="priority"."""
+    if not isinstance(priority, int) or isinstance(priority, bool):
+        raise TypeError(f"{label}: expected an integer, got {priority!r}")
+    if priority != 0 and policy != "priority":
+        raise ValueError(f"{label}: priority is only honoured with scheduling_policy='priority'; this LLM uses {policy!r}")
+    return priority
+
+
+class LLM:
     """An offline engine: load a model once, then `generate` batches of prompts. model: None (the built-in
     SmolLM2-135M-Instruct), a HF checkpoint folder, a .gguf file or a hub id; the keyword arguments are
-    EngineArgs' (vLLM's engine arguments), and a TypeError or ValueError comes from there."""
+    vLLM's engine arguments (compat.EngineArgs), and a TypeError or ValueError comes from there."""
 
     def __init__(self, model: Optional[str] = None, **engine_args):
-        self.llm_engine = LLMEngine.from_engine_args(EngineArgs(model=model, **engine_args))
+        import compat
+        self.llm_engine = LLMEngine(compat.EngineArgs(model=model, **engine_args))
         self.request_counter = itertools.count()  # request ids: one per prompt, counting on across calls
         self.last_trace: Optional[dict] = None  # with trace=True: what the last generate call did, step by step
 
@@ -1998,10 +2047,10 @@ class LLM(LLMAPI):
                  priority: Optional[list[int]] = None) -> list[RequestOutput]:
         """Generate completions for `prompts`; one RequestOutput per prompt, in input order. All or nothing:
         every input is checked before the first request is queued, and an exception of any kind (Ctrl-C
-        included) aborts this call's requests, leaving the engine as a fresh one."""
+        included) aborts this call's requests (LLMEngine.recover says what is reset and what stays)."""
         engine, requests = self.llm_engine, self.check_batch(prompts, sampling_params, lora_request, priority)
-        if engine.trace is not None:
-            engine.trace.clear()
+        if engine.tracing:
+            engine.observer.clear()
         ids = []
         try:
             for request in requests:
@@ -2011,29 +2060,30 @@ class LLM(LLMAPI):
         except BaseException:
             engine.recover(abort=ids)
             raise
-        self.last_trace = None if engine.trace is None else engine.trace.trace()
+        self.last_trace = engine.observer.trace() if engine.tracing else None
         return [outputs[i] for i in ids]
 
     def check_batch(self, prompts, sampling_params, lora_request, priority) -> list[tuple]:
         """Every input of a generate call, checked before any is queued: [(text, ids, params, lora, priority)]."""
+        engine = self.llm_engine
         prompts = [prompts] if isinstance(prompts, (str, dict)) else list(prompts)
-        check = self.llm_engine.check_params
         if isinstance(sampling_params, SamplingParams) or sampling_params is None:
-            params = [check(sampling_params or self.get_default_sampling_params(), "sampling_params")] * len(prompts)
+            params = [engine.check_params(sampling_params or self.get_default_sampling_params(), "sampling_params")]
+            params *= len(prompts)
         elif isinstance(sampling_params, (list, tuple)):
-            params = [check(p, f"sampling_params {i}") for i, p in enumerate(sampling_params)]
+            params = [engine.check_params(p, f"sampling_params {i}") for i, p in enumerate(sampling_params)]
             if len(params) != len(prompts):
-                raise ValueError(f"the lengths of prompts ({len(prompts)}) and sampling_params ({len(params)}) must be the same")
+                raise ValueError(f"the lengths of prompts ({len(prompts)}) and sampling_params ({len(params)}) "
+                                 f"must be the same")
         else:
-            raise TypeError(f"sampling_params: expected a SamplingParams or a list of them, got {type(sampling_params).__name__}")
+            raise TypeError(f"sampling_params: expected a SamplingParams or a list of them, "
+                            f"got {type(sampling_params).__name__}")
         if priority is not None:
-            if self.llm_engine.scheduling_policy != "priority":
-                raise ValueError("priority is only honoured with scheduling_policy='priority'; this LLM uses 'fcfs'")
             if len(priority) != len(prompts):
                 raise ValueError(f"the lengths of prompts ({len(prompts)}) and priority ({len(priority)}) must be the same")
-            priority = [check_priority(p, f"priority {i}") for i, p in enumerate(priority)]
-        loras = lora.per_prompt(lora_request, len(prompts), self.llm_engine.lora)  # adapters loaded and checked
-        tokenized = [self.llm_engine.tokenize_prompt(f"prompt {i}", p) for i, p in enumerate(prompts)]
+            priority = [check_priority(p, f"priority {i}", engine.scheduling_policy) for i, p in enumerate(priority)]
+        loras = engine.adapters(lora_request, len(prompts))  # adapters loaded and checked
+        tokenized = [engine.tokenize_prompt(f"prompt {i}", p) for i, p in enumerate(prompts)]
         return [(text, ids, sp, lr, priority[i] if priority else 0)
                 for i, ((text, ids), sp, lr) in enumerate(zip(tokenized, params, loras))]
 
@@ -2049,18 +2099,18 @@ class LLM(LLMAPI):
                 if bar is not None and finished:
                     n_in += sum(len(out.prompt_token_ids) for out in finished)
                     n_out += sum(len(c.token_ids) for out in finished for c in out.outputs)
-                    elapsed = time.perf_counter() - start
-                    bar.set_postfix_str(f"est. speed input: {n_in / elapsed:.2f} toks/s, output: {n_out / elapsed:.2f} toks/s")
+                    rates = f"input: {n_in / (time.perf_counter() - start):.2f} toks/s, "
+                    bar.set_postfix_str(f"est. speed {rates}output: {n_out / (time.perf_counter() - start):.2f} toks/s")
                     bar.update(len(finished))
         finally:
             if bar is not None:
                 bar.close()
         return outputs
 
-    def prompt_logits(self, token_ids: list[int], lora_request: Optional[LoRARequest] = None) -> torch.Tensor:
+    def prompt_logits(self, token_ids: list[int], lora_request=None) -> torch.Tensor:
         """Logits (T, V) at every position of one prompt, through the same paged path as generate."""
         engine = self.llm_engine
-        lora_request = lora.per_prompt(lora_request, 1, engine.lora)[0]
+        lora_request = engine.adapters(lora_request, 1)[0]
         seq = Sequence(-1, "", 0, None, token_ids, SamplingParams(), 0, engine.tokenizer, engine.max_seq_len)
         if not engine.block_manager.can_allocate(seq, len(token_ids)):
             raise ValueError("the KV cache has no room for this prompt now")
@@ -2072,6 +2122,24 @@ class LLM(LLMAPI):
         finally:
             engine.block_manager.free(seq)
             engine.block_manager.rollback()  # (a no-op after the commit)
+
+    # -- vLLM's LLM calls beyond generate: one line each, the work in compat.py --
+
+    def chat(self, messages, *args, **kwargs) -> list: return companion("compat").chat(self, messages, *args, **kwargs)
+    def beam_search(self, prompts, *args, **kwargs) -> list: return companion("compat").beam_search(self, prompts, *args, **kwargs)
+    def get_tokenizer(self) -> Tokenizer: return self.llm_engine.tokenizer
+    def get_default_sampling_params(self) -> SamplingParams: return SamplingParams(**self.llm_engine.default_params)
+    def reset_prefix_cache(self) -> bool: return self.llm_engine.reset_prefix_cache()
+    def get_metrics(self) -> list: return self.llm_engine.get_metrics()
+    def start_profile(self) -> None: self.llm_engine.profiler.start()
+    def stop_profile(self) -> None: self.llm_engine.profiler.stop()
+    def close(self) -> None: self.llm_engine.close()  # stops tensor-parallel workers (interpreter exit does too)
+    def __enter__(self) -> "LLM": return self
+    def __exit__(self, *exc) -> None: self.close()
+
+    def __del__(self):
+        if "llm_engine" in self.__dict__:
+            self.llm_engine.close()
 
 
 # ----------------------------------------------------------------------------------------------

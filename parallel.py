@@ -7,8 +7,10 @@ Tensor and data parallelism for minillm, through torch.distributed (NCCL between
   data parallelism     K engines, each with every K-th prompt (DataParallel): the processes torchrun starts,
                        meeting in its key-value store; `--data-parallel-size K` on the command line
 
-minillm.py's model section holds the two all-reduces of each layer and the gathered logits; this file holds
-what decides the slices and runs the processes, so that the engine reads top to bottom without it.
+minillm.py knows nothing of ranks. It reaches this file at two seams: load_model's `tp` (a TP: it cuts each
+tensor to this rank's slice as it is read, gives the shape of this rank's model, and wraps that model with its
+all-reduces and vocab-parallel embedding and head, as gpt-fast's tp.py does), and the engine's runner, which
+for tensor_parallel_size > 1 is a TPModelRunner: the same ModelRunner, driving its workers' runners.
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
+import minillm
+
 # ----------------------------------------------------------------------------------------------
 # 1. Which slice of every weight each rank holds
 
@@ -40,6 +44,26 @@ class TP:
     slices) and computes its part of every layer; size 1 is the whole model in one process."""
     rank: int = 0
     size: int = 1
+
+    def part(self, cfg):
+        """The shape of this rank's part of a model of config cfg (a minillm.ModelConfig)."""
+        return tp_plan(cfg, self)[0]
+
+    def cut(self, cfg):
+        """cut(name, tensor) -> this rank's part of checkpoint tensor `name` (the loaders' seam, see take_shard)."""
+        shards = tp_plan(cfg, self)[1]  # (a size that does not split fails here, before any tensor is read)
+        return lambda name, t: take_shard(t, shards.get(name.split(".")[-2]))
+
+    def wrap(self, model, cfg) -> None:
+        """Make this rank's part (a minillm.Llama of part(cfg)'s shape, its weights loaded) compute its share of
+        the whole model: the row-parallel outputs of attention and MLP are summed over the ranks by a forward
+        hook, and the embedding and the LM head become vocab-parallel. model.shards tells lora.py the slices."""
+        model.shards = tp_plan(cfg, self)[1]
+        for layer in model.layers:
+            layer.self_attn.register_forward_hook(all_reduce_output)
+            layer.mlp.register_forward_hook(all_reduce_output)
+        model.embed_tokens = VocabParallelEmbedding(model.embed_tokens.weight, model.shards["embed_tokens"].start)
+        model.lm_head = VocabParallelHead(model.lm_head.weight, cfg.vocab_size, self)
 
 
 # Tensor parallelism, Megatron-LM style (Shoeybi et al. 2019, arXiv:1909.08053): with tp ranks, each rank holds a
@@ -83,7 +107,7 @@ def tp_plan(cfg, tp: TP) -> tuple:
     q, mlp, vocab = Shard(0, r * h * D, h * D, H * D), Shard(0, r * f, f, Fi), Shard(0, r * v, v, V)
     shards = dict(q_proj=q, k_proj=kv, v_proj=kv, o_proj=q._replace(dim=1), gate_proj=mlp, up_proj=mlp,
                   down_proj=mlp._replace(dim=1), embed_tokens=vocab, lm_head=vocab)
-    return replace(cfg, num_heads=h, num_kv_heads=kvh, intermediate_size=f), shards
+    return replace(cfg, num_heads=h, num_kv_heads=kvh, intermediate_size=f, vocab_size=v), shards
 
 
 def take_shard(t, shard: Optional[Shard]) -> torch.Tensor:
@@ -94,6 +118,44 @@ def take_shard(t, shard: Optional[Shard]) -> torch.Tensor:
     cut = slice(shard.start, shard.start + shard.size)
     part = t[cut] if shard.dim == 0 else t[:, cut]
     return F.pad(part, (0, 0, 0, shard.size - part.shape[0])) if shard.dim == 0 else part
+
+
+def all_reduce_output(module, inputs, output: torch.Tensor) -> torch.Tensor:
+    """A forward hook: the (N, C) output of a row-parallel block (this rank's heads' or columns' partial sums),
+    summed over the ranks in place."""
+    dist.all_reduce(output)
+    return output
+
+
+class VocabParallelEmbedding(torch.nn.Module):
+    """embed_tokens with V/tp rows a rank: each looks up the ids in its rows, zeros elsewhere, and the all-reduce
+    gives every token its row from the one rank that holds it."""
+
+    def __init__(self, weight: torch.nn.Parameter, start: int):
+        super().__init__()
+        self.weight, self.start = weight, start
+
+    def forward(self, input_ids):  # (N,) -> (N, C)
+        local = input_ids - self.start  # (N,) row in this rank's vocab shard
+        mine = (local >= 0) & (local < self.weight.shape[0])
+        x = F.embedding(torch.where(mine, local, 0), self.weight) * mine[:, None].to(self.weight.dtype)
+        dist.all_reduce(x)
+        return x
+
+
+class VocabParallelHead(torch.nn.Module):
+    """lm_head with V/tp rows a rank: each scores its vocab shard, (B, V/tp), and rank 0 gathers the whole (B, V)
+    (the padding rows' scores cut off), as rank 0 samples; another rank gets its own shard's scores back."""
+
+    def __init__(self, weight: torch.nn.Parameter, vocab_size: int, tp: TP):
+        super().__init__()
+        self.weight, self.vocab_size, self.tp = weight, vocab_size, tp
+
+    def forward(self, h):  # (B, C) -> (B, V) on rank 0
+        logits = F.linear(h, self.weight)  # (B, C) @ (C, V/tp) -> (B, V/tp)
+        parts = [torch.empty_like(logits) for _ in range(self.tp.size)] if self.tp.rank == 0 else None
+        dist.gather(logits, parts, dst=0)
+        return logits if parts is None else torch.cat(parts, dim=-1)[:, :self.vocab_size]
 
 
 def check_tensor_parallel(size, device: torch.device) -> TP:
@@ -166,15 +228,13 @@ class TPWorkers:
     def failure(self, rank: int, message: tuple) -> RuntimeError:
         return RuntimeError(f"tensor-parallel worker {rank} (pid {self.procs[rank - 1].pid}) failed: {message[1]}")
 
-    def run(self, method, runner: "ModelRunner", *args):
-        """runner.method(*args) on every rank: the workers get the call, then rank 0 runs it. A Ctrl-C waits until
+    def run(self, name: str, args: tuple, local):
+        """runner.<name>(*args) on every worker, then local() (the same call on rank 0). A Ctrl-C waits until
         the call is done, as the ranks must finish its collectives together; any other exception leaves them out
         of step, so the workers are stopped and this LLM can do no more work."""
         if self.broken:
             raise RuntimeError(f"this LLM's tensor-parallel workers were stopped ({self.broken}); create a new LLM")
-        # the workers get the call without what only rank 0's sampler uses: sampling fields, the engine's masks
-        lean = [a.for_workers() if hasattr(a, "for_workers") else None if callable(a) else a for a in args]
-        payload = pickle.dumps((method.__name__, lean))
+        payload = pickle.dumps((name, args))
         for rank, pipe in enumerate(self.pipes, start=1):
             try:
                 pipe.send_bytes(payload)
@@ -182,7 +242,7 @@ class TPWorkers:
                 self.stop(self.failure(rank, self.message(rank, 1) or ("error", "its pipe is closed")))
         with sigint_deferred():
             try:
-                return method(runner, *args)
+                return local()
             except Exception as e:  # a worker's error (it says so within a second), or rank 0's own
                 said = [(rank, m) for rank in range(1, len(self.pipes) + 1) if (m := self.message(rank, 1))]
                 self.stop(self.failure(*said[0]) if said else e)
@@ -209,6 +269,61 @@ class TPWorkers:
             dist.destroy_process_group()
             self.has_group = False
         atexit.unregister(self.close)
+
+
+class ShardRunner(minillm.ModelRunner):
+    """A minillm.ModelRunner for one rank's shard. One block table serves every rank, so the KV cache has the
+    fewest blocks any rank has room for."""
+
+    def count_kv_blocks(self, *args) -> int:
+        fewest = torch.tensor([super().count_kv_blocks(*args)], device=self.device)
+        dist.all_reduce(fewest, op=dist.ReduceOp.MIN)
+        return int(fewest)
+
+
+def for_workers(step):
+    """What a worker needs of a minillm.StepInput: all but the sampler's inputs."""
+    return replace(step, params=[], generators=[], blocked=[], penalty_ids=[], logprob_rows=[], prompt_targets=[])
+
+
+class TPModelRunner(ShardRunner):
+    """Rank 0's runner under tensor parallelism: minillm.ModelRunner's methods, each sent to the workers first
+    (forward, sample, prompt_logits), the sampled tokens broadcast to them; close() stops them."""
+
+    def __init__(self, model, tp: TP, load_args: dict, lora_args, **runner_args):
+        self.workers = TPWorkers(tp.size, model.embed_tokens.weight.device, load_args, runner_args, lora_args)
+        try:
+            super().__init__(model, **runner_args)
+        except BaseException:
+            self.workers.close()
+            raise
+
+    def forward(self, step):
+        return self.workers.run("forward", (for_workers(step),), lambda: super(TPModelRunner, self).forward(step))
+
+    def sample(self, out, step, logits_hook=None):
+        def local():
+            sampled = super(TPModelRunner, self).sample(out, step, logits_hook)
+            if step.sample_rows:  # every rank feeds the tokens to the next step (PENDING)
+                dist.broadcast(self.last_sampled, src=0)
+            return sampled
+        return self.workers.run("sample", (None, for_workers(step)), local)
+
+    def prompt_logits(self, *args):
+        return self.workers.run("prompt_logits", args, lambda: super(TPModelRunner, self).prompt_logits(*args))
+
+    def close(self) -> None:
+        self.workers.close()
+        self.workers.broken = "the LLM was closed"
+
+
+class WorkerRunner(ShardRunner):
+    """A worker's runner: minillm.ModelRunner, but its sample takes rank 0's tokens instead of sampling."""
+
+    def sample(self, out, step, logits_hook=None):
+        if step.sample_rows:
+            self.last_sampled = torch.empty(len(step.sample_rows), dtype=torch.long, device=self.device)
+            dist.broadcast(self.last_sampled, src=0)
 
 
 def init_tp_group(rank: int, size: int, store, device: torch.device) -> None:
@@ -255,17 +370,16 @@ def tp_worker(rank: int, size: int, port: int, pipe, device: torch.device, load_
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is rank 0's: it lets the step end, then stops us
     try:
         import lora
-        from minillm import ModelRunner, load_model
         if device.type == "cuda":
             device = torch.device("cuda", device.index + rank)
             torch.cuda.set_device(device)
         else:  # the ranks share the CPU's cores
             torch.set_num_threads(max(1, torch.get_num_threads() // size))
-        llama = load_model(device=device, tp=TP(rank, size), **load_args)[0]
+        llama = minillm.load_model(device=device, tp=TP(rank, size), **load_args)[0]
         pipe.send(("loaded",))
         init_tp_group(rank, size, dist.TCPStore("127.0.0.1", port, size, is_master=False, timeout=DIST_TIMEOUT), device)
         manager = lora.LoRAManager(llama, *lora_args) if lora_args else None
-        runner = ModelRunner(llama, lora_manager=manager, **runner_args)
+        runner = WorkerRunner(llama, lora_manager=manager, **runner_args)
         while (call := pickle.loads(pipe.recv_bytes())) is not None:
             method, args = call
             getattr(runner, method)(*args)

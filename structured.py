@@ -805,3 +805,75 @@ class EngineLogitsProcessors:
 
     def reset(self) -> None:
         self.rows = [None] * self.width
+
+
+# ----------------------------------------------------------------------------------------------
+# 6. The engine's seam: one hook between the logits and the sampler
+
+
+@dataclass
+class SequenceControls:
+    """What the hook keeps on one minillm Sequence (seq.controls): its grammar state and its request's controls."""
+    grammar: Optional[GrammarState] = None
+    controls: Optional[LogitsControls] = None
+
+
+class LogitsHook:
+    """Everything that changes logits before the sampler, behind the few calls minillm's engine makes:
+    check(params) when a request arrives (before any work), attach(seqs, params) as its sequences are queued,
+    applies / needs_tokens / apply(logits, sequences) each step, accept(seq, token) as each token lands (the
+    grammar advances), and reset() after an exception. It holds the grammar compiler (made by the first request
+    with structured outputs: that imports xgrammar) and the engine's logits processors, if any."""
+
+    def __init__(self, tokenizer, vocab_size: int, eos_ids, processors: Optional[EngineLogitsProcessors] = None):
+        self.tokenizer, self.vocab_size, self.eos_ids = tokenizer, vocab_size, eos_ids
+        self.compiler: Optional[GrammarCompiler] = None
+        self.processors = processors
+
+    def check(self, params) -> None:
+        """ValueError for a bad grammar, a bad token id or what a logits processor refuses."""
+        if params.structured_outputs is not None:  # compiled once per distinct grammar (the compiler caches)
+            if self.compiler is None:
+                self.compiler = GrammarCompiler(self.tokenizer, self.vocab_size, self.eos_ids)
+            self.compiler.compile(params.structured_outputs)
+        LogitsControls.from_params(params, self.tokenizer, self.vocab_size)
+        if self.processors is not None:
+            self.processors.validate(params)
+
+    def attach(self, seqs: Sequence, params) -> None:
+        """Each completion its own grammar state; the request's controls shared."""
+        controls = LogitsControls.from_params(params, self.tokenizer, self.vocab_size)
+        for seq in seqs:
+            grammar = None if params.structured_outputs is None else self.compiler.new_state(params.structured_outputs)
+            seq.controls = None if grammar is None and controls is None else SequenceControls(grammar, controls)
+
+    def applies(self, sequences: Sequence) -> bool:
+        """Whether this step's sampling rows need the hook at all."""
+        return self.processors is not None or any(seq.controls is not None for seq in sequences)
+
+    def needs_tokens(self, sequences: Sequence) -> bool:
+        """Whether apply needs every row's output on the host up to its last token (so the engine lands the last
+        step's tokens before sampling this one): a grammar, a multi-token bad word, a logits processor."""
+        return self.processors is not None or any(
+            c is not None and (c.grammar is not None or (c.controls is not None and c.controls.needs_output_ids))
+            for c in (seq.controls for seq in sequences))
+
+    def apply(self, logits: torch.Tensor, sequences: Sequence) -> None:
+        """logits (S, V) of the rows that sample, in place; `sequences` their S minillm Sequences in row order."""
+        controls = [seq.controls or SequenceControls() for seq in sequences]
+        apply_masks(logits, [c.grammar for c in controls])
+        apply_logits_controls(logits, [c.controls for c in controls], [seq.output_token_ids for seq in sequences],
+                              [seq.prompt_token_ids for seq in sequences])
+        if self.processors is not None:  # the engine-level ones see every row, and need each row's output ids
+            self.processors.apply(logits, sequences)
+
+    def accept(self, seq, token: int) -> bool:
+        """A token of seq landed: its grammar advances. False when the grammar does not allow it (only when other
+        masks left the row nothing the grammar allows: the engine finishes the sequence)."""
+        grammar = seq.controls.grammar if seq.controls is not None else None
+        return grammar is None or grammar.accept(token)
+
+    def reset(self) -> None:
+        """After an exception: the engine's logits processors are told every row anew."""
+        if self.processors is not None:
+            self.processors.reset()

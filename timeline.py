@@ -44,6 +44,8 @@ import json
 import os
 import time
 
+from compat import Metrics
+
 COLORS = {  # one colour per kind of mark; the legends name each
     "prefill": "#4e79a7", "recompute": "#f28e2b", "decode": "#59a14f", "cached": "#b07aa1",
     "preempted": "#e15759", "finish": "#222222", "waiting": "#9aa3af", "running": "#c3cad5",
@@ -143,16 +145,16 @@ def write_trace(trace: dict, path: str) -> None:
 
 # -- recording: the engine tells a Recorder what it does, the Recorder keeps it as the plain data above --
 
-class Recorder:
-    """What `LLM(..., trace=True)` records (engine.trace; the block manager's and scheduler's `events`).
-    The engine calls it at a few points, each behind `if ... is not None`, so a run without a trace pays
-    nothing: `add` as sequences are queued, `note` at each block event and preemption, `admitted` at each
-    admission (its prefix-cache hit; "resumed" when a preempted sequence comes back), `scheduled` right
-    after each schedule, `end_step` at the end of each step. An event between two steps (an abort, say)
-    goes into the next step's record. One row per sequence: the request id, or for n > 1
+class Recorder(Metrics):
+    """What `LLM(..., trace=True)` records: the engine's observer (minillm.Observer's events), which also keeps
+    vLLM's metrics (compat.Metrics). `added` as sequences are queued, `block` at each block event, `admitted` at
+    each admission (its prefix-cache hit; "resumed" when a preempted sequence comes back), `preempted`,
+    `scheduled` right after each schedule, `step_ended` at the end of each step. An event between two steps (an
+    abort, say) goes into the next step's record. One row per sequence: the request id, or for n > 1
     "<request id>.<index>"."""
 
     def __init__(self, engine, model: str):
+        super().__init__()
         self.engine = engine  # read for its block manager (the block counts) and its scheduler (the budgets)
         self.info = dict(model=os.path.basename(os.path.normpath(model)), num_blocks=len(engine.block_manager.blocks),
                          block_size=engine.block_manager.block_size, max_num_seqs=engine.scheduler.max_num_seqs,
@@ -167,7 +169,8 @@ class Recorder:
         self.events = {key: [] for key in STEP_LISTS if key != "finished"}
         self.batch, self.blocks, self.own_time = [], {}, 0.0
 
-    def add(self, seqs: list) -> None:
+    def added(self, seqs: list) -> None:
+        super().added(seqs)
         for seq in seqs:
             rid = seq.request_id if len(seqs) == 1 else f"{seq.request_id}.{seq.index}"
             self.rows[seq] = (rid, len(self.steps))
@@ -178,10 +181,17 @@ class Recorder:
         "resumed" (item a sequence)."""
         self.events[kind].append(item if isinstance(item, int) else self.rows[item][0])
 
-    def admitted(self, seq, num_cached_tokens: int) -> None:
-        """A waiting sequence joins the running set, its first num_cached_tokens from the prefix cache."""
-        if num_cached_tokens:
-            self.events["prefix_hits"].append(dict(id=self.rows[seq][0], num_cached_tokens=num_cached_tokens))
+    def block(self, kind: str, block_id: int) -> None:
+        self.note(kind, block_id)
+
+    def preempted(self, seq) -> None:
+        self.note("preempted", seq)
+
+    def admitted(self, seq) -> None:
+        """A waiting sequence joins the running set, its first num_computed_tokens from the prefix cache."""
+        super().admitted(seq)
+        if seq.num_computed_tokens:
+            self.events["prefix_hits"].append(dict(id=self.rows[seq][0], num_cached_tokens=seq.num_computed_tokens))
         if seq.num_cached_tokens is not None:  # (set at its first admission) it ran before: it was preempted
             self.note("resumed", seq)
 
@@ -199,7 +209,7 @@ class Recorder:
                            owned=sum(b.ref_count == 1 for b in blocks), shared=sum(b.ref_count > 1 for b in blocks))
         self.own_time = time.perf_counter() - began
 
-    def end_step(self, started: float) -> None:
+    def step_ended(self, started: float) -> None:
         """Close the step that began at time.perf_counter() `started`; the sequences that got a finish reason in it."""
         wall_ms = 1e3 * (time.perf_counter() - started - self.own_time)
         finished = [dict(id=self.rows[s][0], reason=s.finish_reason) for s in self.live if s.finish_reason is not None]
