@@ -2079,6 +2079,8 @@ class LLM:
             raise TypeError(f"sampling_params: expected a SamplingParams or a list of them, "
                             f"got {type(sampling_params).__name__}")
         if priority is not None:
+            if engine.scheduling_policy != "priority":
+                raise ValueError("priority is only honoured with scheduling_policy='priority'; this LLM uses 'fcfs'")
             if len(priority) != len(prompts):
                 raise ValueError(f"the lengths of prompts ({len(prompts)}) and priority ({len(priority)}) must be the same")
             priority = [check_priority(p, f"priority {i}", engine.scheduling_policy) for i, p in enumerate(priority)]
