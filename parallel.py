@@ -96,6 +96,16 @@ def take_shard(t, shard: Optional[Shard]) -> torch.Tensor:
     return F.pad(part, (0, 0, 0, shard.size - part.shape[0])) if shard.dim == 0 else part
 
 
+def tp_cut(tp: TP):
+    """The checkpoint loaders' plan for rank tp.rank (minillm.load_hf_checkpoint's plan=): given the whole model's
+    config, cut(name, t) -> this rank's part of checkpoint tensor t of parameter `name` ("layers.0.mlp.up_proj.weight").
+    The plan is tp_plan's, made once per config (its ValueError for a size that does not split comes from here)."""
+    def plan(cfg):
+        shards = tp_plan(cfg, tp)[1]
+        return lambda name, t: take_shard(t, shards.get(name.split(".")[-2]))
+    return plan
+
+
 def check_tensor_parallel(size, device: torch.device) -> TP:
     """Rank 0 of a tensor_parallel_size group, checked before anything loads: enough GPUs from `device` on."""
     if not isinstance(size, int) or isinstance(size, bool) or size < 1:
