@@ -1,23 +1,85 @@
 """
-The files minillm reads, byte by byte: llama.cpp's GGUF container (metadata and quantized tensors), and the
-tokenizer formats that all become one tiktoken Encoding: a tiktoken tokenizer.model (Llama 3), a HF
-tokenizer.json of byte-level BPE (GPT-2, Llama 3, SmolLM2, Qwen2 style), and a GGUF file's vocabulary.
+The files minillm reads, byte by byte: a HF checkpoint's config.json, llama.cpp's GGUF container (metadata and
+quantized tensors), and the tokenizer formats that all become one tiktoken Encoding: a tiktoken tokenizer.model
+(Llama 3), a HF tokenizer.json of byte-level BPE (GPT-2, Llama 3, SmolLM2, Qwen2 style), and a GGUF file's vocabulary.
 
-minillm.py's loading and tokenizer sections call these; what the engine needs of a tokenizer is minillm.Tokenizer.
+minillm.py's loading and tokenizer sections call these. This file does not import minillm: what it returns is plain
+data (a dict of minillm.ModelConfig's fields, the keyword arguments of minillm.Tokenizer, float tensors by
+parameter name), and minillm builds its own objects from it.
 """
 
 from __future__ import annotations
 
+import argparse
 import base64
 import json
 import math
 import mmap
 import os
 import struct
+from typing import Iterator, Optional
 
 import numpy as np
 import tiktoken
 import torch
+
+# ----------------------------------------------------------------------------------------------
+# HF checkpoint folders: config.json (the safetensors minillm.load_hf_checkpoint reads itself)
+
+
+def read_json(folder: str, name: str) -> dict:  # {} when the folder has no such file
+    path = os.path.join(folder, name)
+    if not os.path.exists(path):
+        return {}
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def read_hf_config(folder: str, hf_overrides=None) -> tuple[dict, list[str]]:
+    """A HF checkpoint folder -> (minillm.ModelConfig's fields, its safetensors files: the shards that
+    model.safetensors.index.json lists, else model.safetensors). hf_overrides: vLLM's, see apply_hf_overrides."""
+    if not os.path.exists(os.path.join(folder, "config.json")):
+        raise FileNotFoundError(f"{folder} has no config.json: not a Hugging Face checkpoint folder")
+    fields = hf_config_fields(apply_hf_overrides(read_json(folder, "config.json"), hf_overrides),
+                              read_json(folder, "generation_config.json"))
+    files = sorted(set(read_json(folder, "model.safetensors.index.json").get("weight_map", {}).values()))
+    return fields, files or ["model.safetensors"]
+
+
+def apply_hf_overrides(cfg: dict, hf_overrides) -> dict:
+    """vLLM's hf_overrides on config.json: a dict's keys replace the config's; a function gets the config with
+    its keys as attributes (as a transformers PretrainedConfig has them) and returns it."""
+    if callable(hf_overrides):
+        return vars(hf_overrides(argparse.Namespace(**cfg)))
+    return {**cfg, **(hf_overrides or {})}
+
+
+def hf_config_fields(cfg: dict, generation_cfg: dict) -> dict:
+    """config.json and generation_config.json -> the fields of minillm.ModelConfig. ValueError for what the model
+    does not implement: another architecture, biases, a RoPE scaling other than linear and llama3."""
+    if cfg.get("model_type") not in ("llama", None) or cfg.get("attention_bias") or cfg.get("mlp_bias"):
+        raise ValueError(f"only the Llama architecture without biases is supported, got model_type={cfg.get('model_type')!r}")
+    # transformers 5 writes `rope_parameters` (theta inside); older checkpoints `rope_theta` + `rope_scaling`
+    rope = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
+    theta = rope.pop("rope_theta", cfg.get("rope_theta", 10000.0))
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type not in ("default", "linear", "llama3"):
+        raise ValueError(f"rope_scaling type {rope_type!r} is not supported (default, linear, llama3 are)")
+    eos = set()
+    for src in (cfg, generation_cfg):
+        e = src.get("eos_token_id")
+        eos |= set(e) if isinstance(e, list) else ({e} if e is not None else set())
+    return dict(
+        vocab_size=cfg["vocab_size"], hidden_size=cfg["hidden_size"], intermediate_size=cfg["intermediate_size"],
+        num_layers=cfg["num_hidden_layers"], num_heads=cfg["num_attention_heads"],
+        num_kv_heads=cfg.get("num_key_value_heads") or cfg["num_attention_heads"],
+        head_dim=cfg.get("head_dim") or 0, rms_norm_eps=cfg.get("rms_norm_eps", 1e-5), rope_theta=theta,
+        rope_scaling=None if rope_type == "default" else {**rope, "rope_type": rope_type},
+        max_position_embeddings=cfg.get("max_position_embeddings", 2048),
+        tie_word_embeddings=cfg.get("tie_word_embeddings", False), eos_token_ids=tuple(sorted(eos)),
+        torch_dtype=cfg.get("dtype") or cfg.get("torch_dtype"),
+    )
+
 
 # ----------------------------------------------------------------------------------------------
 # GGUF
@@ -111,6 +173,58 @@ def dequantize(data: np.ndarray, kind) -> torch.Tensor:
     return w.view(*data.shape[:-1], -1)
 
 
+# GGUF tensor names -> our (HF-style) parameter names
+GGUF_NAMES = {"token_embd": "embed_tokens", "output_norm": "norm", "output": "lm_head",
+              "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+              "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+              "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"}
+
+
+def read_gguf(path: str) -> tuple[dict, Iterator[tuple[str, torch.Tensor]], tuple[dict, dict]]:
+    """A llama.cpp GGUF file -> (minillm.ModelConfig's fields, its weights, its tokenizer's pieces: see
+    tokenizer_from_gguf). The weights are an iterator of (parameter name, float32 tensor, (out, in) like HF's):
+    each tensor is dequantized when it is reached, so that the caller can cut it and move it to the device
+    before the next one is made."""
+    file = GGUFFile(path)
+    meta = file.fields.get
+    if meta("general.architecture") != "llama":
+        raise ValueError(f"{path}: only the llama architecture is supported, got {meta('general.architecture')!r}")
+    n_heads, n_kv = meta("llama.attention.head_count"), meta("llama.attention.head_count_kv")
+    tokenizer = tokenizer_from_gguf(file.fields)
+    names = {name for name, _, _ in file.tensors}
+    rope_type = meta("llama.rope.scaling.type", "none")
+    # Llama 3.1 scaling, stored as a tensor of per-frequency divisors
+    rope_freqs = [dequantize(data, kind).tolist() for name, kind, data in file.tensors if name == "rope_freqs.weight"]
+    fields = dict(
+        vocab_size=len(meta("tokenizer.ggml.tokens")), hidden_size=meta("llama.embedding_length"),
+        intermediate_size=meta("llama.feed_forward_length"), num_layers=meta("llama.block_count"),
+        num_heads=n_heads, num_kv_heads=n_kv or n_heads, head_dim=meta("llama.attention.key_length", 0),
+        rms_norm_eps=meta("llama.attention.layer_norm_rms_epsilon", 1e-5), rope_theta=meta("llama.rope.freq_base", 10000.0),
+        rope_scaling={"rope_type": "linear", "factor": meta("llama.rope.scaling.factor")} if rope_type == "linear" else None,
+        rope_freq_factors=rope_freqs[0] if rope_freqs else None,
+        max_position_embeddings=meta("llama.context_length", 2048), tie_word_embeddings="output.weight" not in names,
+        eos_token_ids=tuple(sorted(tokenizer[0]["eos_ids"])),
+    )
+
+    def weights():
+        for tensor_name, kind, data in file.tensors:
+            if tensor_name == "rope_freqs.weight":  # (in fields already)
+                continue
+            w = dequantize(data, kind)  # (out, in) like HF
+            parts = tensor_name.removesuffix(".weight").split(".")
+            if parts[0] == "blk":  # blk.{i}.attn_q -> layers.{i}.self_attn.q_proj
+                name = f"layers.{parts[1]}.{GGUF_NAMES[parts[2]]}.weight"
+                # llama.cpp interleaves the two rotary halves of each head's Q/K rows; undo it so the
+                # rows are in HF order (first half of the head's dims, then second half).
+                if parts[2] in ("attn_q", "attn_k"):
+                    heads = n_heads if parts[2] == "attn_q" else n_kv
+                    w = w.reshape(heads, w.shape[0] // heads // 2, 2, -1).transpose(1, 2).reshape(w.shape)
+            else:
+                name = f"{GGUF_NAMES[parts[0]]}.weight"
+            yield name, w
+    return fields, weights(), tokenizer
+
+
 # ----------------------------------------------------------------------------------------------
 # Tokenizer files -> tiktoken.Encoding
 #
@@ -177,13 +291,15 @@ def bpe_encoding(name, pat, vocab, added):
     return enc, extra, set(unknown.values())
 
 
+# Each converter returns the keyword arguments of minillm.Tokenizer's constructor:
+#   enc          the tiktoken.Encoding
+#   special_ids  the ids skip_special_tokens skips
+#   bos_id, eos_ids, add_bos    the tokenizer's own BOS / EOS ids, and whether encode() prepends BOS
+#   extra        {id: bytes} of ids the Encoding cannot decode; unknown: ids made up for missing bytes (dropped)
+#   vocab_size   the model's vocabulary, without added tokens
 
-def new_tokenizer(*args, **kwargs) -> "Tokenizer":
-    from minillm import Tokenizer  # (minillm imports this file: here the class is defined by the time it is called)
-    return Tokenizer(*args, **kwargs)
 
-
-def from_tiktoken_model(path) -> Tokenizer:
+def from_tiktoken_model(path) -> dict:
     # "base64(token bytes) rank" per line; a SentencePiece tokenizer.model (protobuf) fails to parse
     with open(path, "rb") as f:
         lines = [line.split() for line in f.read().splitlines() if line]
@@ -195,8 +311,8 @@ def from_tiktoken_model(path) -> Tokenizer:
     specials = {s: len(ranks) + i for i, s in enumerate(LLAMA3_SPECIALS)}
     enc = tiktoken.Encoding(os.path.basename(path), pat_str=LLAMA3_PAT, mergeable_ranks=ranks, special_tokens=specials)
     # as Meta's reference code: always start with BOS, stop at either of its two stop tokens
-    return new_tokenizer(enc, specials.values(), bos_id=specials["<|begin_of_text|>"], add_bos=True,
-                     eos_ids={specials["<|end_of_text|>"], specials["<|eot_id|>"]}, vocab_size=len(ranks))
+    return dict(enc=enc, special_ids=set(specials.values()), bos_id=specials["<|begin_of_text|>"], add_bos=True,
+                eos_ids={specials["<|end_of_text|>"], specials["<|eot_id|>"]}, vocab_size=len(ranks))
 
 
 def hf_pattern(pre: dict) -> str:
@@ -216,7 +332,7 @@ def hf_pattern(pre: dict) -> str:
                      "Sequence[Digits(individual_digits=True), ByteLevel(use_regex=True)]")
 
 
-def from_hf_json(path) -> Tokenizer:
+def from_hf_json(path) -> dict:
     with open(path, encoding="utf-8") as f:
         tj = json.load(f)
     model, pre = tj.get("model") or {}, tj.get("pre_tokenizer") or {}
@@ -236,10 +352,11 @@ def from_hf_json(path) -> Tokenizer:
             bos_id = added.get(first["SpecialToken"]["id"])
     vocab = sorted(model["vocab"].items(), key=lambda kv: kv[1])
     enc, extra, unknown = bpe_encoding(os.path.basename(path), hf_pattern(pre), vocab, added)
-    return new_tokenizer(enc, special_ids, bos_id, (), bos_id is not None, extra, unknown, len(model["vocab"]))
+    return dict(enc=enc, special_ids=special_ids, bos_id=bos_id, eos_ids=(), add_bos=bos_id is not None, extra=extra,
+                unknown=unknown, vocab_size=len(model["vocab"]))
 
 
-def apply_tokenizer_config(tok: Tokenizer, cfg: dict):
+def apply_tokenizer_config(tok, cfg: dict):  # tok: a minillm.Tokenizer
     # transformers' tokenizer_config.json, when there, has the last word on BOS and EOS
     def token_id(t):  # written as "text" or {"content": "text", ...}
         t = t.get("content") if isinstance(t, dict) else t
@@ -262,8 +379,10 @@ def apply_tokenizer_config(tok: Tokenizer, cfg: dict):
     tok.chat_template = template or tok.chat_template
 
 
-def tokenizer_from_gguf(fields: dict) -> Tokenizer:
-    """The vocabulary in a GGUF file's metadata (GGUFFile.fields: the model loader has them read already)."""
+def tokenizer_from_gguf(fields: dict) -> tuple[dict, dict]:
+    """The vocabulary in a GGUF file's metadata (GGUFFile.fields: the model loader has them read already) ->
+    (minillm.Tokenizer's keyword arguments, {attribute: value} to set on the Tokenizer once built: the chat
+    template and the named special tokens the file has)."""
     import gguf
     get = fields.get
     kind, pre = get("tokenizer.ggml.model"), get("tokenizer.ggml.pre")
@@ -284,10 +403,36 @@ def tokenizer_from_gguf(fields: dict) -> Tokenizer:
     eos_ids = {get("tokenizer.ggml.eos_token_id"), get("tokenizer.ggml.eot_token_id")} - {None}
     add_bos = get("tokenizer.ggml.add_bos_token", pats[pre] is LLAMA3_PAT)
     enc, extra, unknown = bpe_encoding(f"gguf-{pre}", pats[pre], vocab, added)
-    tok = new_tokenizer(enc, special_ids, get("tokenizer.ggml.bos_token_id"), eos_ids, add_bos, extra, unknown, len(tokens))
-    tok.chat_template = get("tokenizer.chat_template")
+    kwargs = dict(enc=enc, special_ids=special_ids, bos_id=get("tokenizer.ggml.bos_token_id"), eos_ids=eos_ids,
+                  add_bos=add_bos, extra=extra, unknown=unknown, vocab_size=len(tokens))
+    attrs = {"chat_template": get("tokenizer.chat_template")}
     keys = {"eos_token": "eos_token_id", "unk_token": "unknown_token_id", "pad_token": "padding_token_id"}
     for name, key in keys.items():  # the named special tokens, as transformers reads them from a GGUF
         if (i := get(f"tokenizer.ggml.{key}")) is not None:
-            setattr(tok, name, tokens[i])
-    return tok
+            attrs[name] = tokens[i]
+    return kwargs, attrs
+
+
+def read_tokenizer(path: str) -> tuple[dict, dict, Optional[dict]]:
+    """A model folder (its tokenizer.json, else tokenizer.model), or a tokenizer.json, tokenizer.model or .gguf
+    file -> (minillm.Tokenizer's keyword arguments, {attribute: value} to set on it last: a GGUF's chat template
+    and named tokens, or the folder's chat_template.jinja; the folder's tokenizer_config.json or None, for
+    apply_tokenizer_config)."""
+    folder = path if os.path.isdir(path) else os.path.dirname(path)
+    if os.path.isdir(path):
+        found = [f for f in ("tokenizer.json", "tokenizer.model") if os.path.exists(os.path.join(path, f))]
+        if not found:
+            raise FileNotFoundError(f"no tokenizer.json or tokenizer.model in {path}")
+        path = os.path.join(path, found[0])
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic == b"GGUF":
+        return *tokenizer_from_gguf(GGUFFile(path).fields), None
+    kwargs = from_hf_json(path) if magic.lstrip()[:1] == b"{" else from_tiktoken_model(path)
+    # transformers' tokenizer_config.json, when there, has the last word on BOS and EOS (apply_tokenizer_config)
+    config = read_json(folder, "tokenizer_config.json") if os.path.exists(os.path.join(folder, "tokenizer_config.json")) else None
+    attrs = {}
+    if os.path.exists(template := os.path.join(folder, "chat_template.jinja")):  # where transformers 5 saves it
+        with open(template, encoding="utf-8") as f:
+            attrs["chat_template"] = f.read()
+    return kwargs, attrs, config

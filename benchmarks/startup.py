@@ -24,6 +24,7 @@ def one_run() -> dict:
     sys.path.insert(0, ROOT)
     import torch
     t_torch = time.perf_counter()
+    import formats
     import minillm
     t_import = time.perf_counter()
     llm = minillm.LLM(None, device="cpu")
@@ -32,15 +33,15 @@ def one_run() -> dict:
     # LLM()'s pieces, again, one at a time (reads of a file already read: what a second start sees)
     path = minillm.default_model_path()
     pieces = {
-        "  read GGUF metadata (GGUFFile)": lambda: minillm.GGUFFile(path),
-        "  build the tokenizer": lambda: minillm.tokenizer_from_gguf(file.fields),
-        "  dequantize the weights": lambda: [minillm.dequantize(data, kind) for _, kind, data in file.tensors],
+        "  read GGUF metadata (GGUFFile)": lambda: formats.GGUFFile(path),
+        "  build the tokenizer": lambda: minillm.make_tokenizer(*formats.tokenizer_from_gguf(file.fields)),
+        "  dequantize the weights": lambda: [formats.dequantize(data, kind) for _, kind, data in file.tensors],
         "  load_model (all of the above + model)": lambda: minillm.load_model(path, "cpu", "auto", None),
         "  allocate a 1 GiB KV cache (the CPU's)": lambda: minillm.allocate_kv_cache(
             cfg, (1 << 30) // minillm.kv_bytes_per_block(cfg, 16, torch.float32), 16, torch.float32, "cpu"),
     }
     del llm
-    file, (_, cfg, _) = minillm.GGUFFile(path), minillm.load_model(path, "cpu", "auto", None)
+    file, (_, cfg, _) = formats.GGUFFile(path), minillm.load_model(path, "cpu", "auto", None)
     for name, piece in pieces.items():
         t = time.perf_counter()
         piece()

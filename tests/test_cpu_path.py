@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+import formats
 import minillm
 import paged_attention as pa
 from test_paged_attention import MIXED, make_batch
@@ -108,7 +109,7 @@ def test_gguf_file_reads_what_the_gguf_package_reads(tmp_path):
     w.write_tensors_to_file()
     w.close()
 
-    ours, theirs = minillm.GGUFFile(path), gguf.GGUFReader(path)
+    ours, theirs = formats.GGUFFile(path), gguf.GGUFReader(path)
     assert ours.fields == {k: f.contents() for k, f in theirs.fields.items() if not k.startswith("GGUF.")}
     assert ours.fields["tokenizer.ggml.tokens"] == ["a", "Ġb", "<|im_start|>", ""]
     assert [(name, kind) for name, kind, _ in ours.tensors] == [(t.name, t.tensor_type) for t in theirs.tensors]
@@ -122,7 +123,7 @@ def test_gguf_file_rejects_other_files(tmp_path):
     for header in (b"GGML" + bytes(60), b"GGUF\x00\x00\x00\x03" + bytes(56)):  # another format; big-endian v3
         path.write_bytes(header)
         with pytest.raises(ValueError, match="not.gguf: not a little-endian GGUF file of version 2 or 3"):
-            minillm.GGUFFile(str(path))
+            formats.GGUFFile(str(path))
 
 
 @pytest.mark.parametrize("kind", ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "F16", "F32"])
@@ -132,7 +133,7 @@ def test_dequantize_matches_the_gguf_package_bit_for_bit(kind):
     raw = gguf.quants.quantize(w, kind) if kind != gguf.GGMLQuantizationType.F32 else w
     raw = np.ascontiguousarray(raw).view(np.uint8)  # (rows, bytes per row), as GGUFFile gives it
     expected = gguf.quants.dequantize(raw, kind)
-    got = minillm.dequantize(raw, kind)
+    got = formats.dequantize(raw, kind)
     assert got.dtype == torch.float32 and got.shape == (6, 128)
     assert torch.equal(got, torch.from_numpy(expected))
 

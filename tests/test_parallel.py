@@ -16,6 +16,7 @@ import torch
 
 import minillm
 from minillm import LLM, TP, LoRARequest, SamplingParams, tp_plan
+from parallel import TP
 from test_engine import ROOT, make_checkpoint, random_prompts
 from test_lora import make_adapter
 
@@ -243,7 +244,7 @@ def test_fewer_kv_heads_than_ranks_and_a_vocabulary_that_does_not_split(engines,
     assert (local.num_heads, local.num_kv_heads) == (2, 1)
     assert rank0["k_proj"] == rank1["k_proj"]  # the one KV head, copied to both ranks
     assert rank1["lm_head"].start + rank1["lm_head"].size == 2000  # one padding row past the vocabulary
-    weights = minillm.load_hf_checkpoint(folder, "cpu", torch.float32, tp=TP(1, 2))[1]  # rank 1 reads its rows only
+    weights = minillm.load_hf_checkpoint(folder, "cpu", torch.float32, plan=TP(1, 2).cut)[1]  # rank 1 reads its rows only
     assert weights["layers.0.self_attn.q_proj.weight"].shape == (2 * 16, 64)  # 2 of 4 heads of 16 dims
     assert weights["layers.0.mlp.down_proj.weight"].shape == (64, 80)          # half of F's input columns
     assert weights["embed_tokens.weight"].shape == (1000, 64) and not weights["embed_tokens.weight"][-1].any()
