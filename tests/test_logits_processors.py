@@ -224,7 +224,7 @@ def test_a_forcing_processor_through_generate(folder, plain):
         else:  # as without the processor
             assert completions == plain[i]
     assert_clean(llm)
-    p = llm.llm_engine.logits_processors.non_argmax_invariant[0]
+    p = llm.llm_engine.logits_hook.processors.non_argmax_invariant[0]
     cfg = p.config
     assert (cfg.scheduler_config.max_num_seqs, cfg.model_config.get_vocab_size(), cfg.model_config.max_model_len) == (256, 1000, 512)
     assert cfg.speculative_config is None and cfg.parallel_config.tensor_parallel_size == 1
@@ -236,8 +236,8 @@ def test_every_batch_update_matches_the_rows_and_output_ids_are_complete(folder)
     from the updates are the step's real rows, and each row's output ids are its tokens so far."""
     llm = LLM(folder, logits_processors=[Recorder, ForceToken], **CACHE)
     e = llm.llm_engine
-    real, apply = [], e.logits_processors.apply
-    e.logits_processors.apply = lambda logits, seqs: real.append([(s.request_id, s.index) for s in seqs]) or apply(logits, seqs)
+    real, apply = [], e.logits_hook.processors.apply
+    e.logits_hook.processors.apply = lambda logits, seqs: real.append([(s.request_id, s.index) for s in seqs]) or apply(logits, seqs)
     for i, (p, sp) in enumerate(zip(*workload())):
         e.add_request(str(i), p, sp)
     done, steps = {}, 0
@@ -246,7 +246,7 @@ def test_every_batch_update_matches_the_rows_and_output_ids_are_complete(folder)
         steps += 1
         if steps == 12:
             e.abort_request("4")
-    recorder = e.logits_processors.non_argmax_invariant[0]
+    recorder = e.logits_hook.processors.non_argmax_invariant[0]
     assert e.scheduler.num_preemptions > 0 and len(real) > 20
     assert [[row for row, _ in rows] for rows in recorder.seen] == real
     final = {(rid, c.index): c.token_ids for rid, o in done.items() for c in o.outputs}
@@ -268,7 +268,7 @@ def test_validate_params_names_the_request_before_any_work(folder):
         llm.generate([{"prompt_token_ids": [5, 6]}] * 2, [SamplingParams(max_tokens=3), bad], use_tqdm=False)
     e = llm.llm_engine
     assert_clean(llm)
-    assert e.logits_processors.rows == [] and e.logits_processors.non_argmax_invariant[0].seen == []
+    assert e.logits_hook.processors.rows == [] and e.logits_hook.processors.non_argmax_invariant[0].seen == []
     with pytest.raises(ValueError, match="^sampling_params: ForceToken"):
         e.add_request("x", [5, 6], bad)
     assert not e.requests
@@ -279,7 +279,7 @@ def test_validate_params_names_the_request_before_any_work(folder):
 @pytest.mark.parametrize("name", ["test_logits_processors:ForceToken", "test_logits_processors.ForceToken"])
 def test_a_class_given_by_name(folder, plain, name):
     llm = LLM(folder, logits_processors=[name], **CACHE)
-    assert llm.llm_engine.logits_processors.classes == [ForceToken]
+    assert llm.llm_engine.logits_hook.processors.classes == [ForceToken]
     out = tokens(llm.generate(*workload(forced=[0]), use_tqdm=False))
     assert out[0] == [[TARGET] * 18] and out[1:] == plain[1:]
     args = FlexibleArgumentParser()

@@ -337,14 +337,14 @@ def traced_run(folder):
     from minillm import LLM, SamplingParams
     from test_engine import random_prompts
     llm = LLM(folder, block_size=4, num_gpu_blocks_override=12, max_num_seqs=4, max_num_batched_tokens=16, trace=True)
-    ran, execute = [], llm.llm_engine.runner.execute
+    ran, forward = [], llm.llm_engine.runner.forward
 
     def spy(step, *args):  # the batch as the model runner gets it: its tokens, each sequence's first position and count
         firsts = [sum(step.query_lens[:j]) for j in range(len(step.query_lens))]
         ran.append((len(step.input_ids), [(step.positions[f], n) for f, n in zip(firsts, step.query_lens)]))
-        return execute(step, *args)
+        return forward(step, *args)
 
-    llm.llm_engine.runner.execute = spy
+    llm.llm_engine.runner.forward = spy
     system = random_prompts([8], seed=5)[0]
     prompts = [{"prompt_token_ids": system + p} for p in random_prompts([3, 9, 14, 5, 2, 11], seed=6)]
     params = [SamplingParams(max_tokens=10, ignore_eos=True, n=2 if i == 1 else 1) for i in range(6)]
@@ -450,7 +450,9 @@ def test_no_trace_touches_nothing(tiny_folder, monkeypatch):
     monkeypatch.setattr(timeline, "Recorder", refuse)
     llm = LLM(tiny_folder, block_size=4, num_gpu_blocks_override=20)
     engine = llm.llm_engine
-    assert engine.trace is None and engine.block_manager.events is None and engine.scheduler.events is None
+    import compat
+    assert not engine.tracing and type(engine.observer) is compat.Metrics  # (counts for get_metrics, records no steps)
+    assert engine.block_manager.observer is engine.observer and engine.scheduler.observer is engine.observer
     llm.generate({"prompt_token_ids": [1, 2, 3]}, SamplingParams(max_tokens=2), use_tqdm=False)
     assert llm.last_trace is None
 

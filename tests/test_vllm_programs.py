@@ -574,7 +574,7 @@ def test_max_logprobs_caps_what_a_request_may_ask(folder):
     with pytest.raises(ValueError, match="requested logprobs=21"):  # vLLM's default cap is 20
         minillm.LLMEngine.check_params(argparse.Namespace(max_logprobs=20, cfg=llm.llm_engine.cfg, tokenizer=llm.get_tokenizer()),
                                        SamplingParams(logprobs=21), "sampling_params")
-    uncapped = argparse.Namespace(max_logprobs=-1, cfg=llm.llm_engine.cfg, tokenizer=llm.get_tokenizer(), logits_processors=None)
+    uncapped = argparse.Namespace(max_logprobs=-1, cfg=llm.llm_engine.cfg, tokenizer=llm.get_tokenizer(), logits_hook=None)
     assert minillm.LLMEngine.check_params(uncapped, SamplingParams(logprobs=-1), "sp").logprobs == -1
 
 
