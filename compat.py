@@ -20,6 +20,7 @@ import functools
 import inspect
 import json
 import math
+import warnings
 import os
 import random
 import sys
@@ -674,6 +675,75 @@ def cut_after_final_message(text: str, content) -> str:
 
 
 # ----------------------------------------------------------------------------------------------
+# SamplingParams: vLLM's normalizations and validation rules (SamplingParams.__post_init__ and verify call these)
+
+
+MIN_TEMPERATURE = 0.01  # vLLM's: a lower positive temperature is raised to it (logits / T would overflow)
+
+
+def normalize_sampling_params(p) -> None:
+    """SamplingParams.__post_init__: vLLM's normalizations, then its checks. seed -1 is no seed, logprobs=True is 1,
+    a tiny positive temperature is raised to MIN_TEMPERATURE, and greedy sampling ignores top_p, top_k and min_p."""
+    if p.guided_decoding is not None:
+        if p.structured_outputs is not None:
+            raise ValueError("set structured_outputs or guided_decoding (its older name), not both")
+        p.structured_outputs, p.guided_decoding = p.guided_decoding, None
+    if p.stop is None or isinstance(p.stop, str):
+        p.stop = [p.stop] if p.stop else []
+    if p.stop_token_ids is None or isinstance(p.stop_token_ids, tuple):
+        p.stop_token_ids = list(p.stop_token_ids or [])
+    p.seed = None if p.seed == -1 else p.seed
+    p.logprobs, p.prompt_logprobs = [1 if v is True else v for v in (p.logprobs, p.prompt_logprobs)]
+    if isinstance(p.temperature, float) and 0 < p.temperature < MIN_TEMPERATURE:
+        warnings.warn(f"temperature {p.temperature} is below {MIN_TEMPERATURE}, which may cause nan or inf; "
+                      f"raised to {MIN_TEMPERATURE} (as vLLM does)")
+        p.temperature = MIN_TEMPERATURE
+    if p.greedy:
+        p.top_p, p.top_k, p.min_p = 1.0, 0, 0.0
+    verify_sampling_params(p)
+
+
+def verify_sampling_params(p) -> None:
+    """SamplingParams.verify: vLLM's rules, each error naming its field. generate checks again: a field may have been
+    set since the params were made."""
+    from minillm import CUMULATIVE, FINAL_ONLY
+    def need(ok: bool, name: str, what: str):
+        if not ok:
+            raise ValueError(f"{name} must be {what}, got {getattr(p, name)!r}.")
+    is_int = lambda v: isinstance(v, int) and not isinstance(v, bool)
+    is_num = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    need(is_int(p.n) and p.n >= 1, "n", "an integer of at least 1")
+    need(not (p.greedy and p.n > 1), "n", "1 when using greedy sampling")
+    need(is_num(p.temperature) and p.temperature >= 0, "temperature", "a finite number >= 0")
+    need(is_num(p.top_p) and 0 < p.top_p <= 1, "top_p", "in (0, 1]")
+    need(is_int(p.top_k) and p.top_k >= -1, "top_k", "0 or -1 (off), or an integer of at least 1")
+    need(is_num(p.min_p) and 0 <= p.min_p <= 1, "min_p", "in [0, 1]")
+    need(p.max_tokens is None or is_int(p.max_tokens) and p.max_tokens >= 1, "max_tokens",
+         "None or an integer of at least 1")
+    need(is_int(p.min_tokens) and 0 <= p.min_tokens <= (p.max_tokens or p.min_tokens), "min_tokens",
+         f"an integer >= 0 and <= max_tokens={p.max_tokens}")
+    need(isinstance(p.stop, list) and all(isinstance(s, str) and s for s in p.stop), "stop",
+         "a non-empty str or a list of them")
+    need(not p.stop or p.detokenize is not False, "stop", "empty with detokenize=False (no text to search)")
+    need(p.output_kind in (CUMULATIVE, FINAL_ONLY), "output_kind",
+         "CUMULATIVE or FINAL_ONLY (minillm streams no deltas)")
+    need(isinstance(p.stop_token_ids, list) and all(is_int(t) and t >= 0 for t in p.stop_token_ids),
+         "stop_token_ids", "a list of non-negative integers")
+    # torch's generators take 64 bits; child i of a request with n > 1 uses seed + i
+    need(p.seed is None or is_int(p.seed) and -2**63 <= p.seed <= 2**64 - p.n, "seed",
+         "None or an integer in [-2**63, 2**64 - n]")
+    for name in ("logprobs", "prompt_logprobs"):
+        need(getattr(p, name) is None or is_int(getattr(p, name)) and getattr(p, name) >= -1, name,
+             "None, -1 (all) or a non-negative integer")
+    for name in ("presence_penalty", "frequency_penalty"):
+        need(is_num(getattr(p, name)) and -2 <= getattr(p, name) <= 2, name, "in [-2, 2]")
+    need(is_num(p.repetition_penalty) and p.repetition_penalty > 0, "repetition_penalty", "a finite number > 0")
+    for name in ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens", "detokenize",
+                 "spaces_between_special_tokens"):
+        need(isinstance(getattr(p, name), bool), name, "True or False")
+
+
+# ----------------------------------------------------------------------------------------------
 # What vLLM's LLM and LLMEngine have beyond generate and step: minillm's one-line methods call these
 
 
@@ -710,6 +780,31 @@ class Metrics:
     def preempted(self, seq) -> None: pass
     def scheduled(self, batch: list) -> None: pass
     def step_ended(self, started: float) -> None: pass
+
+
+def add_request(engine, request_id, prompt, params=None, lora_request=None, priority: int = 0) -> None:
+    """LLMEngine.add_request, vLLM's: queue one request, checked as generate checks its inputs; `step` then returns
+    its RequestOutput after every step that gave it a token (output_kind CUMULATIVE), or once it is finished
+    (FINAL_ONLY)."""
+    from minillm import FINAL_ONLY, SamplingParams, check_priority
+    request_id = str(request_id)
+    if request_id in engine.requests:
+        raise ValueError(f"request {request_id!r} is already in the engine")
+    params = engine.check_params(params or SamplingParams(**engine.default_params), "sampling_params")
+    check_priority(priority, "priority", engine.scheduling_policy)
+    text, ids = engine.tokenize_prompt("prompt", prompt)
+    engine.add_checked(request_id, text, ids, params, engine.adapters(lora_request, 1)[0], priority)
+    if params.output_kind != FINAL_ONLY:
+        engine.streaming.add(request_id)
+
+
+def abort_request(engine, request_id) -> None:
+    """LLMEngine.abort_request: drop one request id or a list of them; their sequences stop and free their blocks."""
+    for rid in [request_id] if isinstance(request_id, str) else list(request_id):
+        for seq in engine.requests.pop(rid, []):
+            seq.finish_reason = seq.finish_reason or "abort"
+            engine.scheduler.finish(seq)
+        engine.streaming.discard(rid)
 
 
 def get_metrics(engine) -> list[Metric]:
@@ -784,3 +879,22 @@ def beam_search(llm, prompts, params: BeamSearchParams, lora_request=None, use_t
     for b in (b for r in results for b in r.sequences):
         b.text = engine.tokenizer.decode(b.tokens)  # as vLLM's LLM.beam_search: prompt and output, as HF decodes
     return results
+
+
+def prompt_logits(llm, token_ids: list[int], lora_request=None) -> torch.Tensor:
+    """LLM.prompt_logits (minillm's, for tests and checks): logits (T, V) at every position of one prompt, through
+    the same paged path as generate: its blocks from the block manager, its forward pass the runner's."""
+    from minillm import SamplingParams, Sequence
+    engine = llm.llm_engine
+    lora_request = engine.adapters(lora_request, 1)[0]
+    seq = Sequence(-1, "", 0, None, token_ids, SamplingParams(), 0, engine.tokenizer, engine.max_seq_len)
+    if not engine.block_manager.can_allocate(seq, len(token_ids)):
+        raise ValueError("the KV cache has no room for this prompt now")
+    engine.block_manager.allocate(seq, len(token_ids))
+    try:
+        logits = engine.runner.prompt_logits(token_ids, seq.block_table, lora_request)
+        engine.block_manager.commit()
+        return logits
+    finally:
+        engine.block_manager.free(seq)
+        engine.block_manager.rollback()  # (a no-op after the commit)

@@ -41,7 +41,6 @@ RoPE (arXiv:2104.09864); GQA (arXiv:2305.13245); nanoGPT, llama2.c, gpt-fast and
 
 from __future__ import annotations
 
-import argparse
 import bisect
 import codecs
 import copy
@@ -52,7 +51,6 @@ import itertools
 import json
 import math
 import os
-import subprocess
 import sys
 import time
 import warnings
@@ -61,35 +59,9 @@ from enum import Enum
 from typing import Any, Callable, Optional
 
 
-def cli_parser() -> argparse.ArgumentParser:
-    """The command line (section 10 runs it). Here, above the imports of torch and friends, so that
-    `python minillm.py --help` and a mistyped flag answer at once instead of after a second and a half."""
-    ap = argparse.ArgumentParser(prog="minillm", description="Offline batch generation with a Llama-family model.")
-    ap.add_argument("--prompts", required=True, help="text file with one prompt per line (blank lines skipped); - reads stdin")
-    ap.add_argument("--chat", action="store_true", help="send each line as a user message through the model's chat template")
-    ap.add_argument("--model", default=None, help="HF checkpoint folder or .gguf file (default: the built-in SmolLM2-135M-Instruct)")
-    ap.add_argument("--max-tokens", type=int, default=64, help="most tokens to generate per prompt (default 64)")
-    ap.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (the default); higher is more random")
-    ap.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: keep the most likely tokens up to this mass")
-    ap.add_argument("--top-k", type=int, default=0, help="keep only the k most likely tokens (0: off)")
-    ap.add_argument("--seed", type=int, default=None, help="seed for each prompt's sampling stream (reproducible runs)")
-    ap.add_argument("--output", default=None, help="write one JSON object per prompt here (prompt, text, token_ids, finish_reason)")
-    ap.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda when available)")
-    ap.add_argument("--lora", default=None, metavar="PATH", help="a PEFT LoRA adapter folder applied to every prompt")
-    ap.add_argument("--trace", default=None, metavar="PATH", help="write what each engine step did: .html (a picture) or .json")
-    ap.add_argument("--json-schema", default=None, metavar="FILE", help="every output is JSON valid under this schema (xgrammar)")
-    ap.add_argument("--regex", default=None, help="every output matches this regular expression (xgrammar)")
-    ap.add_argument("--tensor-parallel-size", type=int, default=1, metavar="N",
-                    help="GPUs per engine, each holding 1/N of every layer (default 1)")
-    ap.add_argument("--data-parallel-size", type=int, default=1, metavar="K",
-                    help="engines on this host, each with every K-th prompt (default 1; under torchrun, one per process)")
-    return ap
-
-
-if __name__ == "__main__":  # the command line: its arguments first, then this file as the module `minillm`, so
-    _args = cli_parser().parse_args()  # that there is one copy of every class, the one the TP workers unpickle
-    import minillm
-    sys.exit(minillm.main(_args))
+if __name__ == "__main__":  # `python minillm.py --prompts file.txt`: the command line is cli.py's. Handing over
+    import cli  # here, before torch loads, makes --help answer at once; cli imports this file as the module
+    sys.exit(cli.main())  # `minillm`, so there is one copy of every class (the one tensor-parallel workers unpickle)
 
 import tiktoken
 import torch
@@ -149,7 +121,6 @@ class ModelConfig:
 
 SAMPLING_EPS = 1e-5     # vLLM's: a temperature below it is greedy
 CUMULATIVE, FINAL_ONLY = 0, 2  # vLLM's RequestOutputKind (compat.py): every step's output so far, or the last only
-MIN_TEMPERATURE = 0.01  # vLLM's: a lower positive temperature is raised to it (logits / T would overflow)
 
 
 @dataclass
@@ -185,26 +156,11 @@ class SamplingParams:
     bad_words: Optional[list] = None          # never complete these words (vLLM's rule: structured.bad_words_token_ids)
     logits_processors: Optional[list] = None  # per request: fn(output_ids, logits) or fn(prompt_ids, output_ids, logits)
 
-    def __post_init__(self):
-        """vLLM's normalizations, before the checks: seed -1 is no seed, logprobs=True is 1, a tiny positive
-        temperature is raised to MIN_TEMPERATURE, and greedy sampling ignores top_p, top_k and min_p."""
-        if self.guided_decoding is not None:
-            if self.structured_outputs is not None:
-                raise ValueError("set structured_outputs or guided_decoding (its older name), not both")
-            self.structured_outputs, self.guided_decoding = self.guided_decoding, None
-        if self.stop is None or isinstance(self.stop, str):
-            self.stop = [self.stop] if self.stop else []
-        if self.stop_token_ids is None or isinstance(self.stop_token_ids, tuple):
-            self.stop_token_ids = list(self.stop_token_ids or [])
-        self.seed = None if self.seed == -1 else self.seed
-        self.logprobs, self.prompt_logprobs = [1 if v is True else v for v in (self.logprobs, self.prompt_logprobs)]
-        if isinstance(self.temperature, float) and 0 < self.temperature < MIN_TEMPERATURE:
-            warnings.warn(f"temperature {self.temperature} is below {MIN_TEMPERATURE}, which may cause nan or inf; "
-                          f"raised to {MIN_TEMPERATURE} (as vLLM does)")
-            self.temperature = MIN_TEMPERATURE
-        if self.greedy:
-            self.top_p, self.top_k, self.min_p = 1.0, 0, 0.0
-        self.verify()
+    def __post_init__(self):  # vLLM's normalizations (seed -1 is no seed, logprobs=True is 1, ...), then verify
+        companion("compat").normalize_sampling_params(self)
+
+    def verify(self) -> None:  # vLLM's rules (the ranges above), each error naming its field; the engine checks again
+        companion("compat").verify_sampling_params(self)
 
     @property
     def greedy(self) -> bool:
@@ -212,43 +168,6 @@ class SamplingParams:
 
     def clone(self) -> "SamplingParams":
         return copy.deepcopy(self)
-
-    def verify(self) -> None:
-        """vLLM's rules, each error naming its field. generate checks again: a field may have been set since."""
-        def need(ok: bool, name: str, what: str):
-            if not ok:
-                raise ValueError(f"{name} must be {what}, got {getattr(self, name)!r}.")
-        is_int = lambda v: isinstance(v, int) and not isinstance(v, bool)
-        is_num = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-        need(is_int(self.n) and self.n >= 1, "n", "an integer of at least 1")
-        need(not (self.greedy and self.n > 1), "n", "1 when using greedy sampling")
-        need(is_num(self.temperature) and self.temperature >= 0, "temperature", "a finite number >= 0")
-        need(is_num(self.top_p) and 0 < self.top_p <= 1, "top_p", "in (0, 1]")
-        need(is_int(self.top_k) and self.top_k >= -1, "top_k", "0 or -1 (off), or an integer of at least 1")
-        need(is_num(self.min_p) and 0 <= self.min_p <= 1, "min_p", "in [0, 1]")
-        need(self.max_tokens is None or is_int(self.max_tokens) and self.max_tokens >= 1, "max_tokens",
-             "None or an integer of at least 1")
-        need(is_int(self.min_tokens) and 0 <= self.min_tokens <= (self.max_tokens or self.min_tokens), "min_tokens",
-             f"an integer >= 0 and <= max_tokens={self.max_tokens}")
-        need(isinstance(self.stop, list) and all(isinstance(s, str) and s for s in self.stop), "stop",
-             "a non-empty str or a list of them")
-        need(not self.stop or self.detokenize is not False, "stop", "empty with detokenize=False (no text to search)")
-        need(self.output_kind in (CUMULATIVE, FINAL_ONLY), "output_kind",
-             "CUMULATIVE or FINAL_ONLY (minillm streams no deltas)")
-        need(isinstance(self.stop_token_ids, list) and all(is_int(t) and t >= 0 for t in self.stop_token_ids),
-             "stop_token_ids", "a list of non-negative integers")
-        # torch's generators take 64 bits; child i of a request with n > 1 uses seed + i
-        need(self.seed is None or is_int(self.seed) and -2**63 <= self.seed <= 2**64 - self.n, "seed",
-             "None or an integer in [-2**63, 2**64 - n]")
-        for name in ("logprobs", "prompt_logprobs"):
-            need(getattr(self, name) is None or is_int(getattr(self, name)) and getattr(self, name) >= -1, name,
-                 "None, -1 (all) or a non-negative integer")
-        for name in ("presence_penalty", "frequency_penalty"):
-            need(is_num(getattr(self, name)) and -2 <= getattr(self, name) <= 2, name, "in [-2, 2]")
-        need(is_num(self.repetition_penalty) and self.repetition_penalty > 0, "repetition_penalty", "a finite number > 0")
-        for name in ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens", "detokenize",
-                     "spaces_between_special_tokens"):
-            need(isinstance(getattr(self, name), bool), name, "True or False")
 
     @property
     def has_logits_controls(self) -> bool:  # whether the logits hook (structured.py) has work for it
@@ -643,41 +562,6 @@ def resolve_dtype(dtype, checkpoint_dtype, device) -> torch.dtype:
     if dtype not in names:
         raise ValueError(f"dtype must be 'auto' or one of {sorted(names)}, got {dtype!r}")
     return names[dtype]
-
-
-def choose_cpu_threads(idle_cpus: Optional[float] = None, probe_s: float = 0.05) -> int:
-    """The number of threads torch should use on the CPU, for torch.set_num_threads.
-
-    A choice made by hand wins: MINILLM_NUM_THREADS, else OMP_NUM_THREADS (torch has read it: its current
-    count). Otherwise torch's current count (its default, the physical cores, or what torch.set_num_threads
-    made it) is lowered to the cores that are free now. Torch's threads wait for each other at every op, so
-    one of them on a core another process keeps busy stalls them all: beside one busy process, 2 threads on
-    2 cores ran 10x slower than 1. A core is free when it is at least 75% idle; `idle_cpus` is measured from
-    Linux's /proc/stat over `probe_s` seconds when not given (elsewhere: the CPUs less the load average)."""
-    if os.environ.get("MINILLM_NUM_THREADS"):
-        value = os.environ["MINILLM_NUM_THREADS"]
-        if not value.isdigit() or int(value) < 1:
-            raise ValueError(f"MINILLM_NUM_THREADS must be a positive integer, got {value!r}")
-        return int(value)
-    if os.environ.get("OMP_NUM_THREADS"):
-        return torch.get_num_threads()
-    cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else range(os.cpu_count() or 1)
-
-    def ticks() -> tuple[int, int]:  # clock ticks so far, summed over our CPUs: (idle + iowait, all)
-        idle = total = 0
-        for line in open("/proc/stat"):
-            name, *t = line.split()  # cpuN user nice system idle iowait irq softirq steal ...
-            if name.startswith("cpu") and name[3:].isdigit() and int(name[3:]) in cpus:
-                idle, total = idle + int(t[3]) + int(t[4]), total + sum(map(int, t[:8]))
-        return idle, total
-    if idle_cpus is None and os.path.exists("/proc/stat"):
-        idle0, total0 = ticks()
-        time.sleep(probe_s)
-        idle1, total1 = ticks()
-        idle_cpus = len(cpus) * (idle1 - idle0) / max(total1 - total0, 1)
-    elif idle_cpus is None:
-        idle_cpus = len(cpus) - os.getloadavg()[0]
-    return max(1, min(torch.get_num_threads(), int(idle_cpus + 0.25)))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1491,7 +1375,7 @@ class LLMEngine:
         import compat
         self.device = check_device(None if args.device == "auto" else args.device)
         if self.device.type == "cpu":  # as many threads as there are free cores (MINILLM_NUM_THREADS overrides)
-            torch.set_num_threads(choose_cpu_threads())
+            torch.set_num_threads(companion("parallel").choose_cpu_threads())
         if args.seed is not None:  # as vLLM's worker: Python's, NumPy's and torch's global generators
             compat.set_random_seed(args.seed)
         hub = dict(download_dir=args.download_dir, token=args.hf_token)
@@ -1606,19 +1490,6 @@ class LLMEngine:
                              f"(and at least one must be left for the output)")
         return text, ids
 
-    def add_request(self, request_id: str, prompt, params: Optional[SamplingParams] = None,
-                    lora_request=None, priority: int = 0) -> None:
-        """Queue one request; `step` then returns its RequestOutput after every step that gave it a token."""
-        request_id = str(request_id)
-        if request_id in self.requests:
-            raise ValueError(f"request {request_id!r} is already in the engine")
-        params = self.check_params(params or SamplingParams(**self.default_params), "sampling_params")
-        check_priority(priority, "priority", self.scheduling_policy)
-        text, ids = self.tokenize_prompt("prompt", prompt)
-        self.add_checked(request_id, text, ids, params, self.adapters(lora_request, 1)[0], priority)
-        if params.output_kind != FINAL_ONLY:
-            self.streaming.add(request_id)
-
     def adapters(self, lora_request, num_prompts: int) -> list:
         """One LoRARequest or None per prompt, each adapter loaded and checked (lora.per_prompt)."""
         if lora_request is None:
@@ -1670,14 +1541,6 @@ class LLMEngine:
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
-
-    def abort_request(self, request_id) -> None:
-        """Drop one request id or a list of them: their sequences stop and free their blocks at once."""
-        for rid in [request_id] if isinstance(request_id, str) else list(request_id):
-            for seq in self.requests.pop(rid, []):
-                seq.finish_reason = seq.finish_reason or "abort"
-                self.scheduler.finish(seq)
-            self.streaming.discard(rid)
 
     # -- one step --
 
@@ -1926,6 +1789,10 @@ class LLMEngine:
     def from_engine_args(cls, engine_args, usage_context=None) -> "LLMEngine":
         return cls(engine_args)  # (usage_context: accepted, no effect)
 
+    def add_request(self, request_id, prompt, params=None, lora_request=None, priority: int = 0) -> None:
+        companion("compat").add_request(self, request_id, prompt, params, lora_request, priority)
+
+    def abort_request(self, request_id) -> None: companion("compat").abort_request(self, request_id)
     def reset_prefix_cache(self) -> bool: return companion("compat").reset_prefix_cache(self)
     def get_metrics(self) -> list: return companion("compat").get_metrics(self)
 
@@ -2032,26 +1899,17 @@ class LLM:
                 bar.close()
         return outputs
 
-    def prompt_logits(self, token_ids: list[int], lora_request=None) -> torch.Tensor:
-        """Logits (T, V) at every position of one prompt, through the same paged path as generate."""
-        engine = self.llm_engine
-        lora_request = engine.adapters(lora_request, 1)[0]
-        seq = Sequence(-1, "", 0, None, token_ids, SamplingParams(), 0, engine.tokenizer, engine.max_seq_len)
-        if not engine.block_manager.can_allocate(seq, len(token_ids)):
-            raise ValueError("the KV cache has no room for this prompt now")
-        engine.block_manager.allocate(seq, len(token_ids))
-        try:
-            logits = engine.runner.prompt_logits(token_ids, seq.block_table, lora_request)
-            engine.block_manager.commit()
-            return logits
-        finally:
-            engine.block_manager.free(seq)
-            engine.block_manager.rollback()  # (a no-op after the commit)
-
     # -- vLLM's LLM calls beyond generate: one line each, the work in compat.py --
 
-    def chat(self, messages, *args, **kwargs) -> list: return companion("compat").chat(self, messages, *args, **kwargs)
-    def beam_search(self, prompts, *args, **kwargs) -> list: return companion("compat").beam_search(self, prompts, *args, **kwargs)
+    def chat(self, messages, *args, **kwargs) -> list:
+        return companion("compat").chat(self, messages, *args, **kwargs)
+
+    def beam_search(self, prompts, *args, **kwargs) -> list:
+        return companion("compat").beam_search(self, prompts, *args, **kwargs)
+
+    def prompt_logits(self, token_ids: list[int], lora_request=None) -> torch.Tensor:  # (T, V): minillm's, for checks
+        return companion("compat").prompt_logits(self, token_ids, lora_request)
+
     def get_tokenizer(self) -> Tokenizer: return self.llm_engine.tokenizer
     def get_default_sampling_params(self) -> SamplingParams: return SamplingParams(**self.llm_engine.default_params)
     def reset_prefix_cache(self) -> bool: return self.llm_engine.reset_prefix_cache()
@@ -2068,7 +1926,7 @@ class LLM:
 
 
 # ----------------------------------------------------------------------------------------------
-# 10. generate() for small scripts, data parallelism, and the command line
+# 10. generate() for small scripts (the command line is cli.py's)
 
 _engines: dict = {}  # (model, kwargs) -> LLM: a script that calls generate() twice loads the model once
 
@@ -2094,105 +1952,3 @@ def check_device(device) -> torch.device:
     if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
         raise ValueError(f"device {str(device)!r}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
     return device
-
-
-def read_prompts(path: str) -> list[str]:
-    try:
-        src = sys.stdin if path == "-" else open(path, encoding="utf-8")
-        with src:
-            prompts = [line.rstrip("\n") for line in src if line.strip()]
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-    if not prompts:
-        raise ValueError(f"{path}: no prompts (one per line)")
-    return prompts
-
-
-def check_writable(path: str) -> None:
-    """Fail now, not after all the generation, if `path` cannot be written."""
-    existed = os.path.exists(path)
-    with open(path, "a", encoding="utf-8"):
-        pass
-    if not existed:
-        os.remove(path)
-
-
-def main(args=None) -> int:
-    argv = list(args) if isinstance(args, (list, tuple)) else sys.argv[1:]
-    args = args if isinstance(args, argparse.Namespace) else cli_parser().parse_args(argv)
-    try:
-        prompts = read_prompts(args.prompts)
-        constraint = None
-        if args.json_schema or args.regex:
-            constraint = structured.StructuredOutputsParams(json=read_json(args.json_schema), regex=args.regex)
-        params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
-                                max_tokens=args.max_tokens, structured_outputs=constraint)
-        device = check_device(args.device)
-        check_tensor_parallel(args.tensor_parallel_size, device)
-        check_data_parallel(args, device)
-        if args.trace:
-            timeline.check_path(args.trace)
-        for path in filter(None, (args.output, args.trace)) if int(os.environ.get("RANK", 0)) == 0 else ():
-            check_writable(path)
-        adapter, lora_kwargs = None, {}
-        if args.lora:  # one adapter for every prompt: one slot, of exactly its rank
-            adapter = LoRARequest(os.path.basename(os.path.normpath(args.lora)), 1, args.lora)
-            lora_kwargs = dict(enable_lora=True, max_loras=1, max_lora_rank=lora.read_adapter_config(adapter)["r"])
-        if args.data_parallel_size > 1 and "WORLD_SIZE" not in os.environ:
-            # K engines on this host: torchrun starts this same command K times, one data-parallel rank each
-            return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                                   f"--nproc-per-node={args.data_parallel_size}", os.path.abspath(__file__), *argv]).returncode
-        dp = DataParallel.from_env()
-        outputs = generate_shard(dp, args, prompts, params, adapter, lora_kwargs)
-        if dp.rank == 0:
-            write_outputs(args.output, prompts, outputs)
-    except KeyboardInterrupt:
-        print("minillm: interrupted", file=sys.stderr)
-        return 130
-    except Exception as e:  # every error is one line, naming its culprit
-        print(f"minillm: error: {' '.join(str(e).split()) or type(e).__name__}", file=sys.stderr)
-        return 1
-    return 0
-
-
-def read_json(path: Optional[str]):
-    if path is None:
-        return None
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not JSON ({e.msg} at line {e.lineno})") from None
-
-
-def generate_shard(dp: DataParallel, args, prompts: list[str], params, adapter, lora_kwargs) -> Optional[list]:
-    """The command line's generation on data-parallel rank dp.rank: its share of the prompts through an engine of
-    its own (GPUs from local_rank * tensor_parallel_size on); rank 0 returns every output, in input order."""
-    device = args.device
-    if dp.size > 1 and check_device(device).type == "cuda":
-        device = f"cuda:{(check_device(device).index or 0) + dp.local_rank * args.tensor_parallel_size}"
-    mine, progress, trace = dp.shard(prompts), dp.progress(len(prompts)), bool(args.trace) and dp.rank == 0
-    with LLM(args.model, device=device, tensor_parallel_size=args.tensor_parallel_size, trace=trace, **lora_kwargs) as llm:
-        if args.chat:
-            conversations = [[{"role": "user", "content": p}] for p in mine]
-            outputs = llm.chat(conversations, params, lora_request=adapter, use_tqdm=progress)
-        else:
-            outputs = llm.generate(mine, params, lora_request=adapter, use_tqdm=progress)
-    if trace:  # (rank 0's engine: the others' steps are alike)
-        timeline.write_trace(llm.last_trace, args.trace)
-        print(f"wrote the trace of {len(llm.last_trace['steps'])} engine steps to {args.trace}", file=sys.stderr)
-    return dp.gather(outputs)
-
-
-def write_outputs(path: Optional[str], prompts: list[str], outputs: list[RequestOutput]) -> None:
-    if not path:
-        for p, o in zip(prompts, outputs):
-            print(f"--- {p}\n{o.outputs[0].text}\n")
-        return
-    with open(path, "w", encoding="utf-8") as f:
-        for p, o in zip(prompts, outputs):
-            c = o.outputs[0]
-            f.write(json.dumps({"prompt": p, "text": c.text, "token_ids": c.token_ids,
-                                "finish_reason": c.finish_reason}, ensure_ascii=False) + "\n")
-    print(f"wrote {len(outputs)} completions to {path}", file=sys.stderr)
-

@@ -490,3 +490,42 @@ def check_data_parallel(args, device: torch.device) -> None:
     if device.type == "cuda" and "WORLD_SIZE" not in os.environ and first + K * args.tensor_parallel_size > count:
         raise ValueError(f"--data-parallel-size {K} x --tensor-parallel-size {args.tensor_parallel_size} needs "
                          f"{K * args.tensor_parallel_size} GPUs from cuda:{first} on, but this machine has {count}")
+
+
+# ----------------------------------------------------------------------------------------------
+# 4. Threads on the CPU (the engine sets torch's count from this when it runs on the CPU)
+
+
+def choose_cpu_threads(idle_cpus: Optional[float] = None, probe_s: float = 0.05) -> int:
+    """The number of threads torch should use on the CPU, for torch.set_num_threads.
+
+    A choice made by hand wins: MINILLM_NUM_THREADS, else OMP_NUM_THREADS (torch has read it: its current
+    count). Otherwise torch's current count (its default, the physical cores, or what torch.set_num_threads
+    made it) is lowered to the cores that are free now. Torch's threads wait for each other at every op, so
+    one of them on a core another process keeps busy stalls them all: beside one busy process, 2 threads on
+    2 cores ran 10x slower than 1. A core is free when it is at least 75% idle; `idle_cpus` is measured from
+    Linux's /proc/stat over `probe_s` seconds when not given (elsewhere: the CPUs less the load average)."""
+    if os.environ.get("MINILLM_NUM_THREADS"):
+        value = os.environ["MINILLM_NUM_THREADS"]
+        if not value.isdigit() or int(value) < 1:
+            raise ValueError(f"MINILLM_NUM_THREADS must be a positive integer, got {value!r}")
+        return int(value)
+    if os.environ.get("OMP_NUM_THREADS"):
+        return torch.get_num_threads()
+    cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else range(os.cpu_count() or 1)
+
+    def ticks() -> tuple[int, int]:  # clock ticks so far, summed over our CPUs: (idle + iowait, all)
+        idle = total = 0
+        for line in open("/proc/stat"):
+            name, *t = line.split()  # cpuN user nice system idle iowait irq softirq steal ...
+            if name.startswith("cpu") and name[3:].isdigit() and int(name[3:]) in cpus:
+                idle, total = idle + int(t[3]) + int(t[4]), total + sum(map(int, t[:8]))
+        return idle, total
+    if idle_cpus is None and os.path.exists("/proc/stat"):
+        idle0, total0 = ticks()
+        time.sleep(probe_s)
+        idle1, total1 = ticks()
+        idle_cpus = len(cpus) * (idle1 - idle0) / max(total1 - total0, 1)
+    elif idle_cpus is None:
+        idle_cpus = len(cpus) - os.getloadavg()[0]
+    return max(1, min(torch.get_num_threads(), int(idle_cpus + 0.25)))
