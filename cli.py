@@ -65,6 +65,7 @@ def main(args=None) -> int:
 
 def run(args: argparse.Namespace, argv: list[str]) -> int:
     """Check every argument, then generate (on this data-parallel rank) and write the outputs (on rank 0)."""
+    import compat
     import minillm
     import parallel
     prompts = read_prompts(args.prompts)
@@ -73,16 +74,17 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
         constraint = minillm.StructuredOutputsParams(json=read_json(args.json_schema), regex=args.regex)
     params = minillm.SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                                     seed=args.seed, max_tokens=args.max_tokens, structured_outputs=constraint)
-    device = minillm.check_device(args.device)
+    device = compat.check_device(args.device)
     parallel.check_tensor_parallel(args.tensor_parallel_size, device)
     parallel.check_data_parallel(args, device)
     if args.trace:
-        minillm.companion("timeline").check_path(args.trace)
+        import timeline
+        timeline.check_path(args.trace)
     for path in filter(None, (args.output, args.trace)) if int(os.environ.get("RANK", 0)) == 0 else ():
         check_writable(path)
     adapter, lora_kwargs = None, {}
     if args.lora:  # one adapter for every prompt: one slot, of exactly its rank
-        lora = minillm.companion("lora")
+        import lora
         adapter = lora.LoRARequest(os.path.basename(os.path.normpath(args.lora)), 1, args.lora)
         lora_kwargs = dict(enable_lora=True, max_loras=1, max_lora_rank=lora.read_adapter_config(adapter)["r"])
     if args.data_parallel_size > 1 and "WORLD_SIZE" not in os.environ:
@@ -131,10 +133,11 @@ def check_writable(path: str) -> None:
 def generate_shard(dp, args, prompts: list[str], params, adapter, lora_kwargs) -> Optional[list]:
     """The generation on data-parallel rank dp.rank: its share of the prompts through an engine of its own (GPUs
     from local_rank * tensor_parallel_size on); rank 0 returns every output, in input order, the others None."""
+    import compat
     import minillm
     device = args.device
-    if dp.size > 1 and minillm.check_device(device).type == "cuda":
-        device = f"cuda:{(minillm.check_device(device).index or 0) + dp.local_rank * args.tensor_parallel_size}"
+    if dp.size > 1 and compat.check_device(device).type == "cuda":
+        device = f"cuda:{(compat.check_device(device).index or 0) + dp.local_rank * args.tensor_parallel_size}"
     mine, progress, trace = dp.shard(prompts), dp.progress(len(prompts)), bool(args.trace) and dp.rank == 0
     with minillm.LLM(args.model, device=device, tensor_parallel_size=args.tensor_parallel_size, trace=trace,
                      **lora_kwargs) as llm:
@@ -144,7 +147,8 @@ def generate_shard(dp, args, prompts: list[str], params, adapter, lora_kwargs) -
         else:
             outputs = llm.generate(mine, params, lora_request=adapter, use_tqdm=progress)
     if trace:  # (rank 0's engine: the others' steps are alike)
-        minillm.companion("timeline").write_trace(llm.last_trace, args.trace)
+        import timeline
+        timeline.write_trace(llm.last_trace, args.trace)
         print(f"wrote the trace of {len(llm.last_trace['steps'])} engine steps to {args.trace}", file=sys.stderr)
     return dp.gather(outputs)
 

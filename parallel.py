@@ -288,7 +288,7 @@ def for_workers(step):
 
 class TPModelRunner(ShardRunner):
     """Rank 0's runner under tensor parallelism: minillm.ModelRunner's methods, each sent to the workers first
-    (forward, sample, prompt_logits), the sampled tokens broadcast to them; close() stops them."""
+    (forward, sample), the sampled tokens broadcast to them; close() stops them."""
 
     def __init__(self, model, tp: TP, load_args: dict, lora_args, **runner_args):
         self.workers = TPWorkers(tp.size, model.embed_tokens.weight.device, load_args, runner_args, lora_args)
@@ -308,9 +308,6 @@ class TPModelRunner(ShardRunner):
                 dist.broadcast(self.last_sampled, src=0)
             return sampled
         return self.workers.run("sample", (None, for_workers(step)), local)
-
-    def prompt_logits(self, *args):
-        return self.workers.run("prompt_logits", args, lambda: super(TPModelRunner, self).prompt_logits(*args))
 
     def close(self) -> None:
         self.workers.close()

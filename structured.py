@@ -830,6 +830,15 @@ class LogitsHook:
         self.compiler: Optional[GrammarCompiler] = None
         self.processors = processors
 
+    @classmethod
+    def for_engine(cls, engine, processors=None, model_path=None, dtype=None, max_tokens=None, tp_size=None):
+        """The hook of a minillm LLMEngine; `processors` and the rest: LLM(logits_processors=[...]) and what those
+        processors are told of the engine (EngineLogitsProcessors.for_engine)."""
+        engine_processors = processors and EngineLogitsProcessors.for_engine(
+            processors, engine.device, model_path, engine.max_model_len, engine.cfg.vocab_size, dtype,
+            engine.max_num_seqs, max_tokens, tp_size or 1)
+        return cls(engine.tokenizer, engine.cfg.vocab_size, engine.eos_ids, engine_processors)
+
     def check(self, params) -> None:
         """ValueError for a bad grammar, a bad token id or what a logits processor refuses."""
         if params.structured_outputs is not None:  # compiled once per distinct grammar (the compiler caches)
@@ -847,9 +856,12 @@ class LogitsHook:
             grammar = None if params.structured_outputs is None else self.compiler.new_state(params.structured_outputs)
             seq.controls = None if grammar is None and controls is None else SequenceControls(grammar, controls)
 
-    def applies(self, sequences: Sequence) -> bool:
-        """Whether this step's sampling rows need the hook at all."""
-        return self.processors is not None or any(seq.controls is not None for seq in sequences)
+    def for_rows(self, sequences: Sequence) -> Optional[Callable]:
+        """What the runner calls on this step's (S, V) sampling logits: apply, for these S sequences; None when
+        none of them needs the hook (no control of its own, no engine-level processor)."""
+        if self.processors is None and all(seq.controls is None for seq in sequences):
+            return None
+        return functools.partial(self.apply, sequences=sequences)
 
     def needs_tokens(self, sequences: Sequence) -> bool:
         """Whether apply needs every row's output on the host up to its last token (so the engine lands the last

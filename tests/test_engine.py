@@ -86,7 +86,7 @@ def test_greedy_batch_matches_hf_under_preemption_and_chunking(tiny):
     sp = SamplingParams(temperature=0, max_tokens=14, ignore_eos=True)
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts], sp, use_tqdm=False)
     assert llm.llm_engine.scheduler.num_preemptions > 0
-    assert llm.llm_engine.block_manager.num_free_blocks() == 24  # every block is free again
+    assert len(llm.llm_engine.block_manager.free_block_ids) == 24  # every block is free again
     assert all(b.ref_count == 0 for b in llm.llm_engine.block_manager.blocks)
     for p, o in zip(prompts, outs):  # outputs in input order, each equal to HF alone
         assert o.prompt_token_ids == p
@@ -300,7 +300,7 @@ def test_bad_input_names_the_culprit_and_loses_nothing(small):
         llm.generate([good, good], [SamplingParams()] * 3, use_tqdm=False)
     with pytest.raises(TypeError, match="lora_request 0"):
         llm.generate([good], lora_request=object(), use_tqdm=False)
-    assert not llm.llm_engine.scheduler.has_unfinished() and llm.llm_engine.block_manager.num_free_blocks() == len(llm.llm_engine.block_manager.blocks)
+    assert not (llm.llm_engine.scheduler.waiting or llm.llm_engine.scheduler.running) and len(llm.llm_engine.block_manager.free_block_ids) == len(llm.llm_engine.block_manager.blocks)
     out = llm.generate([good, "hello"], SamplingParams(max_tokens=3, ignore_eos=True), use_tqdm=False)  # still works
     assert [len(o.outputs[0].token_ids) for o in out] == [3, 3] and out[1].prompt == "hello"
     with pytest.raises(TypeError, match="max_num_seqz"):

@@ -137,7 +137,7 @@ def test_mixed_batch_equals_each_request_alone(setup, expected):
     batch, alone = run_mixed(llm, adapters)
     assert batch == alone == expected
     assert len({tuple(t) for t in expected}) == len(expected)
-    assert llm.llm_engine.block_manager.num_free_blocks() == len(llm.llm_engine.block_manager.blocks)
+    assert len(llm.llm_engine.block_manager.free_block_ids) == len(llm.llm_engine.block_manager.blocks)
 
 
 def test_more_adapters_than_slots(setup, expected):
@@ -357,7 +357,7 @@ def test_bad_lora_input_is_refused_before_any_work(setup, tmp_path):
     with pytest.raises(ValueError, match="'wrong'.*q_proj.lora_A.weight has shape \\(4, 32\\), expected \\(4, 64\\)"):
         llm.generate([good], lora_request=LoRARequest("wrong", 12, wrong), use_tqdm=False)
     # nothing was queued, nothing was lost; the engine still works
-    assert not llm.llm_engine.scheduler.has_unfinished() and llm.llm_engine.block_manager.num_free_blocks() == len(llm.llm_engine.block_manager.blocks)
+    assert not (llm.llm_engine.scheduler.waiting or llm.llm_engine.scheduler.running) and len(llm.llm_engine.block_manager.free_block_ids) == len(llm.llm_engine.block_manager.blocks)
     out = llm.generate([good], SamplingParams(max_tokens=3, ignore_eos=True), lora_request=req, use_tqdm=False)
     assert len(out[0].outputs[0].token_ids) == 3 and out[0].lora_request == req
 

@@ -15,7 +15,8 @@ import pytest
 import torch
 
 import minillm
-from minillm import LLM, TP, LoRARequest, SamplingParams, tp_plan
+from cli import main as cli_main
+from minillm import LLM, LoRARequest, SamplingParams, tp_plan
 from parallel import TP
 from test_engine import ROOT, make_checkpoint, random_prompts
 from test_lora import make_adapter
@@ -302,12 +303,12 @@ def test_data_parallel_writes_the_same_jsonl_as_one_process(engines, tmp_path, c
     (tmp_path / "prompts.txt").write_text("".join(f"Tell me about the number {i}.\n" for i in range(7)))
     cli = ["--prompts", str(tmp_path / "prompts.txt"), "--model", folder, "--device", "cpu", "--max-tokens", "6"]
     engines.release()
-    assert minillm.main([*cli, "--output", str(tmp_path / "one.jsonl")]) == 0
+    assert cli_main([*cli, "--output", str(tmp_path / "one.jsonl")]) == 0
     capfd.readouterr()
-    assert minillm.main([*cli, "--output", str(tmp_path / "two.jsonl"), "--data-parallel-size", "2",
-                         "--tensor-parallel-size", "2"]) == 0
+    assert cli_main([*cli, "--output", str(tmp_path / "two.jsonl"), "--data-parallel-size", "2",
+                     "--tensor-parallel-size", "2"]) == 0
     assert "7/7" in capfd.readouterr().err  # rank 0's bar counts both ranks' prompts
     one = (tmp_path / "one.jsonl").read_text()
     assert len(one.splitlines()) == 7 and (tmp_path / "two.jsonl").read_text() == one
-    assert minillm.main([*cli, "--data-parallel-size", "0"]) == 1
+    assert cli_main([*cli, "--data-parallel-size", "0"]) == 1
     assert "--data-parallel-size must be at least 1" in capfd.readouterr().err

@@ -258,7 +258,7 @@ def test_chat_template_renders_as_transformers_does(tiny):
     assert len(llm.chat(CONVERSATIONS[0], SamplingParams(max_tokens=3), use_tqdm=False)) == 1  # one conversation
     with pytest.raises(ValueError, match="conversation 1: unknown role: robot"):
         llm.chat([CONVERSATIONS[0], [{"role": "robot", "content": "beep"}]], use_tqdm=False)
-    assert not llm.llm_engine.scheduler.has_unfinished()
+    assert not (llm.llm_engine.scheduler.waiting or llm.llm_engine.scheduler.running)
 
 
 def test_default_model_chat_template_from_gguf_matches_transformers():

@@ -40,7 +40,7 @@ def summary(outputs):
 
 def assert_clean(llm):
     e = llm.llm_engine
-    assert not e.requests and not e.scheduler.has_unfinished() and e.in_flight is None
+    assert not e.requests and not (e.scheduler.waiting or e.scheduler.running) and e.in_flight is None
     bm = e.block_manager
     assert all(b.ref_count == 0 for b in bm.blocks) and len(bm.free_block_ids) == len(bm.blocks)
     assert not bm.uncommitted and all(bm.blocks[b].hash == h for h, b in bm.cached.items())
@@ -275,7 +275,7 @@ def simulate(prompts, max_tokens, arrivals, priorities, block_size, num_blocks, 
         for seq in seqs:
             if arrivals[seq.seq_id] == step:
                 sched.add(seq)
-        if step > max(arrivals) and not sched.has_unfinished():
+        if step > max(arrivals) and not (sched.waiting or sched.running):
             break
         batch = sched.schedule()
         for seq, n in batch:  # the whole step's K/V is written before anything reads it (as each layer does)

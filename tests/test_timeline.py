@@ -458,12 +458,12 @@ def test_no_trace_touches_nothing(tiny_folder, monkeypatch):
 
 
 def test_cli_writes_the_trace(tmp_path, capsys, monkeypatch):
-    import minillm
+    import cli
     root, page, written = os.path.dirname(os.path.dirname(os.path.abspath(__file__))), tmp_path / "trace.html", []
     write = timeline.write_trace
     monkeypatch.setattr(timeline, "write_trace", lambda trace, path: (written.append(trace), write(trace, path)))
-    assert minillm.main(["--prompts", os.path.join(root, "examples", "prompts.txt"), "--max-tokens", "4",
-                         "--device", "cpu", "--trace", str(page)]) == 0
+    assert cli.main(["--prompts", os.path.join(root, "examples", "prompts.txt"), "--max-tokens", "4",
+                     "--device", "cpu", "--trace", str(page)]) == 0
     text, (trace,) = page.read_text(), written
     assert text.startswith("<!doctype html>") and text.count('class="request-row"') == 4
     assert f"wrote the trace of {len(trace['steps'])} engine steps" in capsys.readouterr().err
@@ -472,10 +472,11 @@ def test_cli_writes_the_trace(tmp_path, capsys, monkeypatch):
 
 
 def test_cli_checks_the_trace_path_before_loading(tmp_path, capsys, monkeypatch):
+    import cli
     import minillm
     prompts = tmp_path / "p.txt"
     prompts.write_text("hi\n")
     monkeypatch.setattr(minillm, "LLM", lambda *a, **k: pytest.fail("the model was loaded"))
     for path, message in ((tmp_path / "t.txt", "must end in .html"), (tmp_path / "no" / "t.html", "No such file")):
-        assert minillm.main(["--prompts", str(prompts), "--trace", str(path)]) == 1
+        assert cli.main(["--prompts", str(prompts), "--trace", str(path)]) == 1
         assert message in capsys.readouterr().err
