@@ -711,10 +711,10 @@ def kv_bytes_per_block(cfg: ModelConfig, block_size: int, dtype) -> int:
 @dataclass
 class SamplingTensors:
     """One step's sampling parameters, one row per sampled sequence, on the device."""
-    temperature: torch.Tensor   # (B,) below SAMPLING_EPS = greedy
-    top_k: torch.Tensor         # (B,) V = off
-    top_p: torch.Tensor         # (B,) 1 = off
-    min_p: torch.Tensor         # (B,) 0 = off
+    temperature: torch.Tensor   # (S,) below SAMPLING_EPS = greedy
+    top_k: torch.Tensor         # (S,) V = off
+    top_p: torch.Tensor         # (S,) 1 = off
+    min_p: torch.Tensor         # (S,) 0 = off
     generators: dict            # row -> torch.Generator of a seeded request
     all_greedy: bool
     any_top_k_top_p: bool
@@ -723,24 +723,24 @@ class SamplingTensors:
 
 
 def apply_top_k_top_p_min_p(logits, top_k, top_p, min_p):
-    """Set to -inf every logit outside the top-k, the top-p nucleus or the min-p floor. logits (B, V)."""
+    """Set to -inf every logit outside the top-k, the top-p nucleus or the min-p floor. logits (S, V)."""
     if min_p is not None:  # p_i < min_p * p_max  <=>  logit_i < logit_max + log(min_p)
-        floor = logits.max(dim=-1, keepdim=True).values + torch.log(min_p.clamp(min=1e-30))[:, None]  # (B, 1)
+        floor = logits.max(dim=-1, keepdim=True).values + torch.log(min_p.clamp(min=1e-30))[:, None]  # (S, 1)
         logits = logits.masked_fill(logits < floor, float("-inf"))
     if top_k is None:
         return logits
-    sorted_logits, order = logits.sort(dim=-1, descending=True)  # (B, V) each
-    kth = sorted_logits.gather(1, (top_k - 1).clamp(min=0)[:, None])  # (B, 1) the k-th largest logit
+    sorted_logits, order = logits.sort(dim=-1, descending=True)  # (S, V) each
+    kth = sorted_logits.gather(1, (top_k - 1).clamp(min=0)[:, None])  # (S, 1) the k-th largest logit
     sorted_logits = sorted_logits.masked_fill(sorted_logits < kth, float("-inf"))
     # top-p over what top-k kept: drop a token when the tokens more likely than it already reach top_p
     probs = sorted_logits.softmax(dim=-1)
-    mass_before = probs.cumsum(dim=-1) - probs  # (B, V)
+    mass_before = probs.cumsum(dim=-1) - probs  # (S, V)
     sorted_logits = sorted_logits.masked_fill(mass_before >= top_p[:, None], float("-inf"))
     return torch.full_like(logits, float("-inf")).scatter(1, order, sorted_logits)
 
 
 def apply_penalties(logits, prompt_mask, output_counts, presence, frequency, repetition):
-    """vLLM's (and OpenAI's) penalties. logits, output_counts (B, V); prompt_mask (B, V) bool; the rest (B,).
+    """vLLM's (and OpenAI's) penalties. logits, output_counts (S, V); prompt_mask (S, V) bool; the rest (S,).
     repetition_penalty counts prompt and output tokens, the other two only output tokens."""
     seen = prompt_mask | (output_counts > 0)
     r = repetition[:, None]
@@ -748,18 +748,18 @@ def apply_penalties(logits, prompt_mask, output_counts, presence, frequency, rep
     return logits - frequency[:, None] * output_counts - presence[:, None] * (output_counts > 0)
 
 
-def gumbel_argmax(logits, temperature, q):  # (B, V), (B,), (B, V) -> (B,)
+def gumbel_argmax(logits, temperature, q):  # (S, V), (S,), (S, V) -> (S,)
     return (logits / temperature[:, None] - q.log()).argmax(dim=-1)
 
 
 def sample(logits: torch.Tensor, st: SamplingTensors, generator: torch.Generator) -> torch.Tensor:
-    """logits (B, V) float32 -> token ids (B,). Everything stays on the device."""
+    """logits (S, V) float32 -> token ids (S,). Everything stays on the device."""
     if st.penalties is not None:  # before temperature, and before greedy picks its token
         logits = apply_penalties(logits, *st.penalties)
     greedy = logits.argmax(dim=-1)
     if st.all_greedy:
         return greedy
-    temperature = st.temperature.clamp(min=1e-5)  # (B,) greedy rows are replaced at the end
+    temperature = st.temperature.clamp(min=1e-5)  # (S,) greedy rows are replaced at the end
     if st.any_top_k_top_p or st.any_min_p:
         logits = apply_top_k_top_p_min_p(logits / temperature[:, None], st.top_k if st.any_top_k_top_p else None,
                                          st.top_p, st.min_p if st.any_min_p else None)

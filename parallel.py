@@ -75,7 +75,7 @@ class TP:
 #   o_proj, down_proj row-parallel: each rank multiplies its heads' / columns' part of the input by the matching
 #                     input columns; the ranks' (N, C) results are partial sums: all-reduce
 #   embed_tokens      vocab-parallel: each rank looks up the ids in its V/tp rows, zeros elsewhere: all-reduce
-#   lm_head           vocab-parallel: each rank scores its V/tp tokens; rank 0 gathers the (B, V) logits and samples
+#   lm_head           vocab-parallel: each rank scores its V/tp tokens; rank 0 gathers the (rows, V) logits, samples
 #
 # With fewer KV heads than ranks, each KV head is copied to the tp/KVH ranks whose query heads read it. A rank's
 # model is a Llama of the shard's shape (tp_plan's config: minillm.ModelConfig), so Attention and MLP only
@@ -144,15 +144,15 @@ class VocabParallelEmbedding(torch.nn.Module):
 
 
 class VocabParallelHead(torch.nn.Module):
-    """lm_head with V/tp rows a rank: each scores its vocab shard, (B, V/tp), and rank 0 gathers the whole (B, V)
-    (the padding rows' scores cut off), as rank 0 samples; another rank gets its own shard's scores back."""
+    """lm_head with V/tp rows a rank: each scores its vocab shard, (rows, V/tp), and rank 0 gathers the whole
+    (rows, V) (the padding rows' scores cut off), as rank 0 samples; another rank gets its own shard's back."""
 
     def __init__(self, weight: torch.nn.Parameter, vocab_size: int, tp: TP):
         super().__init__()
         self.weight, self.vocab_size, self.tp = weight, vocab_size, tp
 
-    def forward(self, h):  # (B, C) -> (B, V) on rank 0
-        logits = F.linear(h, self.weight)  # (B, C) @ (C, V/tp) -> (B, V/tp)
+    def forward(self, h):  # (rows, C) -> (rows, V) on rank 0
+        logits = F.linear(h, self.weight)  # (rows, C) @ (C, V/tp) -> (rows, V/tp)
         parts = [torch.empty_like(logits) for _ in range(self.tp.size)] if self.tp.rank == 0 else None
         dist.gather(logits, parts, dst=0)
         return logits if parts is None else torch.cat(parts, dim=-1)[:, :self.vocab_size]
@@ -290,10 +290,11 @@ class TPModelRunner(ShardRunner):
     """Rank 0's runner under tensor parallelism: minillm.ModelRunner's methods, each sent to the workers first
     (forward, sample), the sampled tokens broadcast to them; close() stops them."""
 
-    def __init__(self, model, tp: TP, load_args: dict, lora_args, **runner_args):
+    def __init__(self, model, tp: TP, load_args: dict, lora_args, lora_manager=None, **runner_args):
+        # each worker makes its own LoRA slots from lora_args; rank 0's are lora_manager
         self.workers = TPWorkers(tp.size, model.embed_tokens.weight.device, load_args, runner_args, lora_args)
         try:
-            super().__init__(model, **runner_args)
+            super().__init__(model, lora_manager=lora_manager, **runner_args)
         except BaseException:
             self.workers.close()
             raise

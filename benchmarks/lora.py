@@ -119,10 +119,8 @@ def layer_breakdown(cfg: dict, N: int, num_adapters: int, rank: int, max_loras: 
               "gate/up": ((mlp.gate_proj, mlp.up_proj), x), "down": ((mlp.down_proj,), xf)}
 
     def projections(lora_batch):  # as the model runs them
-        minillm.linear_stacked(stacks["q/k/v"][0], x, lora_batch)
-        minillm.linear(attn.o_proj, xo, lora_batch)
-        minillm.linear_stacked(stacks["gate/up"][0], x, lora_batch)
-        minillm.linear(mlp.down_proj, xf, lora_batch)
+        for projs, inp in stacks.values():
+            minillm.project(projs, inp, lora_batch)
 
     def per_projection():  # the first version: one shrink + expand per projection, 14 launches
         for projs, inp in stacks.values():

@@ -184,8 +184,9 @@ def test_close_and_with_end_the_workers(engines):
 
 def test_an_error_inside_a_step_stops_the_workers(engines, monkeypatch):
     tp2 = engines.tp2()
-    monkeypatch.setattr(tp2.llm_engine.runner, "sample", lambda *args: (_ for _ in ()).throw(Boom()))
-    with pytest.raises(Boom):  # the ranks are out of step now: the workers are stopped
+    # rank 0 fails inside the step's sample, after the workers took the call: the ranks are out of step
+    monkeypatch.setattr(tp2.llm_engine.runner, "pick_tokens", lambda *args: (_ for _ in ()).throw(Boom()))
+    with pytest.raises(Boom):  # so the workers are stopped
         tp2.generate(*workload(), use_tqdm=False)
     assert workers() == []
     with pytest.raises(RuntimeError, match="tensor-parallel workers were stopped .*Boom.*create a new LLM"):

@@ -89,7 +89,7 @@ def test_prefix_cache_eviction_under_a_small_cache_keeps_results_right(tiny):
     assert not rounds[1][1] >= rounds[0][1]  # round b evicted blocks of round a
     assert rounds[0][0] == [0, 20, 20] and sum(rounds[3][0]) > 20  # a repeated round finds more blocks
     bm = on.llm_engine.block_manager
-    assert bm.num_free_blocks() == 24 and all(bm.blocks[i].hash == h for h, i in bm.cached.items())
+    assert len(bm.free_block_ids) == 24 and all(bm.blocks[i].hash == h for h, i in bm.cached.items())
 
 
 # ---- logprobs and prompt_logprobs ------------------------------------------------------------
