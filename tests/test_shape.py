@@ -64,3 +64,18 @@ def test_the_core_keeps_its_budgets():
     assert (sample["lines"], sample["code"], sample["longest_function"]) == (7, 2, (3, "f"))
     over = dict(m, lines=core_budget.BUDGETS["lines"] + 1, longest_function=(41, "g"))
     assert core_budget.over_budget(over) == ["lines 1751 > 1750", "function g has 41 lines > 40"]
+
+
+def test_the_walkthrough_route_and_the_readme_count_match_the_core():
+    """walkthrough.md's first-evening route gives each section's lines; the README and the route give the counts."""
+    lines = open(os.path.join(ROOT, "minillm.py")).read().splitlines()
+    banners = [i for i, line in enumerate(lines, 1) if re.match(r"# \d+\. ", line)]
+    sections = [(1, banners[0] - 3)] + [(b, nxt - 3) for b, nxt in zip(banners, banners[1:] + [len(lines) + 3])]
+    walkthrough = open(os.path.join(ROOT, "walkthrough.md")).read()
+    route = [(int(a), int(b)) for a, b in re.findall(r"^\| [^|]+ \| (\d+)–(\d+) \|", walkthrough, re.M)]
+    assert route == sections, (route, sections)
+    m = core_budget.measure(os.path.join(ROOT, "minillm.py"))
+    claim = f"{m['lines']:,} lines, {m['code']:,} of them code"
+    assert claim in walkthrough, claim
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    assert f"is {m['lines']:,} lines ({m['code']:,} of code;" in readme
