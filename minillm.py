@@ -1301,7 +1301,7 @@ class LLMEngine:
     to the ModelRunner through its methods. Its one argument is vLLM's EngineArgs (compat.py checks it)."""
 
     def __init__(self, args):
-        import compat
+        compat = companion("compat")
         self.device = compat.check_device(None if args.device == "auto" else args.device)
         if self.device.type == "cpu":  # as many threads as there are free cores (MINILLM_NUM_THREADS overrides)
             torch.set_num_threads(companion("parallel").choose_cpu_threads())
@@ -1676,7 +1676,7 @@ class LLM:
     a HF checkpoint folder, a .gguf file or a hub id; the keyword arguments are vLLM's (compat.EngineArgs)."""
 
     def __init__(self, model: Optional[str] = None, **engine_args):
-        import compat
+        compat = companion("compat")
         self.llm_engine = LLMEngine(compat.EngineArgs(model=model, **engine_args))
         self.request_counter = itertools.count()  # request ids: one per prompt, counting on across calls
         self.last_trace: Optional[dict] = None  # with trace=True: what the last generate call did, step by step
