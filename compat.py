@@ -1,15 +1,18 @@
 """
-The vLLM and Hugging Face API surface that offline scripts call and the engine does not need: vLLM's engine
-arguments (`EngineArgs`, `FlexibleArgumentParser`), models by hub id (`resolve_model`), a checkpoint's
-generation_config.json as the default SamplingParams, the shapes vLLM hands back or takes (prompt dicts,
-metrics, a request's timestamps, the profiler's config), the HF tokenizer calls (`tok(text).input_ids`,
-`batch_decode`, `eos_token_id`, `convert_tokens_to_ids`, `apply_chat_template`, ...), the engine's observer
-for vLLM's metrics (`Metrics`), and the calls of vLLM's LLM and LLMEngine beyond generate and step (`chat`,
-`beam_search`, `get_metrics`, `reset_prefix_cache`), which minillm's classes reach through one-line methods.
+The vLLM and Hugging Face API surface that offline scripts call and the core does not need to show: vLLM's engine
+arguments (`EngineArgs`, `FlexibleArgumentParser`), models by hub id (`resolve_model`) and the built-in default
+model, a checkpoint's generation_config.json as the default SamplingParams, SamplingParams' validation rules,
+generate's input checks (`check_batch`: prompt forms, per-prompt params and priorities, the device), the shapes
+vLLM hands back or takes (prompt dicts, logprob dicts, metrics, a request's timestamps, the profiler's config),
+the progress bar, the HF tokenizer calls (`tok(text).input_ids`, `batch_decode`, `eos_token_id`,
+`convert_tokens_to_ids`, `apply_chat_template`, ...), the engine's observer for vLLM's metrics (`Metrics`), and
+the calls of vLLM's LLM and LLMEngine beyond generate and step (`chat`, `beam_search`, `add_request`,
+`get_metrics`, `reset_prefix_cache`, `prompt_logits`), which minillm's classes reach through one-line methods.
 
-It lives beside minillm.py so that the engine reads top to bottom without it. It imports minillm (in functions),
-so minillm imports it only when a feature needs it; `from minillm import EngineArgs` finds every public name
-here through minillm's module __getattr__, as `from vllm import EngineArgs` does.
+It lives beside minillm.py so that the engine reads top to bottom without it. It imports minillm inside
+functions, so minillm imports it only when a feature needs it (`minillm.companion`); `from minillm import
+EngineArgs` finds every public name here through minillm's module __getattr__, as `from vllm import EngineArgs`
+does.
 """
 
 from __future__ import annotations
@@ -21,11 +24,11 @@ import importlib.util
 import inspect
 import json
 import math
-import warnings
 import os
 import random
 import sys
 import time
+import warnings
 from dataclasses import dataclass, fields
 from typing import Any, Callable, Optional, TypedDict
 

@@ -3,15 +3,17 @@ Constrained decoding for minillm: structured outputs (JSON schema, regex, choice
 per-request logits controls (logit_bias, allowed_token_ids, bad_words, logits_processors), and vLLM v1's
 engine-level logits processors (LLM(logits_processors=[cls, ...]), section 5).
 
-The contract: pure logits transforms and grammar states, no engine knowledge. The engine
+The contract: pure logits transforms and grammar states, no engine knowledge; LogitsHook (at the end) is the one
+object minillm's engine holds, its seam between the logits and the sampler. Through it the engine
   1. validates a request's params before any work (StructuredOutputsParams checks itself;
      GrammarCompiler.compile raises ValueError for a bad schema/regex/grammar; LogitsControls.from_params
      checks the ids; EngineLogitsProcessors.validate asks each processor class),
   2. gives each completion its own GrammarState (n > 1: one per child) and LogitsControls,
-  3. each step, once the rows' output tokens are on the host, calls apply_masks,
-     apply_logits_controls and EngineLogitsProcessors.apply, before sampling, on the (S, V) logits of
-     only the rows sampled this step (not the prompt-logprobs rows, nor a prefill chunk that samples nothing),
-  4. calls state.accept(token) when a token lands,
+  3. each step asks for_rows(sequences) and, once the rows' output tokens are on the host (needs_tokens), the
+     runner calls apply_masks, apply_logits_controls and EngineLogitsProcessors.apply, before sampling, on the
+     (S, V) logits of only the rows sampled this step (not the prompt-logprobs rows, nor a prefill chunk that
+     samples nothing),
+  4. calls accept(seq, token) when a token lands (its grammar state advances),
   5. after an exception in a step, calls EngineLogitsProcessors.reset.
 
 How a mask is made: the grammar engine, xgrammar, compiles the vocabulary once per tokenizer and each
