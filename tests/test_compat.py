@@ -303,6 +303,36 @@ def test_hf_overrides_patch_the_config(tmp_path):
 
 # ---- `pip install -e .` gives a working `import minillm` from any folder ----------------------------
 
+def _site_dirs():
+    """The folders this interpreter (the one running the tests: a venv, a conda env, the system's) imports installed
+    packages from: its site-packages, the user site, and sysconfig's purelib/platlib, those that exist."""
+    import site
+    import sysconfig
+    dirs = list(site.getsitepackages())
+    if site.ENABLE_USER_SITE:
+        dirs.append(site.getusersitepackages())
+    dirs += [sysconfig.get_path("purelib"), sysconfig.get_path("platlib")]
+    out = []
+    for d in dirs:
+        if d and os.path.isdir(d) and os.path.realpath(d) not in map(os.path.realpath, out):
+            out.append(d)
+    return out
+
+
+def _venv_that_sees_this_environment(venv):
+    """A fresh venv (no --system-site-packages: that flag shows the *base* interpreter's packages, which are not
+    those of the environment the tests run in) whose site-packages holds a .pth file naming this environment's
+    package folders, so torch, pip and setuptools are the ones installed here. Plain folder lines: the .pth files
+    inside those folders (an editable minillm installed here, say) are not run."""
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    python = str(venv / "bin" / "python")
+    purelib = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+                             check=True, capture_output=True, text=True).stdout.strip()
+    with open(os.path.join(purelib, "zz_test_environment.pth"), "w") as f:
+        f.write("\n".join(_site_dirs()) + "\n")
+    return python
+
+
 @pytest.mark.packaging
 def test_import_minillm_from_the_folder_that_holds_the_clone(tmp_path):
     """`git clone ... minillm; pip install -e minillm; python script.py` beside the clone: the folder minillm/ must
@@ -313,20 +343,21 @@ def test_import_minillm_from_the_folder_that_holds_the_clone(tmp_path):
         pytest.skip("needs setuptools and pip (the [test] extra has them)")
     clone = tmp_path / "minillm"
     clone.mkdir()
-    import tomllib
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10: the [test] extra installs tomli there
+        import tomli as tomllib
     with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
         modules = tomllib.load(f)["tool"]["setuptools"]["py-modules"]
     for name in ["pyproject.toml", "README.md"] + [m + ".py" for m in modules]:
         shutil.copy(os.path.join(ROOT, name), clone / name)
-    venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(venv)], check=True)
-    python = str(venv / "bin" / "python")
+    python = _venv_that_sees_this_environment(tmp_path / "venv")
+    env = {**os.environ, "PYTHONPATH": "", "PIP_NO_INDEX": "1", "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
     r = subprocess.run([python, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--no-index",
-                        "-e", str(clone)], capture_output=True, text=True)
+                        "-e", str(clone)], capture_output=True, text=True, env=env)
     assert r.returncode == 0, r.stderr
     script = "import minillm; from minillm import LLM, SamplingParams; print(minillm.__file__)"
     for folder in (tmp_path, tmp_path / "venv"):  # the clone's parent, and anywhere else
-        r = subprocess.run([python, "-c", script], cwd=folder, capture_output=True, text=True,
-                           env={**os.environ, "PYTHONPATH": ""})
+        r = subprocess.run([python, "-c", script], cwd=folder, capture_output=True, text=True, env=env)
         assert r.returncode == 0, r.stderr
         assert r.stdout.strip() == str(clone / "minillm.py")
