@@ -60,11 +60,22 @@ def apply_hf_overrides(cfg: dict, hf_overrides) -> dict:
     return {**cfg, **(hf_overrides or {})}
 
 
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3")  # config.json's model_type: the Llama block and its variations
+
+
 def hf_config_fields(cfg: dict, generation_cfg: dict) -> dict:
     """config.json and generation_config.json -> the fields of minillm.ModelConfig. ValueError for what the model
-    does not implement: another architecture, biases, a RoPE scaling other than linear and llama3."""
-    if cfg.get("model_type") not in ("llama", None) or cfg.get("attention_bias") or cfg.get("mlp_bias"):
-        raise ValueError(f"only the Llama architecture without biases is supported, got model_type={cfg.get('model_type')!r}")
+    does not implement: another architecture, an o_proj or MLP bias, a sliding window shorter than the context,
+    a RoPE scaling other than linear and llama3. Qwen2 has biases on q, k and v; Qwen3 a norm on q and k."""
+    family = cfg.get("model_type") or "llama"
+    if family not in FAMILIES:
+        raise ValueError(f"model_type={family!r} is not supported; minillm runs {', '.join(FAMILIES)}")
+    if cfg.get("mlp_bias") or cfg.get("attention_bias"):  # (Llama, Mistral and Qwen3 put it on o_proj too)
+        raise ValueError(f"model_type={family!r} with attention_bias or mlp_bias is not supported")
+    window, context = cfg.get("sliding_window"), cfg.get("max_position_embeddings", 2048)
+    if window and window < context and (family == "mistral" or cfg.get("use_sliding_window")):
+        raise ValueError(f"model_type={family!r} with a sliding window of {window} tokens (shorter than "
+                         f"max_position_embeddings={context}) is not supported")
     # transformers 5 writes `rope_parameters` (theta inside); older checkpoints `rope_theta` + `rope_scaling`
     rope = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
     theta = rope.pop("rope_theta", cfg.get("rope_theta", 10000.0))
@@ -81,8 +92,9 @@ def hf_config_fields(cfg: dict, generation_cfg: dict) -> dict:
         num_kv_heads=cfg.get("num_key_value_heads") or cfg["num_attention_heads"],
         head_dim=cfg.get("head_dim") or 0, rms_norm_eps=cfg.get("rms_norm_eps", 1e-5), rope_theta=theta,
         rope_scaling=None if rope_type == "default" else {**rope, "rope_type": rope_type},
-        max_position_embeddings=cfg.get("max_position_embeddings", 2048),
+        max_position_embeddings=context,
         tie_word_embeddings=cfg.get("tie_word_embeddings", False), eos_token_ids=tuple(sorted(eos)),
+        qkv_bias=family == "qwen2", qk_norm=family == "qwen3",
     )
 
 

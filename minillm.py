@@ -106,6 +106,8 @@ class ModelConfig:
     max_position_embeddings: int = 2048
     tie_word_embeddings: bool = False
     eos_token_ids: tuple = ()        # from config.json / generation_config.json
+    qkv_bias: bool = False           # Qwen2: biases on the q, k and v projections
+    qk_norm: bool = False            # Qwen3: an RMSNorm over each head's q and k, before RoPE
 
     def __post_init__(self):
         if self.head_dim == 0:
@@ -413,15 +415,20 @@ class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.H, self.KVH, self.D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        self.q_proj = nn.Linear(cfg.hidden_size, self.H * self.D, bias=False)
-        self.k_proj = nn.Linear(cfg.hidden_size, self.KVH * self.D, bias=False)
-        self.v_proj = nn.Linear(cfg.hidden_size, self.KVH * self.D, bias=False)
+        self.q_proj = nn.Linear(cfg.hidden_size, self.H * self.D, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.KVH * self.D, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.KVH * self.D, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(self.H * self.D, cfg.hidden_size, bias=False)
+        self.q_norm = RMSNorm(self.D, cfg.rms_norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(self.D, cfg.rms_norm_eps) if cfg.qk_norm else None
 
     def forward(self, x, cos, sin, meta: AttentionMetadata, k_cache, v_cache):
         N = x.shape[0]
         q, k, v = project((self.q_proj, self.k_proj, self.v_proj), x, meta.lora)  # (N, C) -> (N, H*D), (N, KVH*D) x2
         q, k, v = q.view(N, self.H, self.D), k.view(N, self.KVH, self.D), v.view(N, self.KVH, self.D)
+        if self.q_norm is not None:  # (N * heads, D) rows, each normalized over its D
+            q = self.q_norm(q.reshape(N * self.H, self.D)).view(N, self.H, self.D)
+            k = self.k_norm(k.reshape(N * self.KVH, self.D)).view(N, self.KVH, self.D)
         rope = fused(apply_rope) if x.is_cuda else apply_rope
         q, k = rope(q, cos, sin), rope(k, cos, sin)
         # The Triton kernels on the GPU; on the CPU their batched PyTorch twins (same contract)
@@ -464,8 +471,7 @@ class Llama(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
-        # Given a weight, Embedding skips its random init, which even on the meta device (load_model) costs
-        # seconds: normal_ there runs a Python decomposition. The checkpoint's weights replace it anyway.
+        # Given a weight, Embedding skips its random init, which costs seconds even on the meta device (load_model)
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size,
                                          _weight=torch.empty(cfg.vocab_size, cfg.hidden_size))
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
@@ -534,9 +540,8 @@ def resolve_dtype(dtype, checkpoint_dtype: Optional[str], device: torch.device) 
 
 
 class Observer:
-    """The seam for watching the engine work: the block manager, the scheduler and the engine tell their observer
-    of each event below, and this one ignores them all. The engine's own is compat.Metrics (vLLM's get_metrics and
-    RequestOutput.metrics); with LLM(trace=True), timeline.Recorder, which also records every step for a picture."""
+    """The seam for watching the engine: the block manager, scheduler and engine tell it each event below, and this
+    one ignores them all. The engine's own is compat.Metrics, or with trace=True timeline.Recorder (metrics too)."""
     def added(self, seqs: list) -> None: pass             # a request's sequences are queued
     def block(self, kind: str, block_id: int) -> None: pass  # "allocated", "shared", "evicted" or "freed"
     def admitted(self, seq) -> None: pass                 # a waiting sequence runs (its cached prefix computed)
@@ -648,10 +653,9 @@ class BlockManager:
         return block_id
 
     def cache_full_blocks(self, seq: "Sequence", num_tokens: int) -> None:
-        """Put the blocks that seq's first num_tokens fill into the prefix cache (once their tokens are known: a block
-        ending in a PENDING token waits for a later step). Each layer writes the whole step's K/V before any
-        attention reads it, so a sequence scheduled later in this same step can already share them; until the
-        step has run they are `uncommitted`, and dropped again if it fails."""
+        """Put the blocks that seq's first num_tokens fill into the prefix cache, once their tokens are known (not
+        a PENDING one). Each layer writes the step's K/V before attention reads any, so a sequence later in this
+        step can share them already; until the step has run they are `uncommitted`, dropped if it fails."""
         if num_tokens // self.block_size <= seq.num_hashed_blocks:
             return
         hashes = self.block_hashes(seq, num_tokens)
@@ -1065,10 +1069,9 @@ class ModelRunner:
 
     @torch.inference_mode()
     def warm_up(self) -> None:
-        """Compile the torch.compile'd ops now, not inside the first generate. First with sizes that equal no other
-        dimension: torch.compile assumes two sizes that match at its first call always match (2048 tokens and a
-        hidden size of 2048, 32 heads and 32 rotary pairs), and recompiles when they don't. Then with one token or
-        one row, a size it always compiles apart."""
+        """Compile the fused ops now, not inside the first generate: first with sizes that equal no other dimension
+        (torch.compile assumes that sizes equal at its first call, say 2048 tokens and a hidden size of 2048, stay
+        equal, and recompiles when they don't), then with one row, a size it always compiles apart."""
         C, D, V, eps = self.cfg.hidden_size, self.cfg.head_dim, self.cfg.vocab_size, self.cfg.rms_norm_eps
         like = lambda *shape, dtype=self.dtype: torch.ones(*shape, dtype=dtype, device=self.device)
         f32 = torch.float32
@@ -1459,10 +1462,9 @@ class LLMEngine:
             raise
 
     def commit(self, batch: list, sampled: list[Sequence], scored: list, tokens) -> Optional[tuple]:
-        """Step 4. In the device's stream order the step has run: its tokens' K/V are in the cache, and the blocks
-        it filled may be shared. The one-step-late read-back: each sequence that sampled ends in a PENDING
-        placeholder until its token lands, after the next step is queued; meanwhile the runner feeds that token
-        to the next step straight from the device. Returns what is now in flight."""
+        """Step 4. In the device's stream order the step has run: its K/V are in the cache, its full blocks may be
+        shared. The one-step-late read-back: each sequence that sampled ends in a PENDING placeholder until its
+        token lands, after the next step is queued (the runner feeds it to that step from the device)."""
         for seq, n in batch:
             seq.num_computed_tokens += n
         self.block_manager.commit()
@@ -1561,11 +1563,10 @@ class LLMEngine:
         return progressed
 
     def recover(self, abort=()) -> None:
-        """Back to a consistent state after an exception (KeyboardInterrupt included) at any point of a step or
-        of generate: the requests in `abort` are dropped; every other unfinished sequence waits to be recomputed
-        from the tokens it knows; nothing is in flight; no block is held, and none stays in the prefix cache
-        whose K/V the failed step may not have written. Rebuilt from `requests`, so it holds whatever was half done.
-        What stays: the prefix cache's other blocks, the seeded generators where they are, the metrics."""
+        """Back to a consistent state after an exception (Ctrl-C included) anywhere in a step or in generate: `abort`'s
+        requests are dropped; every other unfinished sequence waits to be recomputed from its known tokens; nothing
+        is in flight; no block is held, or cached unless its step ran. Rebuilt from `requests`, so it holds whatever
+        was half done. What stays: the prefix cache's other blocks, the seeded generators where they are, metrics."""
         for rid in abort:
             self.requests.pop(rid, None)
             self.streaming.discard(rid)
