@@ -50,9 +50,19 @@ class TP:
         return tp_plan(cfg, self)[0]
 
     def cut(self, cfg):
-        """cut(name, tensor) -> this rank's part of checkpoint tensor `name` (the loaders' seam, see take_shard)."""
+        """cut(name, tensor) -> this rank's part of checkpoint tensor `name` (the loaders' seam, see take_shard).
+        A tensor is cut by its module's Shard: layers.0.self_attn.q_proj.weight and .bias alike by q_proj's."""
         shards = tp_plan(cfg, self)[1]  # (a size that does not split fails here, before any tensor is read)
-        return lambda name, t: take_shard(t, shards.get(name.split(".")[-2]))
+
+        def cut(name: str, t):
+            module, kind = name.split(".")[-2:]
+            shard = shards.get(module)
+            if kind == "bias" and shard is not None and shard.dim == 1:
+                # each rank's partial sum would carry the bias, and the all-reduce add it tp times
+                raise ValueError(f"{name}: a bias on a row-parallel projection is not supported under tensor "
+                                 f"parallelism")
+            return take_shard(t, shard)
+        return cut
 
     def wrap(self, model, cfg) -> None:
         """Make this rank's part (a minillm.Llama of part(cfg)'s shape, its weights loaded) compute its share of
@@ -80,6 +90,10 @@ class TP:
 # With fewer KV heads than ranks, each KV head is copied to the tp/KVH ranks whose query heads read it. A rank's
 # model is a Llama of the shard's shape (tp_plan's config: minillm.ModelConfig), so Attention and MLP only
 # add the all-reduce.
+#
+# The families' extras follow their projection. Qwen2's q/k/v biases are column-parallel like their weights: a rank
+# holds the bias entries of its own output rows (its heads), cut by the same Shard. Qwen3's q_norm and k_norm weigh
+# the D dimensions of any one head, so every rank holds them whole, as it does the layers' RMSNorms.
 
 
 class Shard(NamedTuple):
@@ -93,7 +107,8 @@ class Shard(NamedTuple):
 
 def tp_plan(cfg, tp: TP) -> tuple:
     """What rank tp.rank of tp.size holds: the config of its part of each layer, and the Shard of each sharded
-    tensor by module name (the norms are whole on every rank). ValueError naming a size that does not split."""
+    module by name, for its weight and its bias (the norms, q_norm and k_norm too, are whole on every rank).
+    ValueError naming a size that does not split."""
     if tp.size == 1:
         return cfg, {}
     n, r, H, KVH, D, Fi, V = tp.size, tp.rank, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.intermediate_size, cfg.vocab_size
@@ -111,13 +126,17 @@ def tp_plan(cfg, tp: TP) -> tuple:
 
 
 def take_shard(t, shard: Optional[Shard]) -> torch.Tensor:
-    """This rank's part of checkpoint tensor t (a tensor, or a safetensors slice, which reads only that part);
-    a vocab shard past the end of the vocabulary is padded with zero rows (their logits are cut off)."""
+    """This rank's part of checkpoint tensor t (a tensor, or a safetensors slice, which reads only that part): a
+    weight's (OUT, K) or a bias's (OUT,); a vocab shard past the end of the vocabulary is padded with zero rows
+    (their logits are cut off)."""
     if shard is None:
         return t[:]
     cut = slice(shard.start, shard.start + shard.size)
-    part = t[cut] if shard.dim == 0 else t[:, cut]
-    return F.pad(part, (0, 0, 0, shard.size - part.shape[0])) if shard.dim == 0 else part
+    if shard.dim == 1:
+        return t[:, cut]
+    part = t[cut]
+    # zeros after dim 0's last entry; F.pad lists the last dim's (before, after) first, so a (0, 0) per dim after 0
+    return F.pad(part, (0, 0) * (part.dim() - 1) + (0, shard.size - part.shape[0]))
 
 
 def all_reduce_output(module, inputs, output: torch.Tensor) -> torch.Tensor:
