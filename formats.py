@@ -1,6 +1,7 @@
 """
-The files minillm reads, byte by byte: a HF checkpoint's config.json, llama.cpp's GGUF container (metadata and
-quantized tensors), and the tokenizer formats that all become one tiktoken Encoding: a tiktoken tokenizer.model
+The files minillm reads, byte by byte: a HF checkpoint's config.json (and its safetensors headers, each tensor's
+shape checked against the config), llama.cpp's GGUF container (metadata and quantized tensors of the llama, qwen2
+and qwen3 architectures), and the tokenizer formats that all become one tiktoken Encoding: a tiktoken tokenizer.model
 (Llama 3), a HF tokenizer.json of byte-level BPE (GPT-2, Llama 3, SmolLM2, Qwen2 style), and a GGUF file's vocabulary.
 
 minillm.py's loading and tokenizer sections call these. This file does not import minillm: what it returns is plain
@@ -17,7 +18,7 @@ import math
 import mmap
 import os
 import struct
-from typing import Iterator, Optional
+from typing import Iterator, NamedTuple, Optional
 
 import numpy as np
 import tiktoken
@@ -31,19 +32,38 @@ def read_json(folder: str, name: str) -> dict:  # {} when the folder has no such
     path = os.path.join(folder, name)
     if not os.path.exists(path):
         return {}
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    with open(path, "rb") as f:
+        try:
+            data = json.loads(f.read().decode("utf-8"))
+        except json.JSONDecodeError as e:  # (its message alone names neither the file nor the format)
+            raise ValueError(f"{path}: not JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{path}: not JSON (not UTF-8 text: byte {e.start} is {e.object[e.start]:#04x})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: not a JSON object but a {type(data).__name__}")
+    return data
 
 
 def read_hf_config(folder: str, hf_overrides=None) -> tuple[dict, list[str]]:
     """A HF checkpoint folder -> (minillm.ModelConfig's fields, its safetensors files: the shards that
-    model.safetensors.index.json lists, else model.safetensors). hf_overrides: vLLM's, see apply_hf_overrides."""
-    if not os.path.exists(os.path.join(folder, "config.json")):
+    model.safetensors.index.json lists, else model.safetensors). hf_overrides: vLLM's, see apply_hf_overrides.
+    Each file's header is read here, so that a file cut short or a tensor whose shape the config contradicts is
+    one line naming the file (check_safetensors), before any weight is read."""
+    path = os.path.join(folder, "config.json")
+    if not os.path.exists(path):
         raise FileNotFoundError(f"{folder} has no config.json: not a Hugging Face checkpoint folder")
-    fields = hf_config_fields(apply_hf_overrides(read_json(folder, "config.json"), hf_overrides),
-                              read_json(folder, "generation_config.json"))
+    cfg = apply_hf_overrides(read_json(folder, "config.json"), hf_overrides)
+    generation_cfg = read_json(folder, "generation_config.json")
+    try:
+        fields = hf_config_fields(cfg, generation_cfg)
+    except KeyError as e:
+        raise ValueError(f"{path}: no {e.args[0]!r}, which minillm needs") from None
+    except ValueError as e:  # (an architecture or feature minillm does not run: the message says which)
+        raise ValueError(f"{path}: {e}") from None
     files = sorted(set(read_json(folder, "model.safetensors.index.json").get("weight_map", {}).values()))
-    return fields, files or ["model.safetensors"]
+    files = files or ["model.safetensors"]
+    check_safetensors(folder, files, fields, cfg)
+    return fields, files
 
 
 def checkpoint_dtype(path: str) -> Optional[str]:
@@ -99,6 +119,110 @@ def hf_config_fields(cfg: dict, generation_cfg: dict) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------
+# A checkpoint's tensors against its config: each fault one line that names the file, before a weight is read
+
+
+class Described(NamedTuple):
+    """Where a checkpoint's sizes come from, as check_tensors' messages name it."""
+    name: str     # "config.json", "its metadata" (a GGUF file's)
+    model: str    # the model it describes: "model_type 'qwen2', num_hidden_layers=24"
+    labels: dict  # each size of dim_sizes -> its key there: {"V": "vocab_size", "C": "hidden_size", ...}
+
+
+def param_dims(fields: dict) -> dict[str, tuple[str, ...]]:
+    """Every parameter of the model that minillm.ModelConfig's fields describe -> its shape, in the symbols of
+    dim_sizes ("H*D": heads times head size). lm_head.weight is among them, though a checkpoint of tied
+    embeddings may leave it out."""
+    layer = {"input_layernorm.weight": ("C",), "post_attention_layernorm.weight": ("C",),
+             "self_attn.q_proj.weight": ("H*D", "C"), "self_attn.k_proj.weight": ("KVH*D", "C"),
+             "self_attn.v_proj.weight": ("KVH*D", "C"), "self_attn.o_proj.weight": ("C", "H*D"),
+             "mlp.gate_proj.weight": ("F", "C"), "mlp.up_proj.weight": ("F", "C"), "mlp.down_proj.weight": ("C", "F")}
+    if fields.get("qkv_bias"):
+        layer |= {"self_attn.q_proj.bias": ("H*D",), "self_attn.k_proj.bias": ("KVH*D",),
+                  "self_attn.v_proj.bias": ("KVH*D",)}
+    if fields.get("qk_norm"):
+        layer |= {"self_attn.q_norm.weight": ("D",), "self_attn.k_norm.weight": ("D",)}
+    dims = {"embed_tokens.weight": ("V", "C"), "norm.weight": ("C",), "lm_head.weight": ("V", "C")}
+    return dims | {f"layers.{i}.{name}": d for i in range(fields["num_layers"]) for name, d in layer.items()}
+
+
+def dim_sizes(fields: dict) -> dict[str, int]:
+    """V vocabulary, C hidden size, F MLP size, H query heads, KVH key/value heads, D head size."""
+    H, C = fields["num_heads"], fields["hidden_size"]
+    return dict(V=fields["vocab_size"], C=C, F=fields["intermediate_size"], H=H, KVH=fields["num_kv_heads"] or H,
+                D=fields["head_dim"] or C // H)  # (head_dim 0: hidden_size / heads, as minillm.ModelConfig has it)
+
+
+def check_tensors(fields: dict, found: dict, described: Described) -> None:
+    """found: {parameter name: (file, the tensor's name there, its full shape)}, a checkpoint's tensors.
+    ValueError, one line naming the file, for a tensor that is no parameter of the model the config describes or
+    whose shape is not the one the config gives it; torch's load_state_dict would say so in many lines, naming
+    neither. Whole shapes: under tensor parallelism the loaders read only a cut part of each tensor."""
+    dims, size = param_dims(fields), dim_sizes(fields)
+    for name, (file, shown, shape) in found.items():
+        if name not in dims:
+            raise ValueError(f"{file}: tensor '{shown}' is not a parameter of the model {described.name} describes "
+                             f"({described.model})")
+        want = tuple(math.prod(size[s] for s in d.split("*")) for d in dims[name])
+        if tuple(shape) != want:
+            symbols = dict.fromkeys(s for d in dims[name] for s in d.split("*"))  # each once, in order
+            why = list(dict.fromkeys(f"{described.labels[s]}={size[s]}" for s in symbols))
+            raise ValueError(f"{file}: tensor '{shown}' is {tuple(shape)} but {described.name}'s {', '.join(why)} "
+                             f"make{'s' if len(why) == 1 else ''} it {want}")
+
+
+def check_safetensors(folder: str, files: list[str], fields: dict, cfg: dict) -> None:
+    """read_hf_config's check of the folder's safetensors files (their headers only) against config.json (cfg)."""
+    found = {}
+    for file in files:
+        path = os.path.join(folder, file)
+        if not os.path.exists(path):
+            listed = " (model.safetensors.index.json lists it)" if file != "model.safetensors" else ""
+            raise FileNotFoundError(f"{path}: no such file{listed}; minillm reads a checkpoint's safetensors")
+        for name, shape in safetensors_shapes(path).items():
+            if "rotary_emb" not in name:  # (RoPE frequencies old checkpoints saved: minillm computes them)
+                found[name.removeprefix("model.")] = (path, name, shape)
+    labels = dict(V="vocab_size", C="hidden_size", F="intermediate_size", H="num_attention_heads",
+                  KVH="num_key_value_heads" if cfg.get("num_key_value_heads") else "num_attention_heads",
+                  D="head_dim" if cfg.get("head_dim") else "hidden_size/num_attention_heads")
+    model = f"model_type {cfg.get('model_type') or 'llama'!r}, num_hidden_layers={fields['num_layers']}"
+    check_tensors(fields, found, Described("config.json", model, labels))
+
+
+def safetensors_shapes(path: str) -> dict[str, tuple]:
+    """A safetensors file's header -> {tensor name: shape}. The layout: a u64 n, then n bytes of JSON
+    {name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {...}}, then the tensors' bytes,
+    the offsets counted from their start. ValueError naming the file when it is cut short or not safetensors."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(8)
+        n = struct.unpack("<Q", head)[0] if len(head) == 8 else None
+        if n is None or not 2 <= n <= 100_000_000:  # (at least "{}"; at most safetensors' own limit)
+            fault = f"the file is {size} bytes long" if n is None else f"its first 8 bytes give a header of {n} bytes"
+            raise ValueError(f"{path}: not a valid safetensors file (truncated or corrupt: {fault})")
+        first = f.read(1)
+        if first not in (b"{", b""):  # (the JSON header: a file of another format fails here)
+            raise ValueError(f"{path}: not a valid safetensors file (truncated or corrupt: its header does not "
+                             "start with '{')")
+        if 8 + n > size:
+            raise ValueError(f"{path}: truncated (the file ends at byte {size}, inside its header, which needs "
+                             f"bytes up to {8 + n})")
+        try:
+            header = json.loads(first + f.read(n - 1))
+            tensors = {k: (tuple(v["shape"]), 8 + n + v["data_offsets"][1]) for k, v in header.items()
+                       if k != "__metadata__"}
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError) as e:
+            raise ValueError(f"{path}: not a valid safetensors file (truncated or corrupt: its header is not "
+                             f"the JSON safetensors writes: {type(e).__name__}: {e})") from None
+    cut = [(end, name) for name, (_, end) in tensors.items() if end > size]
+    if cut:
+        end, name = min(cut)  # the first tensor the file's end cuts into
+        raise ValueError(f"{path}: truncated (the file ends at byte {size}, its tensor '{name}' needs bytes "
+                         f"up to {end})")
+    return {name: shape for name, (shape, _) in tensors.items()}
+
+
+# ----------------------------------------------------------------------------------------------
 # GGUF
 
 
@@ -117,41 +241,75 @@ class GGUFFile:
     STRING, ARRAY = 8, 9
 
     def __init__(self, path: str):
-        import gguf
+        if os.path.getsize(path) == 0:  # (mmap refuses an empty file, in words that do not name it)
+            raise ValueError(f"{path}: not a GGUF file (it is empty)")
         with open(path, "rb") as f:  # copy-on-write: numpy and torch get writable views, the file stays as it is
-            self.buf, self.pos = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY), 0
-        magic, version, n_tensors, n_kv = self.unpack("<4sIQQ")
+            self.buf, self.pos, self.path = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY), 0, path
+        magic, version = self.buf[:4], int.from_bytes(self.buf[4:8], "little")
         if magic != b"GGUF" or version not in (2, 3):
-            raise ValueError(f"{path}: not a little-endian GGUF file of version 2 or 3 (magic {magic!r}, version {version})")
-        self.fields = {self.string(): self.value(self.unpack("<I")[0]) for _ in range(n_kv)}
-        infos = [(self.string(), self.unpack(f"<{self.unpack('<I')[0]}Q"), *self.unpack("<IQ")) for _ in range(n_tensors)]
+            raise ValueError(f"{path}: not a little-endian GGUF file of version 2 or 3 (magic {magic!r}, "
+                             f"version {version})")
+        _, _, n_tensors, n_kv = self.unpack("<4sIQQ")
+        try:
+            self.fields = {self.string(): self.value(self.unpack("<I")[0]) for _ in range(n_kv)}
+            infos = [(self.string(), self.unpack(f"<{self.unpack('<I')[0]}Q"), *self.unpack("<IQ"))
+                     for _ in range(n_tensors)]
+        except (UnicodeDecodeError, KeyError) as e:  # a string that is not UTF-8, a value type that does not exist
+            raise ValueError(f"{path}: not a valid GGUF file (corrupt header near byte {self.pos}: "
+                             f"{type(e).__name__} {e})") from None
         align = self.fields.get("general.alignment", 32)
-        start = -(-self.pos // align) * align
-        self.tensors = []  # (name, ggml type, raw bytes shaped (rows..., bytes per row)) in file order
+        self.tensors, self.shapes = self.locate(infos, -(-self.pos // align) * align)
+
+    def locate(self, infos: list, start: int) -> tuple[list, dict]:
+        """The tensor infos -> ([(name, ggml type, raw bytes shaped (rows..., bytes per row))] in file order,
+        {name: shape (rows..., row length) in elements, as HF's}); the bytes start at offset `start`."""
+        import gguf
+        tensors, shapes = [], {}
         for name, dims, kind, offset in infos:
+            if kind not in gguf.GGML_QUANT_SIZES:
+                raise ValueError(f"{self.path}: not a valid GGUF file (tensor '{name}' has ggml type {kind}, "
+                                 "which does not exist)")
             kind = gguf.GGMLQuantizationType(kind)
             block, block_bytes = gguf.GGML_QUANT_SIZES[kind]  # elements per block, bytes per block
             shape = (*reversed(dims[1:]), dims[0] // block * block_bytes)
-            data = np.frombuffer(self.buf, np.uint8, math.prod(shape), start + offset).reshape(shape)
-            self.tensors.append((name, kind, data))
+            if start + offset + math.prod(shape) > len(self.buf):  # (numpy's message names neither file nor tensor)
+                raise ValueError(f"{self.path}: truncated (the file ends at byte {len(self.buf)}, its tensor "
+                                 f"'{name}' needs bytes up to {start + offset + math.prod(shape)})")
+            tensors.append((name, kind, np.frombuffer(self.buf, np.uint8, math.prod(shape), start + offset)
+                            .reshape(shape)))
+            shapes[name] = tuple(reversed(dims))
+        return tensors, shapes
+
+    def need(self, n: int) -> None:
+        """Every read of the header asks first, so that a file cut short says so, not struct's or numpy's words."""
+        if self.pos + n > len(self.buf):
+            raise ValueError(f"{self.path}: truncated (the file ends at byte {len(self.buf)}, inside its header, "
+                             f"which needs bytes up to {self.pos + n} at least)")
 
     def unpack(self, fmt: str) -> tuple:
+        self.need(struct.calcsize(fmt))
         values = struct.unpack_from(fmt, self.buf, self.pos)
         self.pos += struct.calcsize(fmt)
         return values
 
     def string(self) -> str:
         (n,) = self.unpack("<Q")
+        self.need(n)
         self.pos += n
         return self.buf[self.pos - n: self.pos].decode("utf-8")
 
     def strings(self, count: int) -> list[str]:  # string() `count` times, in one tight loop (vocabularies)
         out, buf, pos, u64 = [], self.buf, self.pos, struct.Struct("<Q")
-        for _ in range(count):
-            (n,) = u64.unpack_from(buf, pos)
-            out.append(buf[pos + 8: pos + 8 + n].decode("utf-8"))
-            pos += 8 + n
+        try:  # (no bounds checks in the loop: a slice past the end is short, and the check after it sees that)
+            for _ in range(count):
+                (n,) = u64.unpack_from(buf, pos)
+                out.append(buf[pos + 8: pos + 8 + n].decode("utf-8"))
+                pos += 8 + n
+        except (struct.error, UnicodeDecodeError):
+            self.pos = pos
+            self.string()  # raises what is wrong there: the file ends inside this string, or it is not UTF-8
         self.pos = pos
+        self.need(0)  # (the file ends inside the last string)
         return out
 
     def value(self, kind: int):
@@ -164,6 +322,7 @@ class GGUFFile:
             return self.strings(count)
         if item == self.ARRAY:
             return [self.value(item) for _ in range(count)]
+        self.need(count * struct.calcsize(self.SCALARS[item]))
         items = np.frombuffer(self.buf, self.SCALARS[item], count, self.pos)  # numbers: one read for all
         self.pos += items.nbytes
         return items.tolist()
@@ -190,56 +349,95 @@ def dequantize(data: np.ndarray, kind) -> torch.Tensor:
     return w.view(*data.shape[:-1], -1)
 
 
-# GGUF tensor names -> our (HF-style) parameter names
+# GGUF tensor names -> our (HF-style) parameter names: llama.cpp's names (gguf.TENSOR_NAMES) of the tensors that
+# its llama, qwen2 and qwen3 architectures have (gguf.MODEL_TENSORS), each with ".weight" or ".bias" after it
 GGUF_NAMES = {"token_embd": "embed_tokens", "output_norm": "norm", "output": "lm_head",
               "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
               "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
-              "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"}
+              "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+              "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm"}
+
+# general.architecture -> minillm.ModelConfig's (qkv_bias, qk_norm), as HF's model_type (hf_config_fields).
+# Mistral's GGUF files say llama: llama.cpp converts MistralForCausalLM as a Llama.
+ARCHITECTURES = {"llama": (False, False), "qwen2": (True, False), "qwen3": (False, True)}
 
 
 def read_gguf(path: str) -> tuple[dict, Iterator[tuple[str, torch.Tensor]], tuple[dict, dict]]:
     """A llama.cpp GGUF file -> (minillm.ModelConfig's fields, its weights, its tokenizer's pieces: see
     tokenizer_from_gguf). The weights are an iterator of (parameter name, float32 tensor, (out, in) like HF's):
     each tensor is dequantized when it is reached, so that the caller can cut it and move it to the device
-    before the next one is made."""
+    before the next one is made. Every tensor's name and shape is checked against the metadata first."""
     file = GGUFFile(path)
-    meta = file.fields.get
-    if meta("general.architecture") != "llama":
-        raise ValueError(f"{path}: only the llama architecture is supported, got {meta('general.architecture')!r}")
-    n_heads, n_kv = meta("llama.attention.head_count"), meta("llama.attention.head_count_kv")
+    arch = file.fields.get("general.architecture")
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"{path}: general.architecture={arch!r} is not supported; minillm runs "
+                         f"{', '.join(ARCHITECTURES)} (a Mistral GGUF is llama)")
     tokenizer = tokenizer_from_gguf(file.fields)
-    names = {name for name, _, _ in file.tensors}
-    rope_type = meta("llama.rope.scaling.type", "none")
-    # Llama 3.1 scaling, stored as a tensor of per-frequency divisors
-    rope_freqs = [dequantize(data, kind).tolist() for name, kind, data in file.tensors if name == "rope_freqs.weight"]
-    fields = dict(
-        vocab_size=len(meta("tokenizer.ggml.tokens")), hidden_size=meta("llama.embedding_length"),
-        intermediate_size=meta("llama.feed_forward_length"), num_layers=meta("llama.block_count"),
-        num_heads=n_heads, num_kv_heads=n_kv or n_heads, head_dim=meta("llama.attention.key_length", 0),
-        rms_norm_eps=meta("llama.attention.layer_norm_rms_epsilon", 1e-5), rope_theta=meta("llama.rope.freq_base", 10000.0),
-        rope_scaling={"rope_type": "linear", "factor": meta("llama.rope.scaling.factor")} if rope_type == "linear" else None,
-        rope_freq_factors=rope_freqs[0] if rope_freqs else None,
-        max_position_embeddings=meta("llama.context_length", 2048), tie_word_embeddings="output.weight" not in names,
-        eos_token_ids=tuple(sorted(tokenizer[0]["eos_ids"])),
-    )
+    fields = gguf_config_fields(file, arch, tokenizer[0]["eos_ids"])
+    params = {name: gguf_param_name(name) for name in file.shapes if name != "rope_freqs.weight"}
+    check_tensors(fields, {param: (path, name, file.shapes[name]) for name, param in params.items()},
+                  Described("its metadata", f"architecture {arch!r}, {arch}.block_count={fields['num_layers']}",
+                            gguf_labels(file.fields, arch)))
+    n_heads, n_kv = fields["num_heads"], fields["num_kv_heads"]
 
     def weights():
-        for tensor_name, kind, data in file.tensors:
-            if tensor_name == "rope_freqs.weight":  # (in fields already)
+        for name, kind, data in file.tensors:
+            if name == "rope_freqs.weight":  # (in fields already)
                 continue
-            w = dequantize(data, kind)  # (out, in) like HF
-            parts = tensor_name.removesuffix(".weight").split(".")
-            if parts[0] == "blk":  # blk.{i}.attn_q -> layers.{i}.self_attn.q_proj
-                name = f"layers.{parts[1]}.{GGUF_NAMES[parts[2]]}.weight"
-                # llama.cpp interleaves the two rotary halves of each head's Q/K rows; undo it so the
-                # rows are in HF order (first half of the head's dims, then second half).
-                if parts[2] in ("attn_q", "attn_k"):
-                    heads = n_heads if parts[2] == "attn_q" else n_kv
-                    w = w.reshape(heads, w.shape[0] // heads // 2, 2, -1).transpose(1, 2).reshape(w.shape)
-            else:
-                name = f"{GGUF_NAMES[parts[0]]}.weight"
-            yield name, w
+            w, param = dequantize(data, kind), params[name]  # (out, in) like HF
+            # llama.cpp's converter interleaves the two rotary halves of each head's Q/K rows for the llama
+            # architecture only, whose RoPE in llama.cpp rotates adjacent pairs (LLAMA_ROPE_TYPE_NORM); qwen2 and
+            # qwen3 rotate halves (NEOX), as HF does, and keep HF's rows. Undo it: first half, then second half.
+            if arch == "llama" and param.endswith(("q_proj.weight", "k_proj.weight")):
+                heads = n_heads if "q_proj" in param else n_kv
+                w = w.reshape(heads, w.shape[0] // heads // 2, 2, -1).transpose(1, 2).reshape(w.shape)
+            yield param, w
     return fields, weights(), tokenizer
+
+
+def gguf_param_name(name: str) -> str:
+    """A GGUF tensor's name -> our parameter's: blk.3.attn_q.bias -> layers.3.self_attn.q_proj.bias. A name of no
+    parameter stays as it is (check_tensors refuses it)."""
+    *base, kind = name.split(".")
+    if len(base) == 3 and base[0] == "blk" and base[1].isdigit() and base[2] in GGUF_NAMES:
+        return f"layers.{base[1]}.{GGUF_NAMES[base[2]]}.{kind}"
+    return f"{GGUF_NAMES[base[0]]}.{kind}" if len(base) == 1 and base[0] in GGUF_NAMES else name
+
+
+def gguf_config_fields(file: GGUFFile, arch: str, eos_ids) -> dict:
+    """A GGUF file's metadata -> minillm.ModelConfig's fields; the model's sizes are keys under `arch.`."""
+    def meta(key: str, *default):  # a key without a default must be there
+        if key not in file.fields and not default:
+            raise ValueError(f"{file.path}: its metadata has no {key}, which minillm needs")
+        return file.fields.get(key, *default)
+    rope_type = meta(f"{arch}.rope.scaling.type", "none")
+    if rope_type not in ("none", "linear"):  # (Llama 3.1's scaling is the rope_freqs tensor)
+        raise ValueError(f"{file.path}: {arch}.rope.scaling.type={rope_type!r} is not supported (none, linear are)")
+    # Llama 3.1 scaling, stored as a tensor of per-frequency divisors
+    rope_freqs = [dequantize(data, kind).tolist() for name, kind, data in file.tensors if name == "rope_freqs.weight"]
+    n_heads = meta(f"{arch}.attention.head_count")
+    return dict(
+        vocab_size=len(meta("tokenizer.ggml.tokens")), hidden_size=meta(f"{arch}.embedding_length"),
+        intermediate_size=meta(f"{arch}.feed_forward_length"), num_layers=meta(f"{arch}.block_count"),
+        num_heads=n_heads, num_kv_heads=meta(f"{arch}.attention.head_count_kv", None) or n_heads,
+        head_dim=meta(f"{arch}.attention.key_length", 0),
+        rms_norm_eps=meta(f"{arch}.attention.layer_norm_rms_epsilon", 1e-5),
+        rope_theta=meta(f"{arch}.rope.freq_base", 10000.0),
+        rope_scaling={"rope_type": "linear", "factor": meta(f"{arch}.rope.scaling.factor")}
+        if rope_type == "linear" else None,
+        rope_freq_factors=rope_freqs[0] if rope_freqs else None,
+        max_position_embeddings=meta(f"{arch}.context_length", 2048),
+        tie_word_embeddings="output.weight" not in file.shapes, eos_token_ids=tuple(sorted(eos_ids)),
+        qkv_bias=ARCHITECTURES[arch][0], qk_norm=ARCHITECTURES[arch][1],
+    )
+
+
+def gguf_labels(fields: dict, arch: str) -> dict:
+    """The metadata key of each size of dim_sizes, for check_tensors' messages."""
+    heads, kv, key_length = (f"{arch}.attention.{key}" for key in ("head_count", "head_count_kv", "key_length"))
+    return dict(V="len(tokenizer.ggml.tokens)", C=f"{arch}.embedding_length", F=f"{arch}.feed_forward_length",
+                H=heads, KVH=kv if fields.get(kv) else heads,
+                D=key_length if fields.get(key_length) else f"{arch}.embedding_length/{heads}")
 
 
 # ----------------------------------------------------------------------------------------------
