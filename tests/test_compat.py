@@ -297,8 +297,8 @@ def test_hf_overrides_patch_the_config(tmp_path):
         config.max_position_embeddings *= 4
         return config
     assert load(longer).max_position_embeddings == 512
-    with pytest.raises(ValueError, match="only the Llama architecture"):
-        load({"model_type": "mistral"})
+    with pytest.raises(ValueError, match="model_type='gemma' is not supported; minillm runs llama, mistral, qwen2"):
+        load({"model_type": "gemma"})
 
 
 # ---- `pip install -e .` gives a working `import minillm` from any folder ----------------------------
