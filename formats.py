@@ -153,11 +153,12 @@ def dim_sizes(fields: dict) -> dict[str, int]:
                 D=fields["head_dim"] or C // H)  # (head_dim 0: hidden_size / heads, as minillm.ModelConfig has it)
 
 
-def check_tensors(fields: dict, found: dict, described: Described) -> None:
-    """found: {parameter name: (file, the tensor's name there, its full shape)}, a checkpoint's tensors.
-    ValueError, one line naming the file, for a tensor that is no parameter of the model the config describes or
-    whose shape is not the one the config gives it; torch's load_state_dict would say so in many lines, naming
-    neither. Whole shapes: under tensor parallelism the loaders read only a cut part of each tensor."""
+def check_tensors(fields: dict, found: dict, described: Described, checkpoint: str) -> None:
+    """found: {parameter name: (file, the tensor's name there, its full shape)}, the tensors of `checkpoint` (a
+    folder or a file). ValueError, one line naming the file, for a tensor that is no parameter of the model the
+    config describes, whose shape is not the one the config gives it, or that is missing; torch's load_state_dict
+    would say so in many lines, naming neither. Whole shapes: under tensor parallelism the loaders read only a cut
+    part of each tensor."""
     dims, size = param_dims(fields), dim_sizes(fields)
     for name, (file, shown, shape) in found.items():
         if name not in dims:
@@ -169,6 +170,11 @@ def check_tensors(fields: dict, found: dict, described: Described) -> None:
             why = list(dict.fromkeys(f"{described.labels[s]}={size[s]}" for s in symbols))
             raise ValueError(f"{file}: tensor '{shown}' is {tuple(shape)} but {described.name}'s {', '.join(why)} "
                              f"make{'s' if len(why) == 1 else ''} it {want}")
+    missing = [name for name in dims if name not in found and name != "lm_head.weight"]  # (tied: the embedding's)
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise ValueError(f"{checkpoint}: no tensor '{missing[0]}'{more}, which the model {described.name} "
+                         f"describes ({described.model}) needs")
 
 
 def check_safetensors(folder: str, files: list[str], fields: dict, cfg: dict) -> None:
@@ -186,7 +192,7 @@ def check_safetensors(folder: str, files: list[str], fields: dict, cfg: dict) ->
                   KVH="num_key_value_heads" if cfg.get("num_key_value_heads") else "num_attention_heads",
                   D="head_dim" if cfg.get("head_dim") else "hidden_size/num_attention_heads")
     model = f"model_type {cfg.get('model_type') or 'llama'!r}, num_hidden_layers={fields['num_layers']}"
-    check_tensors(fields, found, Described("config.json", model, labels))
+    check_tensors(fields, found, Described("config.json", model, labels), folder)
 
 
 def safetensors_shapes(path: str) -> dict[str, tuple]:
@@ -377,7 +383,7 @@ def read_gguf(path: str) -> tuple[dict, Iterator[tuple[str, torch.Tensor]], tupl
     params = {name: gguf_param_name(name) for name in file.shapes if name != "rope_freqs.weight"}
     check_tensors(fields, {param: (path, name, file.shapes[name]) for name, param in params.items()},
                   Described("its metadata", f"architecture {arch!r}, {arch}.block_count={fields['num_layers']}",
-                            gguf_labels(file.fields, arch)))
+                            gguf_labels(file.fields, arch)), path)
     n_heads, n_kv = fields["num_heads"], fields["num_kv_heads"]
 
     def weights():

@@ -181,6 +181,16 @@ def test_safetensors_with_a_tensor_the_config_lacks(checkpoint, tmp_path):
                                "parameter of the model config.json describes (model_type 'llama', num_hidden_layers=2)")
 
 
+def test_safetensors_without_a_tensor_the_model_needs(checkpoint, tmp_path):
+    from safetensors.torch import load_file, save_file
+    folder = copy_folder(checkpoint[0], tmp_path)
+    weights = load_file(folder / "model.safetensors")
+    del weights["model.layers.1.self_attn.k_proj.weight"], weights["model.norm.weight"]
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    assert refused(folder) == (f"{folder}: no tensor 'norm.weight' (and 1 more), which the model config.json "
+                               "describes (model_type 'llama', num_hidden_layers=2) needs")
+
+
 @pytest.mark.parametrize("change, message", [
     ({"model_type": "bert"}, "model_type='bert' is not supported; minillm runs llama, mistral, qwen2, qwen3"),
     ({"vocab_size": None}, "no 'vocab_size', which minillm needs"),

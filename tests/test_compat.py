@@ -287,7 +287,12 @@ def test_hf_overrides_patch_the_config(tmp_path):
     json.dump({"model_type": "llama", "vocab_size": 8, "hidden_size": 4, "intermediate_size": 8, "num_hidden_layers": 1,
                "num_attention_heads": 2, "rope_theta": 10000.0, "max_position_embeddings": 128},
               open(tmp_path / "config.json", "w"))
-    save_file({"model.embed_tokens.weight": torch.zeros(8, 4)}, str(tmp_path / "model.safetensors"))
+    layer = {"input_layernorm.weight": (4,), "post_attention_layernorm.weight": (4,), "self_attn.q_proj.weight": (4, 4),
+             "self_attn.k_proj.weight": (4, 4), "self_attn.v_proj.weight": (4, 4), "self_attn.o_proj.weight": (4, 4),
+             "mlp.gate_proj.weight": (8, 4), "mlp.up_proj.weight": (8, 4), "mlp.down_proj.weight": (4, 8)}
+    tensors = {"model.embed_tokens.weight": (8, 4), "model.norm.weight": (4,)}
+    save_file({name: torch.zeros(shape) for name, shape in {**tensors, **{f"model.layers.0.{n}": s for n, s in layer.items()}}.items()},
+              str(tmp_path / "model.safetensors"))
     load = lambda overrides: minillm.load_hf_checkpoint(str(tmp_path), "cpu", torch.float32, overrides)[0]
     assert (load(None).rope_theta, load(None).max_position_embeddings) == (10000.0, 128)
     cfg = load({"rope_theta": 500000.0, "max_position_embeddings": 64})
