@@ -13,11 +13,14 @@ from __future__ import annotations
 
 import argparse
 import base64
+import functools
 import json
 import math
 import mmap
 import os
+import re
 import struct
+import unicodedata
 from typing import Iterator, NamedTuple, Optional
 
 import numpy as np
@@ -461,6 +464,9 @@ LLAMA3_PAT = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3
 # regex on the pieces between them. As one regex: a digit is a piece of its own, and whitespace
 # right before a digit is taken whole, since for `\s+(?!\S)` that digit was the end of the piece.
 SMOLLM_PAT = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+|\s+(?![^\s\p{N}])|\s+"""
+# Qwen2, Qwen2.5 and Qwen3 (their tokenizer.json's Split; llama.cpp pre "qwen2"): Llama 3's, but each digit alone
+QWEN2_PAT = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"""
+             r"""| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+""")
 
 # Llama 3's 256 special tokens from id 128000, named as in Meta's tokenizer.py. Llama 3.1 ships
 # the same tokenizer.model but renamed ids 128004/128008/128010 (<|finetune_right_pad_id|>,
@@ -471,7 +477,7 @@ LLAMA3_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_t
                    *[f"<|reserved_special_token_{i}|>" for i in range(5, 251)]]
 
 SUPPORTED = ("supported: a tiktoken tokenizer.model (Llama 3), a byte-level BPE tokenizer.json "
-             "(GPT-2, Llama 3, SmolLM2, Qwen2 style), a GGUF with tokenizer.ggml.model 'gpt2'")
+             "(GPT-2, Llama 3, SmolLM2, Qwen style; no normalizer or NFC), a GGUF with tokenizer.ggml.model 'gpt2'")
 
 
 def byte_level_chars() -> dict[str, int]:
@@ -486,9 +492,37 @@ UNBYTE = byte_level_chars()
 BYTE_CHARS = {b: c for c, b in UNBYTE.items()}
 
 
-def bpe_encoding(name, pat, vocab, added):
-    """vocab: [(byte-level string, id)] sorted by id; added: {text: id} of tokens matched whole.
-    Returns (Encoding, {id: bytes} of tokens it can't hold, ids made up for missing bytes)."""
+class NFCEncoding(tiktoken.Encoding):
+    """A tiktoken Encoding behind a tokenizer.json's NFC normalizer (Qwen's): HF composes the text ("e" + U+0301
+    becomes "é") before it splits it, tiktoken normalizes nothing. As in HF, the added tokens are found in the text
+    as written (Qwen's are `normalized: false`) and only the text between them is normalized: a special token
+    followed by a combining mark ("<|im_end|>" + U+0338) stays a special token. Only encode and encode_ordinary
+    normalize (minillm calls nothing else); a special token that is not allowed is encoded on its own."""
+
+    @functools.cached_property
+    def added_split(self) -> re.Pattern:  # text -> [text, added token, text, ...]; the longest token first
+        tokens = sorted(self.special_tokens_set, key=len, reverse=True)
+        return re.compile("(" + "|".join(map(re.escape, tokens)) + ")") if tokens else re.compile("(?!)")
+
+    def encode_ordinary(self, text: str) -> list[int]:
+        return super().encode_ordinary(unicodedata.normalize("NFC", text))
+
+    def encode(self, text: str, *, allowed_special=frozenset(), disallowed_special="all") -> list[int]:
+        if unicodedata.is_normalized("NFC", text):  # nearly always: nothing to do
+            return super().encode(text, allowed_special=allowed_special, disallowed_special=disallowed_special)
+        ids = []
+        for i, piece in enumerate(self.added_split.split(text)):
+            if i % 2:  # an added token's text: tiktoken's rules (allowed_special, ...) say what it becomes
+                ids += super().encode(piece, allowed_special=allowed_special, disallowed_special=disallowed_special)
+            else:
+                ids += self.encode_ordinary(piece)
+        return ids
+
+
+def bpe_encoding(name, pat, vocab, added, nfc=False):
+    """vocab: [(byte-level string, id)] sorted by id; added: {text: id} of tokens matched whole; nfc: the text is
+    NFC-normalized first (NFCEncoding). Returns (Encoding, {id: bytes} of tokens it can't hold, ids made up for
+    missing bytes)."""
     ranks, extra = {}, {}
     for s, i in vocab:
         if s in added:
@@ -508,7 +542,8 @@ def bpe_encoding(name, pat, vocab, added):
     next_id = max([*ranks.values(), *extra, *added.values()]) + 1
     missing = [bytes([b]) for b in range(256) if bytes([b]) not in ranks]
     unknown = {b: next_id + k for k, b in enumerate(missing)}
-    enc = tiktoken.Encoding(name, pat_str=pat, mergeable_ranks=ranks | unknown, special_tokens=dict(added))
+    kind = NFCEncoding if nfc else tiktoken.Encoding
+    enc = kind(name, pat_str=pat, mergeable_ranks=ranks | unknown, special_tokens=dict(added))
     return enc, extra, set(unknown.values())
 
 
@@ -560,9 +595,10 @@ def from_hf_json(path) -> dict:
     if model.get("type") != "BPE" or "ByteLevel" not in json.dumps(pre):
         raise ValueError(f"{path}: a {model.get('type')} model with pre_tokenizer {pre.get('type')} is not "
                          f"supported (only byte-level BPE is, not SentencePiece-style as Llama 2); {SUPPORTED}")
-    if tj.get("normalizer"):
-        raise ValueError(f"{path}: normalizer {tj['normalizer'].get('type')} is not supported; {SUPPORTED}")
-    # (added tokens' lstrip/rstrip/single_word flags are not honoured; Llama 3 and SmolLM2 set none)
+    normalizer = (tj.get("normalizer") or {}).get("type")
+    if normalizer not in (None, "NFC"):  # NFC: Qwen's
+        raise ValueError(f"{path}: normalizer {normalizer} is not supported (NFC is); {SUPPORTED}")
+    # (added tokens' lstrip/rstrip/single_word flags are not honoured; Llama 3, SmolLM2 and Qwen set none)
     added = {t["content"]: t["id"] for t in tj.get("added_tokens", [])}
     special_ids = {t["id"] for t in tj.get("added_tokens", []) if t.get("special")}
     # prepending BOS is the post-processor's job: a template like "<|begin_of_text|> $A" (Llama 3)
@@ -572,7 +608,7 @@ def from_hf_json(path) -> dict:
         if "SpecialToken" in first:
             bos_id = added.get(first["SpecialToken"]["id"])
     vocab = sorted(model["vocab"].items(), key=lambda kv: kv[1])
-    enc, extra, unknown = bpe_encoding(os.path.basename(path), hf_pattern(pre), vocab, added)
+    enc, extra, unknown = bpe_encoding(os.path.basename(path), hf_pattern(pre), vocab, added, normalizer == "NFC")
     return dict(enc=enc, special_ids=special_ids, bos_id=bos_id, eos_ids=(), add_bos=bos_id is not None, extra=extra,
                 unknown=unknown, vocab_size=len(model["vocab"]))
 
@@ -609,8 +645,9 @@ def tokenizer_from_gguf(fields: dict) -> tuple[dict, dict]:
     kind, pre = get("tokenizer.ggml.model"), get("tokenizer.ggml.pre")
     if kind != "gpt2":
         raise ValueError(f"GGUF tokenizer.ggml.model {kind!r} is not supported ('llama' is SentencePiece); {SUPPORTED}")
-    pats = {"llama-bpe": LLAMA3_PAT, "llama3": LLAMA3_PAT, "llama-v3": LLAMA3_PAT,
-            "smollm": SMOLLM_PAT, "gpt2": GPT2_PAT, "gpt-2": GPT2_PAT}
+    # (no NFC for "qwen2", unlike Qwen's tokenizer.json: llama.cpp and transformers' GGUF tokenizer normalize nothing)
+    pats = {"llama-bpe": LLAMA3_PAT, "llama3": LLAMA3_PAT, "llama-v3": LLAMA3_PAT, "smollm": SMOLLM_PAT,
+            "qwen2": QWEN2_PAT, "deepseek-r1-qwen": QWEN2_PAT, "gpt2": GPT2_PAT, "gpt-2": GPT2_PAT}
     if pre not in pats:
         raise ValueError(f"GGUF tokenizer.ggml.pre {pre!r} is not supported; supported: {', '.join(pats)}")
     tokens = get("tokenizer.ggml.tokens")
@@ -651,7 +688,8 @@ def read_tokenizer(path: str) -> tuple[dict, dict, Optional[dict]]:
         return *tokenizer_from_gguf(GGUFFile(path).fields), None
     kwargs = from_hf_json(path) if magic.lstrip()[:1] == b"{" else from_tiktoken_model(path)
     # transformers' tokenizer_config.json, when there, has the last word on BOS and EOS (apply_tokenizer_config)
-    config = read_json(folder, "tokenizer_config.json") if os.path.exists(os.path.join(folder, "tokenizer_config.json")) else None
+    has_config = os.path.exists(os.path.join(folder, "tokenizer_config.json"))
+    config = read_json(folder, "tokenizer_config.json") if has_config else None
     attrs = {}
     if os.path.exists(template := os.path.join(folder, "chat_template.jinja")):  # where transformers 5 saves it
         with open(template, encoding="utf-8") as f:
