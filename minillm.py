@@ -9,7 +9,7 @@ This file is the core: what one generate call on one device needs, in the order 
   1. configs        ModelConfig (the checkpoint's shape), SamplingParams, the output classes
   2. loading        HF folders (config.json + safetensors) and GGUF files, straight to the device
   3. tokenizer      every tokenizer is a tiktoken Encoding; incremental detokenization
-  4. model          Llama: RMSNorm, RoPE, grouped-query attention over the paged KV cache, SwiGLU
+  4. model          Llama (and Mistral, Qwen2, Qwen3): RMSNorm, RoPE, GQA over the paged KV cache, SwiGLU
   5. KV cache       blocks of block_size token slots, block tables, a BlockManager with prefix caching
   6. sampler        penalties, greedy / temperature / top-k / top-p / min-p, logprobs; batched on the device
   7. scheduler      continuous batching with chunked prefill and preemption by recompute
@@ -329,7 +329,7 @@ def make_tokenizer(kwargs: dict, attrs: Optional[dict] = None, tokenizer_config:
 
 
 # ----------------------------------------------------------------------------------------------
-# 4. Model: Llama
+# 4. Model: Llama (and Mistral, Qwen2, Qwen3: the same block with a switch or two)
 
 
 # Two chains of elementwise ops. Eagerly, each op is a kernel launch and a pass over memory; on the GPU
