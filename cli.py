@@ -334,8 +334,8 @@ def generate_shard(dp, args, batch: BatchInput, done: set, adapter, lora_kwargs)
 def write_gathered(path, resume: bool, jsonl: bool, gathered: list) -> None:
     out = Output(path, resume, jsonl, None)
     try:
-        for _, line in sorted(gathered):  # input order
-            out.write(line)
+        for item in sorted(gathered):  # (line number, JSON line): input order
+            out.write(item)
     finally:
         out.close()
 
