@@ -232,3 +232,20 @@ def test_memory_does_not_grow_with_the_input(model, tmp_path):
     print(f"Python heap peak: {small_heap / 2**20:.1f} / {large_heap / 2**20:.1f} MiB, "
           f"peak RSS: {small_rss / 2**20:.1f} / {large_rss / 2**20:.1f} MiB (2,000 / 20,000 lines)")
     assert large_heap - small_heap < 20 * 2**20
+
+
+def test_data_parallel_with_jsonl_and_resume(model, tmp_path, capfd):
+    """--data-parallel-size 2 on a JSONL of both kinds: each rank its share, rank 0 writes the lines it gathers (as
+    JSON) in input order; the same lines as one process, and --resume on it skips what is there."""
+    rows = [{"id": i, "prompt": f"Number {i}", "max_tokens": 1 + i % 3} for i in range(5)] + [
+        {"custom_id": "c", "method": "POST", "url": "/v1/chat/completions",
+         "body": {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3}}]
+    src, one, two = write_jsonl(tmp_path / "in.jsonl", rows), tmp_path / "one.jsonl", tmp_path / "two.jsonl"
+    assert run_batch(model, src, one) == 0
+    strip = lambda rows: {k: {**r, "response": {**r["response"], "body": {**r["response"]["body"], "created": 0}}}
+                          if "response" in r else r for k, r in by_id(rows).items()}
+    lines = one.read_text().splitlines(keepends=True)
+    two.write_text("".join(lines[:3]))
+    assert run_batch(model, src, two, "--data-parallel-size", "2", "--resume") == 0
+    assert "6/6" in capfd.readouterr().err
+    assert strip(read_rows(two)) == strip(read_rows(one)) and len(read_rows(two)) == 6
