@@ -5,10 +5,14 @@ The command line of minillm: `python minillm.py --prompts file.txt` (or the `min
     python minillm.py --prompts questions.txt --chat --max-tokens 200 --output answers.jsonl
     python minillm.py --prompts file.txt --model ./Llama-3.2-1B --temperature 0.8 --seed 0
 
-One prompt per line in, one completion per prompt out (printed, or one JSON object per line with --output). Every
-argument is checked before the model loads, and every error is one line that names its culprit. The work is the
-core's: one `LLM` (minillm.py) and one `generate` or `chat` call; with --data-parallel-size K, torchrun starts K
-copies of this command and parallel.DataParallel gives each one every K-th prompt.
+    python minillm.py --prompts requests.jsonl --output results.jsonl [--resume]  # JSONL or OpenAI batch requests
+
+Prompts in (.txt: one a line; .jsonl: one request a line), one JSON line per request out, written and flushed as
+the request finishes, so that a crash keeps every finished line and --resume does only the rest. Every argument
+and every input line is checked before the model loads, and every error is one line that names its culprit (for
+an input line: file:line). The work is the core's: one `LLM` (minillm.py) whose LLMEngine is fed step by step
+(Feeder); with --data-parallel-size K, torchrun starts K copies of this command and each one takes every K-th
+request, its lines gathered (as JSON) to rank 0, which writes them at the end.
 
 This file imports minillm only after the arguments parse, so that --help and a mistyped flag answer at once
 instead of after torch's second and a half of importing.
