@@ -5,10 +5,14 @@ The command line of minillm: `python minillm.py --prompts file.txt` (or the `min
     python minillm.py --prompts questions.txt --chat --max-tokens 200 --output answers.jsonl
     python minillm.py --prompts file.txt --model ./Llama-3.2-1B --temperature 0.8 --seed 0
 
-One prompt per line in, one completion per prompt out (printed, or one JSON object per line with --output). Every
-argument is checked before the model loads, and every error is one line that names its culprit. The work is the
-core's: one `LLM` (minillm.py) and one `generate` or `chat` call; with --data-parallel-size K, torchrun starts K
-copies of this command and parallel.DataParallel gives each one every K-th prompt.
+    python minillm.py --prompts requests.jsonl --output results.jsonl [--resume]  # JSONL or OpenAI batch requests
+
+Prompts in (.txt: one a line; .jsonl: one request a line), one JSON line per request out, written and flushed as
+the request finishes, so that a crash keeps every finished line and --resume does only the rest. Every argument
+and every input line is checked before the model loads, and every error is one line that names its culprit (for
+an input line: file:line). The work is the core's: one `LLM` (minillm.py) whose LLMEngine is fed step by step
+(Feeder); with --data-parallel-size K, torchrun starts K copies of this command and each one takes every K-th
+request, its lines gathered (as JSON) to rank 0, which writes them at the end.
 
 This file imports minillm only after the arguments parse, so that --help and a mistyped flag answer at once
 instead of after torch's second and a half of importing.
@@ -17,17 +21,21 @@ instead of after torch's second and a half of importing.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import subprocess
 import sys
-from typing import Optional
+import time
+from typing import Any, NamedTuple, Optional
 
 
 def cli_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="minillm", description="Offline batch generation with a Llama-family model.")
     arg = ap.add_argument
-    arg("--prompts", required=True, help="text file with one prompt per line (blank lines skipped); - reads stdin")
+    arg("--prompts", required=True, help="a .txt file with one prompt per line (blank lines skipped; - reads stdin) "
+        "or a .jsonl file of requests ({\"id\", \"prompt\" | \"messages\" | \"prompt_token_ids\", sampling "
+        "fields}) or OpenAI batch requests")
     arg("--chat", action="store_true", help="send each line as a user message through the model's chat template")
     arg("--model", default=None, help="HF checkpoint folder, .gguf file or hub id (default: SmolLM2-135M-Instruct)")
     arg("--max-tokens", type=int, default=64, help="most tokens to generate per prompt (default 64)")
@@ -35,7 +43,9 @@ def cli_parser() -> argparse.ArgumentParser:
     arg("--top-p", type=float, default=1.0, help="nucleus sampling: keep the most likely tokens up to this mass")
     arg("--top-k", type=int, default=0, help="keep only the k most likely tokens (0: off)")
     arg("--seed", type=int, default=None, help="seed for each prompt's sampling stream (reproducible runs)")
-    arg("--output", default=None, help="write one JSON object per prompt here (prompt, text, token_ids, finish_reason)")
+    arg("--output", default=None, help="write one JSON object per prompt here, each as soon as it finishes "
+        "(id, prompt, text, token_ids, finish_reason; OpenAI batch output for OpenAI batch requests)")
+    arg("--resume", action="store_true", help="keep the lines already in --output and generate only the missing ids")
     arg("--device", default=None, help="cuda, cuda:N or cpu (default: cuda when available)")
     arg("--lora", default=None, metavar="PATH", help="a PEFT LoRA adapter folder applied to every prompt")
     arg("--trace", default=None, metavar="PATH", help="write what each engine step did: .html (a picture) or .json")
@@ -64,16 +74,19 @@ def main(args=None) -> int:
 
 
 def run(args: argparse.Namespace, argv: list[str]) -> int:
-    """Check every argument, then generate (on this data-parallel rank) and write the outputs (on rank 0)."""
+    """Check every argument and every input line, then generate (on this data-parallel rank) and write the outputs
+    (rank 0), each line as soon as its request finishes."""
     import compat
     import minillm
     import parallel
-    prompts = read_prompts(args.prompts)
     constraint = None
     if args.json_schema or args.regex:
         constraint = minillm.StructuredOutputsParams(json=read_json(args.json_schema), regex=args.regex)
-    params = minillm.SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                                    seed=args.seed, max_tokens=args.max_tokens, structured_outputs=constraint)
+    base = dict(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
+                max_tokens=args.max_tokens, structured_outputs=constraint)
+    batch = BatchInput(args.prompts, args.chat, base)  # the first pass: every line checked, before anything else
+    if args.resume and not args.output:
+        raise ValueError("--resume needs --output (the file to continue)")
     device = compat.check_device(args.device)
     parallel.check_tensor_parallel(args.tensor_parallel_size, device)
     parallel.check_data_parallel(args, device)
@@ -92,23 +105,437 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
         return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
                                f"--nproc-per-node={args.data_parallel_size}", minillm.__file__, *argv]).returncode
     dp = parallel.DataParallel.from_env()
-    outputs = generate_shard(dp, args, prompts, params, adapter, lora_kwargs)
-    if dp.rank == 0:
-        write_outputs(args.output, prompts, outputs)
+    done = read_done(args.output, truncate=dp.rank == 0) if args.resume else set()
+    return generate_shard(dp, args, batch, done, adapter, lora_kwargs)
+
+
+# ---- the input: a first pass that checks every line, then a lazy second pass that yields the requests --------------
+
+class Request(NamedTuple):
+    line: int            # its line number in the input file, from 1
+    key: str             # json.dumps of its id: what --resume compares
+    id: Any              # the line's id (or custom_id), or its line number
+    kind: str            # "text" (a .txt line), "native" (a JSONL request), "chat" or "completions" (OpenAI batch)
+    prompt: Any          # a str or {"prompt_token_ids": [...]}; None for messages
+    messages: Any        # a conversation for the chat template, or None
+    params: Any          # its SamplingParams (output_kind FINAL_ONLY)
+
+
+OPENAI_URLS = {"/v1/chat/completions": "chat", "/v1/completions": "completions"}
+OPENAI_IGNORED = {"model", "user", "stream_options", "service_tier", "store", "metadata"}
+OPENAI_SAMPLING = {"temperature", "top_p", "n", "stop", "seed", "presence_penalty", "frequency_penalty",
+                   "logit_bias", "top_k", "min_p", "min_tokens", "repetition_penalty", "stop_token_ids",
+                   "ignore_eos", "include_stop_str_in_output", "skip_special_tokens"}  # (vLLM's server takes these)
+NOT_FROM_JSON = {"output_kind", "logits_processors", "guided_decoding"}  # no JSON spelling: Python objects
+
+
+class BatchInput:
+    """The prompts file: .txt (one prompt a line) or .jsonl (one request a line). Made by a first pass that checks
+    every line (JSON, fields, values, duplicate ids) and keeps only the ids and the count, so that memory does not
+    grow with the file's prompts; iterating reads it again, lazily, one Request at a time."""
+
+    def __init__(self, path: str, chat: bool, base: dict):
+        self.path, self.chat, self.base, self.keys = path, chat, base, set()
+        self.jsonl = path.endswith(".jsonl")
+        self.stdin = sys.stdin.readlines() if path == "-" else None  # stdin can be read once only: kept
+        for request in self:
+            if request.key in self.keys:
+                raise ValueError(f"{self.where(request.line)}: id {request.id!r} is also an earlier line's id")
+            self.keys.add(request.key)
+        if not self.keys:
+            raise ValueError(f"{path}: no prompts (one per line)")
+
+    def where(self, line: int) -> str:
+        return f"{self.path}:{line}"
+
+    def lines(self):
+        """(line number, text) of each non-blank line."""
+        try:
+            src = self.stdin if self.stdin is not None else open(self.path, encoding="utf-8")
+            for number, text in enumerate(src, 1):
+                if text.strip():
+                    yield number, text.rstrip("\n")
+            if self.stdin is None:
+                src.close()
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{self.path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+
+    def __iter__(self):
+        for number, text in self.lines():
+            try:
+                yield self.parse(number, text)
+            except (ValueError, TypeError) as e:
+                raise ValueError(f"{self.where(number)}: {' '.join(str(e).split())}") from None
+
+    def parse(self, number: int, text: str) -> Request:
+        if not self.jsonl:
+            messages = [{"role": "user", "content": text}] if self.chat else None
+            return Request(number, json.dumps(number), number, "text", None if self.chat else text, messages,
+                           sampling_params(self.base, {}))
+        try:
+            row = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"not JSON ({e.msg} at column {e.colno})") from None
+        if not isinstance(row, dict):
+            raise ValueError(f"expected a JSON object, got {type(row).__name__}")
+        return parse_openai(number, row, self.base) if "custom_id" in row else parse_native(number, row, self.base)
+
+
+def sampling_params(base: dict, fields: dict):
+    """The command line's sampling values with one line's fields over them, checked as the engine will."""
+    import minillm
+    merged = {**base, **fields}
+    if isinstance(merged.get("structured_outputs"), dict):
+        merged["structured_outputs"] = minillm.StructuredOutputsParams(**merged["structured_outputs"])
+    params = minillm.SamplingParams(**merged, output_kind=minillm.FINAL_ONLY)
+    params.verify()
+    return params
+
+
+def check_id(value, name: str):
+    if not isinstance(value, (str, int)) or isinstance(value, bool):
+        raise ValueError(f"{name} must be a string or an integer, got {value!r}")
+    return value
+
+
+def parse_native(number: int, row: dict, base: dict) -> Request:
+    """{"id", one of "prompt" / "messages" / "prompt_token_ids", then any SamplingParams field by its name}."""
+    import minillm
+    fields = {f.name for f in dataclasses.fields(minillm.SamplingParams)} - NOT_FROM_JSON
+    unknown = sorted(set(row) - fields - {"id", "prompt", "messages", "prompt_token_ids"})
+    if unknown:
+        raise ValueError(f"unknown field {unknown[0]!r} (a request has id, prompt, messages or prompt_token_ids, "
+                         f"and SamplingParams fields)")
+    given = [k for k in ("prompt", "messages", "prompt_token_ids") if k in row]
+    if len(given) != 1:
+        raise ValueError(f"a request needs exactly one of prompt, messages and prompt_token_ids, got {given or 'none'}")
+    rid = check_id(row.get("id", number), "id")
+    prompt, messages = check_prompt(row), check_messages(row.get("messages"))
+    params = sampling_params(base, {k: v for k, v in row.items() if k in fields})
+    return Request(number, json.dumps(rid), rid, "native", prompt, messages, params)
+
+
+def check_prompt(row: dict):
+    """A line's prompt as the engine takes it: a str, or {"prompt_token_ids": [...]}, or None (messages)."""
+    if "prompt_token_ids" in row:
+        ids = row["prompt_token_ids"]
+        if not isinstance(ids, list) or not ids or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+            raise ValueError(f"prompt_token_ids must be a non-empty list of integers, got {ids!r}")
+        return {"prompt_token_ids": ids}
+    prompt = row.get("prompt")
+    if "prompt" in row and not isinstance(prompt, str):
+        raise ValueError(f"prompt must be a string, got {prompt!r}")
+    return prompt
+
+
+def check_messages(messages):
+    if messages is not None and not (isinstance(messages, list) and messages and all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) for m in messages)):
+        raise ValueError("messages must be a non-empty list of {\"role\": ..., \"content\": ...} objects")
+    return messages
+
+
+def parse_openai(number: int, row: dict, base: dict) -> Request:
+    """{"custom_id", "method": "POST", "url": "/v1/chat/completions" | "/v1/completions", "body": {...}}."""
+    unknown = sorted(set(row) - {"custom_id", "method", "url", "body"})
+    if unknown:
+        raise ValueError(f"unknown field {unknown[0]!r} (an OpenAI batch request has custom_id, method, url, body)")
+    rid, kind, body = check_id(row["custom_id"], "custom_id"), OPENAI_URLS.get(row.get("url")), row.get("body")
+    if row.get("method") != "POST" or kind is None:
+        raise ValueError(f"method must be POST and url one of {sorted(OPENAI_URLS)}, got "
+                         f"{row.get('method')!r} {row.get('url')!r}")
+    if not isinstance(body, dict):
+        raise ValueError("body must be a JSON object")
+    main_field = "messages" if kind == "chat" else "prompt"
+    known = OPENAI_SAMPLING | OPENAI_IGNORED | {main_field, "max_tokens", "max_completion_tokens", "logprobs",
+                                                "stream"} | ({"top_logprobs"} if kind == "chat" else set())
+    unknown = sorted(set(body) - known)
+    if unknown or body.get("stream"):
+        raise ValueError(f"body: unknown field {unknown[0]!r}" if unknown else "body: stream must be false in a batch")
+    if main_field not in body:
+        raise ValueError(f"body: {main_field} is required for {row['url']}")
+    fields = openai_sampling_fields(kind, body)
+    prompt = check_prompt({"prompt_token_ids": body["prompt"]} if isinstance(body.get("prompt"), list) else
+                          {"prompt": body.get("prompt")}) if kind == "completions" else None
+    params = sampling_params(base, fields)
+    return Request(number, json.dumps(rid), rid, kind, prompt, check_messages(body.get("messages")), params)
+
+
+def openai_sampling_fields(kind: str, body: dict) -> dict:
+    """An OpenAI body's sampling fields as SamplingParams'."""
+    fields = {k: v for k, v in body.items() if k in OPENAI_SAMPLING}
+    if "logit_bias" in fields and isinstance(fields["logit_bias"], dict):
+        fields["logit_bias"] = {int(k): v for k, v in fields["logit_bias"].items()}
+    for name in ("max_tokens", "max_completion_tokens"):
+        if body.get(name) is not None:
+            fields["max_tokens"] = body[name]
+    if kind == "chat" and body.get("logprobs"):  # chat: a flag and top_logprobs; completions: the count
+        fields["logprobs"] = body.get("top_logprobs") or 0
+    elif kind == "completions" and body.get("logprobs") is not None:
+        fields["logprobs"] = body["logprobs"]
+    return fields
+
+
+# ---- resuming ---------------------------------------------------------------------------------------------------
+
+def read_done(path: str, truncate: bool) -> set:
+    """The ids (json.dumps keys) of the lines already in `path`. A torn last line (a crash mid-write) is cut off
+    (by rank 0, `truncate`) so that appending starts on a line of its own; a bad line before it is an error."""
+    if not os.path.exists(path):
+        return set()
+    done, good_end = set(), 0
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, 1):
+            try:
+                row = json.loads(raw) if raw.endswith(b"\n") else None
+            except ValueError:
+                row = None
+            if not isinstance(row, dict) or not ("custom_id" in row or "id" in row):
+                if f.read(1):  # not the last line: the file is not ours to continue
+                    raise ValueError(f"{path}:{number}: not an output line; --resume continues only its own files")
+                break
+            done.add(json.dumps(row["custom_id"] if "custom_id" in row else row["id"]))
+            good_end += len(raw)
+    if truncate and good_end != os.path.getsize(path):
+        with open(path, "r+b") as f:
+            f.truncate(good_end)
+    return done
+
+
+# ---- generation: the engine fed step by step, each finished request written at once ------------------------------
+
+def generate_shard(dp, args, batch: BatchInput, done: set, adapter, lora_kwargs) -> int:
+    """The generation on data-parallel rank dp.rank: every dp.size-th request not yet `done` through an engine of
+    its own. Alone, each line is written as its request finishes; with several ranks, each rank's lines go to rank 0
+    at the end (as JSON), which writes them."""
+    import compat
+    import minillm
+    device = args.device
+    if dp.size > 1 and compat.check_device(device).type == "cuda":
+        device = f"cuda:{(compat.check_device(device).index or 0) + dp.local_rank * args.tensor_parallel_size}"
+    total, already, trace = len(batch.keys), len(batch.keys & done), bool(args.trace) and dp.rank == 0
+    pending = (r for r in batch if r.key not in done)
+    mine = (r for k, r in enumerate(pending) if k % dp.size == dp.rank)
+    with minillm.LLM(args.model, device=device, tensor_parallel_size=args.tensor_parallel_size, trace=trace,
+                     **lora_kwargs) as llm:
+        out = Output(args.output, args.resume, batch.jsonl, llm.llm_engine.model_name) if dp.size == 1 else []
+        try:
+            Feeder(llm, adapter, Progress(dp, total, already)).run(mine, out.write if dp.size == 1 else out.append)
+        finally:
+            if dp.size == 1:
+                out.close()
+    if trace:  # (rank 0's engine: the others' steps are alike)
+        import timeline
+        timeline.write_trace(llm.last_trace, args.trace)
+        print(f"wrote the trace of {len(llm.last_trace['steps'])} engine steps to {args.trace}", file=sys.stderr)
+    if dp.size > 1:
+        gathered = dp.gather(out)
+        if dp.rank == 0:
+            write_gathered(args.output, args.resume, batch.jsonl, gathered)
     return 0
 
 
-def read_prompts(path: str) -> list[str]:
-    """One prompt per non-blank line of a UTF-8 file (- is stdin)."""
+def write_gathered(path, resume: bool, jsonl: bool, gathered: list) -> None:
+    out = Output(path, resume, jsonl, None)
     try:
-        src = sys.stdin if path == "-" else open(path, encoding="utf-8")
-        with src:
-            prompts = [line.rstrip("\n") for line in src if line.strip()]
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-    if not prompts:
-        raise ValueError(f"{path}: no prompts (one per line)")
-    return prompts
+        for item in sorted(gathered):  # (line number, JSON line): input order
+            out.write(item)
+    finally:
+        out.close()
+
+
+class Feeder:
+    """Keeps at most 2 x max_num_seqs requests in the engine, taking the next ones from the input as the finished
+    ones leave, so that the engine always has a full batch and memory does not grow with the input."""
+
+    def __init__(self, llm, adapter, progress):
+        self.llm, self.engine, self.adapter, self.progress = llm, llm.llm_engine, adapter, progress
+        self.limit, self.inflight = 2 * self.engine.max_num_seqs, {}
+
+    def run(self, requests, emit) -> None:
+        """emit((line number, JSON line)) once for each request, as it finishes (or fails to be added)."""
+        requests, engine = iter(requests), self.engine
+        if engine.tracing:
+            engine.observer.clear()
+        try:
+            while True:
+                while len(self.inflight) < self.limit and (r := next(requests, None)) is not None:
+                    self.add(r, emit)
+                if not self.inflight:
+                    break
+                finished = [o for o in engine.step() if o.finished]
+                for o in sorted(finished, key=lambda o: self.inflight[o.request_id].line):  # ties: input order
+                    emit((self.inflight[o.request_id].line, output_line(self.inflight.pop(o.request_id), o,
+                                                                        engine.model_name)))
+                    self.progress.finished(sum(len(c.token_ids) for c in o.outputs))
+        except BaseException:
+            engine.recover(abort=list(self.inflight))
+            raise
+        finally:
+            self.progress.close()
+        self.llm.last_trace = engine.observer.trace() if engine.tracing else None
+
+    def add(self, r: Request, emit) -> None:
+        """Queue one request; one the engine refuses (a prompt too long, ...) gets an error line of its own."""
+        try:
+            prompt = r.prompt if r.messages is None else render_chat(self.llm, r.messages)
+            self.engine.add_request(f"line-{r.line}", prompt, r.params, lora_request=self.adapter)
+            self.inflight[f"line-{r.line}"] = r
+        except (ValueError, TypeError) as e:
+            emit((r.line, error_line(r, " ".join(str(e).split()))))
+            self.progress.finished(0)
+
+
+def render_chat(llm, messages) -> dict:
+    """A conversation through the model's chat template, as LLM.chat renders it (compat.chat)."""
+    import jinja2
+    tokenizer = llm.get_tokenizer()
+    try:
+        text = tokenizer.apply_chat_template(messages, None, tokenize=False, add_generation_prompt=True)
+    except jinja2.TemplateError as e:
+        raise ValueError(f"the chat template: {e}") from e
+    return {"prompt": text, "prompt_token_ids": tokenizer.encode(text, add_special_tokens=False)}
+
+
+class Progress:
+    """One bar over every line (done/total, tokens per second, time left), starting at the lines already done; with
+    data parallelism rank 0 draws it from every rank's counts in the store (parallel.SharedProgress)."""
+
+    def __init__(self, dp, total: int, already: int):
+        from tqdm import tqdm
+        self.started, self.tokens, self.shared = time.perf_counter(), 0, None
+        if dp.size > 1:
+            import parallel
+            dp.progress(total)
+            if dp.rank == 0:
+                dp.bar.update(already)
+                dp.store.add("done", already)
+            self.shared, self.bar = parallel.SharedProgress(dp), dp.bar
+        else:
+            self.bar = tqdm(total=total, initial=already, desc="Processed prompts", dynamic_ncols=True,
+                            file=sys.stderr)
+
+    def finished(self, tokens: int) -> None:
+        self.tokens += tokens
+        if self.shared is not None:
+            self.shared.update(1)
+        if self.bar is not None:
+            self.bar.update(0 if self.shared else 1)
+            self.bar.set_postfix_str(f"{self.tokens / (time.perf_counter() - self.started):.1f} tok/s", refresh=False)
+
+    def close(self) -> None:
+        if self.bar is not None and self.shared is None:
+            self.bar.close()
+
+
+# ---- the output: one JSON line per request, flushed as it is written ---------------------------------------------
+
+def open_output(path: str, mode: str):
+    """(A seam for the tests: a full disk is a file object whose writes fail.)"""
+    return open(path, mode, encoding="utf-8")
+
+
+class Output:
+    """Where the finished lines go: `path` (appended to with --resume, else rewritten), each line written whole and
+    flushed at once, so that a crash at any moment leaves every finished line and at most one torn last one; no
+    path: printed. fsync at most once a second, so that a power cut loses at most about a second of lines."""
+
+    def __init__(self, path: Optional[str], resume: bool, jsonl: bool, model: Optional[str]):
+        self.path, self.jsonl, self.count, self.synced, self.failed = path, jsonl, 0, time.monotonic(), False
+        self.file = open_output(path, "a" if resume else "w") if path else None
+
+    def write(self, item) -> None:
+        _, line = item
+        if self.file is None:
+            print(line if self.jsonl else text_block(line))
+            return
+        try:
+            self.file.write(line + "\n")
+            self.file.flush()
+            if time.monotonic() - self.synced > 1:
+                os.fsync(self.file.fileno())
+                self.synced = time.monotonic()
+        except OSError as e:
+            self.failed = True
+            raise OSError(f"{self.path}: {e.strerror or e} after {self.count} whole lines were written; "
+                          f"they stay, and --resume continues after them") from None
+        self.count += 1
+
+    def close(self) -> None:
+        if self.file is None:
+            return
+        try:
+            self.file.close()
+        except OSError:
+            if not self.failed:
+                raise
+        if not self.failed:
+            print(f"wrote {self.count} completions to {self.path}", file=sys.stderr)
+
+
+def text_block(line: str) -> str:
+    row = json.loads(line)
+    return f"--- {row.get('prompt')}\n{row.get('text', row.get('error'))}\n"
+
+
+def output_line(r: Request, o, model: str) -> str:
+    """A finished request's output line: OpenAI batch output for OpenAI requests, else minillm's own."""
+    if r.kind in ("chat", "completions"):
+        return json.dumps(openai_output(r, o, model), ensure_ascii=False)
+    first = o.outputs[0]
+    prompt = r.messages[-1]["content"] if r.kind == "text" and r.messages else o.prompt  # --chat: the line itself
+    row = {"id": r.id, "prompt": prompt, "text": first.text, "token_ids": first.token_ids,
+           "finish_reason": first.finish_reason}
+    if len(o.outputs) > 1:
+        row["outputs"] = [completion_fields(c) for c in o.outputs]
+    elif first.logprobs is not None:
+        row.update(completion_fields(first))
+    return json.dumps(row, ensure_ascii=False)
+
+
+def completion_fields(c) -> dict:
+    row = {"text": c.text, "token_ids": c.token_ids, "finish_reason": c.finish_reason}
+    if c.logprobs is not None:  # per token {token id: logprob}: the token itself and the top-k
+        row["cumulative_logprob"] = c.cumulative_logprob
+        row["logprobs"] = [{str(t): lp.logprob for t, lp in step.items()} for step in c.logprobs]
+    return row
+
+
+def error_line(r: Request, message: str) -> str:
+    if r.kind in ("chat", "completions"):
+        return json.dumps({"id": f"batch_req_{r.line}", "custom_id": r.id, "response": None,
+                           "error": {"code": "invalid_request", "message": message}}, ensure_ascii=False)
+    return json.dumps({"id": r.id, "error": message}, ensure_ascii=False)
+
+
+def openai_output(r: Request, o, model: str) -> dict:
+    """OpenAI's batch output line: the response's body a chat.completion or a text_completion object."""
+    chat = r.kind == "chat"
+    choices = [{"index": c.index, "finish_reason": c.finish_reason,
+                "logprobs": openai_logprobs(c, chat) if c.logprobs is not None else None,
+                **({"message": {"role": "assistant", "content": c.text}} if chat else {"text": c.text})}
+               for c in o.outputs]
+    completion = sum(len(c.token_ids) for c in o.outputs)
+    body = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{r.line}", "object": "chat.completion" if chat else
+            "text_completion", "created": int(time.time()), "model": model, "choices": choices,
+            "usage": {"prompt_tokens": len(o.prompt_token_ids), "completion_tokens": completion,
+                      "total_tokens": len(o.prompt_token_ids) + completion}}
+    return {"id": f"batch_req_{r.line}", "custom_id": r.id,
+            "response": {"status_code": 200, "request_id": f"line-{r.line}", "body": body}, "error": None}
+
+
+def openai_logprobs(c, chat: bool) -> dict:
+    """Chat's {"content": [{token, logprob, top_logprobs}]}, or completions' {tokens, token_logprobs, top_logprobs}."""
+    steps = []
+    for token_id, step in zip(c.token_ids, c.logprobs):
+        own = step.get(token_id) or next(iter(step.values()))
+        top = [(lp.decoded_token, lp.logprob) for t, lp in step.items() if t != token_id or lp.rank == 1]
+        steps.append((own.decoded_token, own.logprob, top))
+    if chat:
+        return {"content": [{"token": t, "logprob": lp, "bytes": list((t or "").encode()),
+                             "top_logprobs": [{"token": a, "logprob": b} for a, b in top]} for t, lp, top in steps]}
+    return {"tokens": [t for t, _, _ in steps], "token_logprobs": [lp for _, lp, _ in steps],
+            "top_logprobs": [dict(top) for _, _, top in steps], "text_offset": []}
 
 
 def read_json(path: Optional[str]):
@@ -128,43 +555,6 @@ def check_writable(path: str) -> None:
         pass
     if not existed:
         os.remove(path)
-
-
-def generate_shard(dp, args, prompts: list[str], params, adapter, lora_kwargs) -> Optional[list]:
-    """The generation on data-parallel rank dp.rank: its share of the prompts through an engine of its own (GPUs
-    from local_rank * tensor_parallel_size on); rank 0 returns every output, in input order, the others None."""
-    import compat
-    import minillm
-    device = args.device
-    if dp.size > 1 and compat.check_device(device).type == "cuda":
-        device = f"cuda:{(compat.check_device(device).index or 0) + dp.local_rank * args.tensor_parallel_size}"
-    mine, progress, trace = dp.shard(prompts), dp.progress(len(prompts)), bool(args.trace) and dp.rank == 0
-    with minillm.LLM(args.model, device=device, tensor_parallel_size=args.tensor_parallel_size, trace=trace,
-                     **lora_kwargs) as llm:
-        if args.chat:
-            conversations = [[{"role": "user", "content": p}] for p in mine]
-            outputs = llm.chat(conversations, params, lora_request=adapter, use_tqdm=progress)
-        else:
-            outputs = llm.generate(mine, params, lora_request=adapter, use_tqdm=progress)
-    if trace:  # (rank 0's engine: the others' steps are alike)
-        import timeline
-        timeline.write_trace(llm.last_trace, args.trace)
-        print(f"wrote the trace of {len(llm.last_trace['steps'])} engine steps to {args.trace}", file=sys.stderr)
-    return dp.gather(outputs)
-
-
-def write_outputs(path: Optional[str], prompts: list[str], outputs: list) -> None:
-    """Print each prompt and its completion, or write one JSON object per prompt to `path`."""
-    if not path:
-        for p, o in zip(prompts, outputs):
-            print(f"--- {p}\n{o.outputs[0].text}\n")
-        return
-    with open(path, "w", encoding="utf-8") as f:
-        for p, o in zip(prompts, outputs):
-            c = o.outputs[0]
-            f.write(json.dumps({"prompt": p, "text": c.text, "token_ids": c.token_ids,
-                                "finish_reason": c.finish_reason}, ensure_ascii=False) + "\n")
-    print(f"wrote {len(outputs)} completions to {path}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import json
 import os
 import pickle
 import signal
@@ -424,7 +425,8 @@ class DataParallel:
 
         dp = DataParallel.from_env()   # under torchrun: RANK of WORLD_SIZE; else rank 0 of 1
         llm = LLM(model, device=f"cuda:{dp.local_rank}")
-        outputs = dp.gather(llm.generate(dp.shard(prompts), params, use_tqdm=dp.progress(len(prompts))))
+        texts = dp.gather([o.outputs[0].text for o in llm.generate(dp.shard(prompts), params,
+                                                                  use_tqdm=dp.progress(len(prompts)))])
     """
 
     def __init__(self, rank: int, size: int, store, local_rank: int = 0):
@@ -452,10 +454,12 @@ class DataParallel:
 
     def gather(self, outputs: list) -> Optional[list]:
         """Every rank's outputs to rank 0, in the order of the prompts shard() split: rank 0 gets them all, the
-        others None. (A rank that fails makes torchrun stop them all: rank 0 does not wait for it.)"""
+        others None. (A rank that fails makes torchrun stop them all: rank 0 does not wait for it.) The outputs must be
+        JSON values (the command line sends its output lines): nothing crosses a process boundary as a pickle, which
+        would run whatever code a forged message names."""
         if self.size == 1:
             return outputs
-        self.store.set(f"outputs/{self.rank}", pickle.dumps(outputs))
+        self.store.set(f"outputs/{self.rank}", json.dumps(outputs))
         if self.rank:
             return None
         parts = []
@@ -463,7 +467,7 @@ class DataParallel:
             while not self.store.check([f"outputs/{rank}"]):
                 self.draw()
                 time.sleep(0.05)
-            parts.append(pickle.loads(self.store.get(f"outputs/{rank}")))
+            parts.append(json.loads(self.store.get(f"outputs/{rank}")))
         merged = [None] * sum(map(len, parts))
         for rank, part in enumerate(parts):
             merged[rank::self.size] = part
