@@ -374,7 +374,8 @@ def check_max_model_len(max_model_len: Optional[int], cfg) -> int:
     max_position_embeddings times a linear RoPE scaling factor, unless VLLM_ALLOW_LONG_MAX_MODEL_LEN=1 (then a
     warning: positions past the context were never trained). vllm/config/model.py, _get_and_verify_max_len."""
     scaling = cfg.rope_scaling or {}
-    context = int(cfg.max_position_embeddings * (scaling.get("factor", 1) if scaling.get("rope_type") == "linear" else 1))
+    factor = scaling.get("factor", 1) if scaling.get("rope_type") == "linear" else 1
+    context = int(cfg.max_position_embeddings * factor)
     if max_model_len is None or max_model_len <= context:
         return max_model_len or context
     message = (f"max_model_len ({max_model_len}) is greater than the model's context ({context}: "
@@ -422,7 +423,7 @@ def check_device(device) -> torch.device:
 def check_batch(llm, prompts, sampling_params, lora_request, priority) -> list[tuple]:
     """Every input of one LLM.generate call, checked before any is queued: [(text, ids, params, lora, priority)].
     prompts: one or a list, each a str or a prompt dict; sampling_params: None (the model's defaults), one for
-    all, or one per prompt; priority: None or one integer per prompt (scheduling_policy="priority" only)."""
+    all, or one per prompt; priority: None or one integer per prompt (other than 0: scheduling_policy="priority")."""
     from minillm import SamplingParams
     engine = llm.llm_engine
     prompts = [prompts] if isinstance(prompts, (str, dict)) else list(prompts)

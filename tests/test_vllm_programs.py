@@ -644,8 +644,8 @@ def test_a_length_stop_inside_a_character_withholds_it(tiny):
 
 
 def test_bad_words_default_and_ban_token_sequences(tiny):
-    # vLLM: SamplingParams.bad_words defaults to [] (vllm/sampling_params.py: `bad_words: list[str] | None = None`
-    # normalized in __post_init__... as a list), and a bad word is its token ids, with and without a leading space,
+    # vLLM: SamplingParams().bad_words is [] (vllm/sampling_params.py), and a bad word is its token ids, with and
+    # without a leading space (SamplingParams.update_from_tokenizer),
     # whose last token is banned after the others (vllm/v1/sample/ops/bad_words.py; tests/v1/sample/test_sampler.py
     # test_sampler_bad_words) -- checked on the output's token ids, not on its text.
     assert SamplingParams().bad_words == []
