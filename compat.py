@@ -7,7 +7,9 @@ vLLM hands back or takes (prompt dicts, logprob dicts, metrics, a request's time
 the progress bar, the HF tokenizer calls (`tok(text).input_ids`, `batch_decode`, `eos_token_id`,
 `convert_tokens_to_ids`, `apply_chat_template`, ...), the engine's observer for vLLM's metrics (`Metrics`), and
 the calls of vLLM's LLM and LLMEngine beyond generate and step (`chat`, `beam_search`, `add_request`,
-`get_metrics`, `reset_prefix_cache`, `prompt_logits`), which minillm's classes reach through one-line methods.
+`get_metrics`, `reset_prefix_cache`, `prompt_logits`), which minillm's classes reach through one-line methods,
+the streaming deltas of `output_kind=DELTA` (`only_new`), and the other names vLLM programs import
+(`__version__`, `current_platform`, `cleanup_dist_env_and_memory`, `GuidedDecodingRequest`).
 
 It lives beside minillm.py so that the engine reads top to bottom without it. It imports minillm inside
 functions, so minillm imports it only when a feature needs it (`minillm.companion`); `from minillm import
