@@ -7,7 +7,9 @@ vLLM hands back or takes (prompt dicts, logprob dicts, metrics, a request's time
 the progress bar, the HF tokenizer calls (`tok(text).input_ids`, `batch_decode`, `eos_token_id`,
 `convert_tokens_to_ids`, `apply_chat_template`, ...), the engine's observer for vLLM's metrics (`Metrics`), and
 the calls of vLLM's LLM and LLMEngine beyond generate and step (`chat`, `beam_search`, `add_request`,
-`get_metrics`, `reset_prefix_cache`, `prompt_logits`), which minillm's classes reach through one-line methods.
+`get_metrics`, `reset_prefix_cache`, `prompt_logits`), which minillm's classes reach through one-line methods,
+the streaming deltas of `output_kind=DELTA` (`only_new`), and the other names vLLM programs import
+(`__version__`, `current_platform`, `cleanup_dist_env_and_memory`, `GuidedDecodingRequest`).
 
 It lives beside minillm.py so that the engine reads top to bottom without it. It imports minillm inside
 functions, so minillm imports it only when a feature needs it (`minillm.companion`); `from minillm import
@@ -118,8 +120,9 @@ class EngineArgs:
     trace: bool = False                  # record what every engine step did (LLM.last_trace; timeline.py draws it)
 
     ONLY = dict(pipeline_parallel_size=[1], data_parallel_size=[1],  # (data parallelism: DataParallel, --data-parallel-size)
-                distributed_executor_backend=[None, "uni", "mp"], quantization=[None, "gguf"], kv_cache_dtype=["auto"],
-                cpu_offload_gb=[0.0], load_format=["auto", "safetensors", "gguf"], config_format=["auto", "hf"],
+                distributed_executor_backend=[None, "uni", "mp", "external_launcher"],  # (torchrun: see below)
+                quantization=[None, "gguf"], kv_cache_dtype=["auto"],
+                load_format=["auto", "safetensors", "gguf"], config_format=["auto", "hf"],
                 tokenizer_mode=["auto", "hf", "slow"], task=[None, "auto", "generate"], runner=["auto", "generate"],
                 convert=["auto", "none"], model_impl=["auto", "vllm"], skip_tokenizer_init=[False],
                 enable_prompt_embeds=[False], enable_chunked_prefill=[None, True], enable_sleep_mode=[False],
@@ -129,6 +132,7 @@ class EngineArgs:
                        torch.float16, torch.bfloat16, torch.float32])
 
     def __post_init__(self):
+        check_launch_args(self)
         for name, ok in self.ONLY.items():
             value = getattr(self, name)
             value = None if value in ([], {}) else value  # an empty speculative_config is none
@@ -183,6 +187,31 @@ class EngineArgs:
     @classmethod
     def from_cli_args(cls, args: argparse.Namespace) -> "EngineArgs":
         return cls(**{f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)})
+
+
+def check_launch_args(args: EngineArgs) -> None:
+    """The engine arguments of vLLM programs that minillm takes in its own way.
+    load_format="mistral": Mistral's consolidated.safetensors + params.json, which minillm does not read.
+    cpu_offload_gb: vLLM streams that many GiB of weights from host memory; minillm keeps every weight on its
+    device (on the CPU, where they are already), so on a GPU the model must fit, and a warning says so.
+    distributed_executor_backend="external_launcher": under torchrun every process runs one engine of its own
+    (vLLM's data-parallel use of it), on the GPU of its LOCAL_RANK; tensor parallelism there is vLLM's only."""
+    if args.load_format == "mistral":
+        raise ValueError("load_format='mistral' reads Mistral's consolidated.safetensors and params.json; minillm "
+                         "reads the HF layout (config.json + model*.safetensors) or a .gguf file: use "
+                         "load_format='auto' with the HF repository of the model")
+    if not isinstance(args.cpu_offload_gb, (int, float)) or args.cpu_offload_gb < 0:
+        raise ValueError(f"cpu_offload_gb must be a number >= 0, got {args.cpu_offload_gb!r}")
+    on_gpu = str(args.device).startswith("cuda") or args.device in ("auto", None) and torch.cuda.is_available()
+    if args.cpu_offload_gb > 0 and on_gpu:
+        warnings.warn(f"cpu_offload_gb={args.cpu_offload_gb}: minillm offloads no weights; they all stay on the GPU "
+                      f"(loading fails if they do not fit)")
+    if args.distributed_executor_backend == "external_launcher":
+        if args.tensor_parallel_size != 1:
+            raise ValueError("distributed_executor_backend='external_launcher' with tensor_parallel_size > 1: "
+                             "minillm's tensor parallelism starts its own processes; use the default backend")
+        if args.device in ("auto", None) and "LOCAL_RANK" in os.environ and torch.cuda.is_available():
+            args.device = f"cuda:{int(os.environ['LOCAL_RANK']) % torch.cuda.device_count()}"
 
 
 def optional(kind: Callable) -> Callable:  # a command-line value of type `kind`, where "None" means None
@@ -342,6 +371,42 @@ class ProgressBar:
             self.bar.close()
 
 
+def check_max_model_len(max_model_len: Optional[int], cfg) -> int:
+    """vLLM's rule: max_model_len (None: the model's context) may not exceed the model's context, the
+    max_position_embeddings times a linear RoPE scaling factor, unless VLLM_ALLOW_LONG_MAX_MODEL_LEN=1 (then a
+    warning: positions past the context were never trained). vllm/config/model.py, _get_and_verify_max_len."""
+    scaling = cfg.rope_scaling or {}
+    factor = scaling.get("factor", 1) if scaling.get("rope_type") == "linear" else 1
+    context = int(cfg.max_position_embeddings * factor)
+    if max_model_len is None or max_model_len <= context:
+        return max_model_len or context
+    message = (f"max_model_len ({max_model_len}) is greater than the model's context ({context}: "
+               f"max_position_embeddings={cfg.max_position_embeddings}")
+    if os.environ.get("VLLM_ALLOW_LONG_MAX_MODEL_LEN", "0").lower() not in ("1", "true"):
+        raise ValueError(f"{message}); lower max_model_len, or set VLLM_ALLOW_LONG_MAX_MODEL_LEN=1 to allow it "
+                         f"(outputs past the context may be wrong)")
+    warnings.warn(f"{message}); allowed by VLLM_ALLOW_LONG_MAX_MODEL_LEN=1: outputs past it may be wrong")
+    return max_model_len
+
+
+def check_kv_cache(num_blocks: int, block_size: int, max_model_len: int, num_gpu_blocks_override) -> None:
+    """vLLM's rule (vllm/v1/core/kv_cache_utils.py, check_enough_kv_cache_memory): the KV cache sized from memory
+    must hold one request of max_model_len tokens, else a ValueError saying what to change. A cache of
+    num_gpu_blocks_override blocks is vLLM's too (it checks the memory, not the override): a warning says that
+    sequences stop at its length."""
+    tokens = num_blocks * block_size
+    if num_blocks < 1:
+        raise ValueError("no memory is left for the KV cache; raise gpu_memory_utilization or use a smaller model")
+    if tokens >= max_model_len:
+        return
+    if num_gpu_blocks_override is None:
+        raise ValueError(f"the KV cache holds {tokens} tokens ({num_blocks} blocks of {block_size}), fewer than one "
+                         f"request of max_model_len={max_model_len} needs; lower max_model_len to {tokens} or less, "
+                         f"or give the cache more memory (gpu_memory_utilization, kv_cache_memory_bytes)")
+    warnings.warn(f"num_gpu_blocks_override={num_gpu_blocks_override} holds {tokens} tokens, fewer than "
+                  f"max_model_len={max_model_len}: no sequence grows past {tokens} tokens")
+
+
 def check_device(device) -> torch.device:
     """None (CUDA when there is one), 'cpu', 'cuda' or 'cuda:N', checked before anything loads."""
     try:
@@ -360,7 +425,7 @@ def check_device(device) -> torch.device:
 def check_batch(llm, prompts, sampling_params, lora_request, priority) -> list[tuple]:
     """Every input of one LLM.generate call, checked before any is queued: [(text, ids, params, lora, priority)].
     prompts: one or a list, each a str or a prompt dict; sampling_params: None (the model's defaults), one for
-    all, or one per prompt; priority: None or one integer per prompt (scheduling_policy="priority" only)."""
+    all, or one per prompt; priority: None or one integer per prompt (other than 0: scheduling_policy="priority")."""
     from minillm import SamplingParams
     engine = llm.llm_engine
     prompts = [prompts] if isinstance(prompts, (str, dict)) else list(prompts)
@@ -373,9 +438,7 @@ def check_batch(llm, prompts, sampling_params, lora_request, priority) -> list[t
     else:
         raise TypeError(f"sampling_params: expected a SamplingParams or a list of them, "
                         f"got {type(sampling_params).__name__}")
-    if priority is not None:
-        if engine.scheduling_policy != "priority":
-            raise ValueError("priority is only honoured with scheduling_policy='priority'; this LLM uses 'fcfs'")
+    if priority is not None:  # vLLM's rule: zeros run under "fcfs" too; any other value needs "priority"
         check_length("priority", priority, prompts)
         priority = [check_priority(p, f"priority {i}", engine.scheduling_policy) for i, p in enumerate(priority)]
     loras = adapters(engine, lora_request, len(prompts))  # adapters loaded and checked
@@ -464,7 +527,7 @@ class TokensPrompt(TypedDict, total=False):  # vLLM's: a prompt as token ids (mi
 
 class RequestOutputKind(enum.IntEnum):  # SamplingParams.output_kind: what LLMEngine.step returns of a request
     CUMULATIVE = 0  # its outputs so far, after every step that gave it a token
-    DELTA = 1       # only what is new (streaming deltas: not in minillm)
+    DELTA = 1       # only what is new since its last output (streaming deltas: only_new)
     FINAL_ONLY = 2  # only its finished output
 
 
@@ -871,6 +934,8 @@ def normalize_sampling_params(p) -> None:
         if p.structured_outputs is not None:
             raise ValueError("set structured_outputs or guided_decoding (its older name), not both")
         p.structured_outputs, p.guided_decoding = p.guided_decoding, None
+    if isinstance(p.structured_outputs, GuidedDecodingRequest):  # older scripts' form of the same
+        p.structured_outputs = p.structured_outputs.to_params()
     if p.stop is None or isinstance(p.stop, str):
         p.stop = [p.stop] if p.stop else []
     if p.stop_token_ids is None or isinstance(p.stop_token_ids, tuple):
@@ -889,7 +954,6 @@ def normalize_sampling_params(p) -> None:
 def verify_sampling_params(p) -> None:
     """SamplingParams.verify: vLLM's rules, each error naming its field. generate checks again: a field may have been
     set since the params were made."""
-    from minillm import CUMULATIVE, FINAL_ONLY
     def need(ok: bool, name: str, what: str):
         if not ok:
             raise ValueError(f"{name} must be {what}, got {getattr(p, name)!r}.")
@@ -908,8 +972,10 @@ def verify_sampling_params(p) -> None:
     need(isinstance(p.stop, list) and all(isinstance(s, str) and s for s in p.stop), "stop",
          "a non-empty str or a list of them")
     need(not p.stop or p.detokenize is not False, "stop", "empty with detokenize=False (no text to search)")
-    need(p.output_kind in (CUMULATIVE, FINAL_ONLY), "output_kind",
-         "CUMULATIVE or FINAL_ONLY (minillm streams no deltas)")
+    need(p.output_kind in tuple(RequestOutputKind), "output_kind", "a RequestOutputKind")
+    if isinstance(p.stop_token_ids, list) and any(isinstance(t, str) for t in p.stop_token_ids):
+        raise ValueError(f"stop_token_ids must be a list of token ids, got {p.stop_token_ids!r}; to stop at a "
+                         f"string use stop={[t for t in p.stop_token_ids if isinstance(t, str)]!r}")
     need(isinstance(p.stop_token_ids, list) and all(is_int(t) and t >= 0 for t in p.stop_token_ids),
          "stop_token_ids", "a list of non-negative integers")
     # torch's generators take 64 bits; child i of a request with n > 1 uses seed + i
@@ -967,8 +1033,8 @@ class Metrics:
 
 def add_request(engine, request_id, prompt, params=None, lora_request=None, priority: int = 0) -> None:
     """LLMEngine.add_request, vLLM's: queue one request, checked as generate checks its inputs; `step` then returns
-    its RequestOutput after every step that gave it a token (output_kind CUMULATIVE), or once it is finished
-    (FINAL_ONLY)."""
+    its RequestOutput after every step that gave it a token (output_kind CUMULATIVE: all so far; DELTA: only the
+    new text, token ids and logprobs), or once it is finished (FINAL_ONLY)."""
     from minillm import FINAL_ONLY, SamplingParams
     request_id = str(request_id)
     if request_id in engine.requests:
@@ -977,8 +1043,24 @@ def add_request(engine, request_id, prompt, params=None, lora_request=None, prio
     check_priority(priority, "priority", engine.scheduling_policy)
     text, ids = tokenize_prompt(engine, "prompt", prompt)
     engine.add_checked(request_id, text, ids, params, adapters(engine, lora_request, 1)[0], priority)
-    if params.output_kind != FINAL_ONLY:
-        engine.streaming.add(request_id)
+    if params.output_kind != FINAL_ONLY:  # DELTA: each completion's (text, tokens) reported so far
+        engine.streaming[request_id] = [(0, 0)] * params.n if params.output_kind == RequestOutputKind.DELTA else None
+
+
+def only_new(output, reported: Optional[list]):
+    """LLMEngine.step's output of a request: as made (reported None), or for output_kind DELTA (vLLM's streaming
+    contract) only what each completion gained since the last output (`reported`: its (text, tokens) lengths
+    then, updated here). The prompt's logprobs come with the first output only."""
+    if reported is None:
+        return output
+    if any(num_tokens for _, num_tokens in reported):  # (not the first output)
+        output.prompt_logprobs = None
+    for c in output.outputs:
+        text_len, num_tokens = reported[c.index]
+        reported[c.index] = (len(c.text), len(c.token_ids))
+        c.text, c.token_ids = c.text[text_len:], c.token_ids[num_tokens:]
+        c.logprobs = None if c.logprobs is None else c.logprobs[num_tokens:]
+    return output
 
 
 def abort_request(engine, request_id) -> None:
@@ -987,7 +1069,7 @@ def abort_request(engine, request_id) -> None:
         for seq in engine.requests.pop(rid, []):
             seq.finish_reason = seq.finish_reason or "abort"
             engine.scheduler.finish(seq)
-        engine.streaming.discard(rid)
+        engine.streaming.pop(rid, None)
 
 
 def get_metrics(engine) -> list[Metric]:
@@ -1000,10 +1082,15 @@ def get_metrics(engine) -> list[Metric]:
     return metrics_snapshot(engine.model_name, counters, gauges, [t for t, _ in m.latencies], [e for _, e in m.latencies])
 
 
-def reset_prefix_cache(engine) -> bool:
-    """Forget every cached block, as vLLM's: only while no request holds a block (else False, and nothing changes)."""
-    if any(block.ref_count for block in engine.block_manager.blocks):
+def reset_prefix_cache(engine, reset_running_requests: bool = False, reset_connector: bool = False) -> bool:
+    """Forget every cached block, as vLLM's: only while no request holds a block (else False, and nothing changes),
+    or with reset_running_requests=True after preempting every running request (each is recomputed from its
+    tokens so far, as after a preemption). reset_connector: no KV connector here, nothing to do."""
+    holding = any(block.ref_count for block in engine.block_manager.blocks)
+    if holding and not reset_running_requests:
         return False
+    if holding:
+        engine.recover()  # every unfinished sequence back to waiting, no block held
     engine.block_manager.cached.clear()
     for block in engine.block_manager.blocks:
         block.hash = None
@@ -1088,3 +1175,87 @@ def prompt_logits(llm, token_ids: list[int], lora_request=None) -> torch.Tensor:
         engine.free_table_rows.append(row)
         engine.block_manager.free(seq)
         engine.block_manager.rollback()  # (a no-op after the commit)
+
+
+# ----------------------------------------------------------------------------------------------
+# Other names vLLM programs import: the version, the platform, the clean-up call, older scripts' classes
+
+
+def read_version() -> str:
+    """pyproject.toml's version (a checkout), else the installed package's."""
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "pyproject.toml")
+    if os.path.exists(path):
+        import re
+        found = re.search(r'^version\s*=\s*"([^"]+)"', open(path, encoding="utf-8").read(), re.M)
+        if found:
+            return found.group(1)
+    from importlib.metadata import version
+    return version("minillm")
+
+
+__version__ = read_version()  # `from minillm import __version__`: minillm's module __getattr__ finds it here
+
+
+class Platform:
+    """vLLM's current_platform (vllm.platforms): the few questions examples ask of the device minillm would use,
+    CUDA when there is one (as LLM(device="auto")), else the CPU."""
+
+    @property
+    def device_type(self) -> str:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
+    @property
+    def device_name(self) -> str:
+        return self.device_type
+
+    @property
+    def dispatch_key(self) -> str:
+        return self.device_type.upper()
+
+    def is_cuda(self) -> bool: return self.device_type == "cuda"
+    def is_cuda_alike(self) -> bool: return self.is_cuda()
+    def is_cpu(self) -> bool: return self.device_type == "cpu"
+    def is_rocm(self) -> bool: return False
+    def is_tpu(self) -> bool: return False
+    def is_xpu(self) -> bool: return False
+
+    def get_device_name(self, device_id: int = 0) -> str:
+        return torch.cuda.get_device_name(device_id) if self.is_cuda() else "cpu"
+
+    def get_device_capability(self, device_id: int = 0):  # (major, minor) on CUDA; None on the CPU, as vLLM's
+        return torch.cuda.get_device_capability(device_id) if self.is_cuda() else None
+
+    def get_device_total_memory(self, device_id: int = 0) -> int:
+        if self.is_cuda():
+            return torch.cuda.get_device_properties(device_id).total_memory
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+current_platform = Platform()
+
+
+def cleanup_dist_env_and_memory(shutdown_ray: bool = False) -> None:
+    """vLLM's (vllm.distributed): after `del llm`, free what it held. minillm has no process group of its own to
+    destroy (LLM.close stops tensor-parallel workers); what is left is garbage and the CUDA cache."""
+    import gc
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+@dataclass
+class GuidedDecodingRequest:
+    """Older vLLM's structured-output request (guided_fields.GuidedDecodingRequest); as
+    SamplingParams(guided_decoding=...) it becomes today's StructuredOutputsParams (normalize_sampling_params)."""
+    guided_json: Any = None
+    guided_regex: Optional[str] = None
+    guided_choice: Optional[list[str]] = None
+    guided_grammar: Optional[str] = None
+    guided_decoding_backend: Optional[str] = None  # (minillm has one backend)
+    guided_whitespace_pattern: Optional[str] = None  # (not read)
+    guided_json_object: Optional[bool] = None
+
+    def to_params(self):
+        from structured import StructuredOutputsParams
+        return StructuredOutputsParams(json=self.guided_json, regex=self.guided_regex, choice=self.guided_choice,
+                                       grammar=self.guided_grammar, json_object=self.guided_json_object)

@@ -371,7 +371,7 @@ GGUF_NAMES = {"token_embd": "embed_tokens", "output_norm": "norm", "output": "lm
 ARCHITECTURES = {"llama": (False, False), "qwen2": (True, False), "qwen3": (False, True)}
 
 
-def read_gguf(path: str) -> tuple[dict, Iterator[tuple[str, torch.Tensor]], tuple[dict, dict]]:
+def read_gguf(path: str, hf_overrides=None) -> tuple[dict, Iterator[tuple[str, torch.Tensor]], tuple[dict, dict]]:
     """A llama.cpp GGUF file -> (minillm.ModelConfig's fields, its weights, its tokenizer's pieces: see
     tokenizer_from_gguf). The weights are an iterator of (parameter name, float32 tensor, (out, in) like HF's):
     each tensor is dequantized when it is reached, so that the caller can cut it and move it to the device
@@ -382,7 +382,7 @@ def read_gguf(path: str) -> tuple[dict, Iterator[tuple[str, torch.Tensor]], tupl
         raise ValueError(f"{path}: general.architecture={arch!r} is not supported; minillm runs "
                          f"{', '.join(ARCHITECTURES)} (a Mistral GGUF is llama)")
     tokenizer = tokenizer_from_gguf(file.fields)
-    fields = gguf_config_fields(file, arch, tokenizer[0]["eos_ids"])
+    fields = gguf_overrides(gguf_config_fields(file, arch, tokenizer[0]["eos_ids"]), hf_overrides, path)
     params = {name: gguf_param_name(name) for name in file.shapes if name != "rope_freqs.weight"}
     check_tensors(fields, {param: (path, name, file.shapes[name]) for name, param in params.items()},
                   Described("its metadata", f"architecture {arch!r}, {arch}.block_count={fields['num_layers']}",
@@ -439,6 +439,30 @@ def gguf_config_fields(file: GGUFFile, arch: str, eos_ids) -> dict:
         tie_word_embeddings="output.weight" not in file.shapes, eos_token_ids=tuple(sorted(eos_ids)),
         qkv_bias=ARCHITECTURES[arch][0], qk_norm=ARCHITECTURES[arch][1],
     )
+
+
+# config.json's names of the GGUF config's fields that minillm.ModelConfig names otherwise
+HF_NAMES = dict(num_hidden_layers="num_layers", num_attention_heads="num_heads", num_key_value_heads="num_kv_heads")
+
+
+def gguf_overrides(fields: dict, hf_overrides, path: str) -> dict:
+    """vLLM's hf_overrides on a GGUF model: vLLM applies them to the HF config it derives from the metadata, so
+    they use config.json's names (max_position_embeddings, rope_theta, num_hidden_layers, eos_token_id, ...);
+    here they land on the fields the metadata gave. A key of no such field is a ValueError naming the known ones."""
+    if not hf_overrides:
+        return fields
+    hf = {hf_name: fields[name] for hf_name, name in HF_NAMES.items()} | fields
+    hf["eos_token_id"] = list(fields["eos_token_ids"])
+    new = apply_hf_overrides(dict(hf), hf_overrides)
+    unknown = [key for key in new if key not in hf]
+    if unknown:
+        raise ValueError(f"{path}: hf_overrides {unknown} name no field of a GGUF model's config; minillm "
+                         f"applies {sorted(set(hf) - {'eos_token_ids'})}")
+    changed = {key: value for key, value in new.items() if value != hf[key]}
+    if "eos_token_id" in changed:
+        eos = changed.pop("eos_token_id")
+        changed["eos_token_ids"] = tuple([eos] if isinstance(eos, int) else eos)
+    return fields | {HF_NAMES.get(key, key): value for key, value in changed.items()}
 
 
 def gguf_labels(fields: dict, arch: str) -> dict:

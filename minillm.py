@@ -53,7 +53,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from enum import Enum
 from typing import Any, Callable, Optional
 
@@ -80,9 +80,9 @@ def companion(name: str):
     return importlib.import_module(name)
 
 
-def __getattr__(name: str):
-    for module in COMPANIONS if not name.startswith("__") else ():
-        if not name.startswith("_") and hasattr(companion(module), name):
+def __getattr__(name: str):  # (of the private names, only __version__: compat reads it from pyproject.toml)
+    for module in COMPANIONS if name == "__version__" or not name.startswith("_") else ():
+        if hasattr(companion(module), name):
             return getattr(companion(module), name)
     raise AttributeError(f"module 'minillm' has no attribute {name!r}")
 
@@ -150,7 +150,7 @@ class SamplingParams:
     guided_decoding: Optional[StructuredOutputsParams] = None     # the older name of the same
     logit_bias: Optional[dict] = None         # {token id: bias}, each clamped to [-100, 100]
     allowed_token_ids: Optional[list] = None  # sample only among these
-    bad_words: Optional[list] = None          # never complete these words (vLLM's rule: structured.bad_words_token_ids)
+    bad_words: list = field(default_factory=list)  # never complete these words (structured.bad_words_token_ids)
     logits_processors: Optional[list] = None  # fn(output_ids, logits) or fn(prompt_ids, output_ids, logits)
 
     def __post_init__(self):  # vLLM's normalizations (seed -1 is no seed, logprobs=True is 1, ...), then verify
@@ -196,6 +196,13 @@ class CompletionOutput:
     lora_request: Any = None
 
 
+def ignores_unknown_arguments(cls):  # as vLLM's RequestOutput(...): forward-compatible with newer callers
+    init, known = cls.__init__, {f.name for f in fields(cls)}
+    cls.__init__ = lambda self, *args, **kw: init(self, *args, **{k: v for k, v in kw.items() if k in known})
+    return cls
+
+
+@ignores_unknown_arguments
 @dataclass
 class RequestOutput:
     request_id: str
@@ -233,10 +240,10 @@ def load_hf_checkpoint(folder: str, device, dtype, hf_overrides=None, plan=None)
     return cfg, weights
 
 
-def load_gguf_checkpoint(path: str, device, dtype, plan=None) -> tuple[ModelConfig, dict, "Tokenizer"]:
-    """A llama.cpp GGUF file -> (config, weights, tokenizer); formats.read_gguf reads it. Quantized tensors are
-    dequantized to float; plan as load_hf_checkpoint's, its cut applied to each tensor dequantized whole."""
-    fields, tensors, tokenizer = formats.read_gguf(path)
+def load_gguf_checkpoint(path: str, device, dtype, hf_overrides=None, plan=None) -> tuple[ModelConfig, dict, Tokenizer]:
+    """A llama.cpp GGUF file -> (config, weights, tokenizer), read by formats.read_gguf (hf_overrides on the config its
+    metadata gives). Quantized tensors are dequantized; plan as load_hf_checkpoint's, cutting each dequantized one."""
+    fields, tensors, tokenizer = formats.read_gguf(path, hf_overrides)
     cfg = ModelConfig(**fields)
     cut = plan(cfg) if plan else (lambda name, t: t[:])
     weights = {name: cut(name, w).to(device=device, dtype=dtype) for name, w in tensors}  # one tensor at a time
@@ -296,8 +303,9 @@ class Tokenizer:
 
 
 class Detokenizer:
-    """Streams the text of generated ids. A character can be split over several byte-level tokens:
-    the incremental UTF-8 decoder holds its first bytes back until the character is complete."""
+    """Streams the text of generated ids. A character can be split over several byte-level tokens: the incremental
+    UTF-8 decoder holds its first bytes back until the character is complete (never, if the output stops first:
+    as vLLM's detokenizer, the final text then leaves the incomplete character out, with no U+FFFD)."""
 
     def __init__(self, tokenizer: Tokenizer, skip_special_tokens=True):
         self.tok, self.skip = tokenizer, skip_special_tokens
@@ -307,9 +315,6 @@ class Detokenizer:
         if self.skip and token_id in self.tok.special_ids:
             return ""
         return self.utf8.decode(self.tok.token_bytes(token_id))
-
-    def finish(self) -> str:  # an unfinished character at the end becomes U+FFFD
-        return self.utf8.decode(b"", final=True)
 
 
 def load_tokenizer(path: str) -> Tokenizer:
@@ -499,11 +504,9 @@ def load_model(path: str, device, dtype: str | torch.dtype, max_model_len: Optio
     device = torch.device(device)
     if not (path.endswith(".gguf") or os.path.isdir(path)):
         raise FileNotFoundError(f"model {path!r}: expected a folder with config.json + safetensors, or a .gguf file")
-    if path.endswith(".gguf") and hf_overrides:
-        raise ValueError(f"hf_overrides patches a config.json, and {path} is a GGUF file")
     dtype = resolve_dtype(dtype, formats.checkpoint_dtype(path), device)
     if path.endswith(".gguf"):
-        cfg, weights, tokenizer = load_gguf_checkpoint(path, device, dtype, tp and tp.cut)
+        cfg, weights, tokenizer = load_gguf_checkpoint(path, device, dtype, hf_overrides, tp and tp.cut)
     else:
         (cfg, weights), tokenizer = load_hf_checkpoint(path, device, dtype, hf_overrides, tp and tp.cut), None
     if cfg.tie_word_embeddings or "lm_head.weight" not in weights:
@@ -1035,8 +1038,7 @@ class ModelRunner:
             self.warm_up()
         self.num_blocks = self.count_kv_blocks(num_gpu_blocks_override, kv_cache_memory_bytes,
                                                gpu_memory_utilization, max_num_batched_tokens)
-        if self.num_blocks < 1:
-            raise ValueError("no memory is left for the KV cache; raise gpu_memory_utilization or use a smaller model")
+        companion("compat").check_kv_cache(self.num_blocks, block_size, max_model_len, num_gpu_blocks_override)
         self.kv_cache = allocate_kv_cache(self.cfg, self.num_blocks, block_size, self.dtype, self.device)
         self.max_seq_len = min(max_model_len, self.num_blocks * block_size)  # no sequence outgrows the cache
         self.last_sampled = None  # the last step's tokens (S,), on the device: the next step's PENDING inputs
@@ -1315,7 +1317,7 @@ class LLMEngine:
         self.default_params = compat.default_sampling_params(model_path, args.generation_config,
                                                              args.override_generation_config)
         self.model_name, self.max_logprobs = args.served_model_name or args.model or model_path, args.max_logprobs
-        self.max_model_len = args.max_model_len or self.cfg.max_position_embeddings
+        self.max_model_len = compat.check_max_model_len(args.max_model_len, self.cfg)  # None: the model's context
         self.max_num_seqs = args.max_num_seqs or 256
         block_size, max_tokens = args.block_size or 16, args.max_num_batched_tokens or 8192
         self.runner = self.start_runner(args, llama, tp, model_path, dict(
@@ -1335,7 +1337,8 @@ class LLMEngine:
         self.logits_hook = None if not args.logits_processors else self.make_logits_hook(
             args.logits_processors, model_path, llama.embed_tokens.weight.dtype, max_tokens, tp and tp.size)
         self.requests: dict[str, list[Sequence]] = {}  # the unfinished requests, each its n sequences
-        self.streaming: set[str] = set()  # requests whose output is wanted after every step, not only at the end
+        self.streaming: dict = {}  # requests whose output is wanted after every step: {id: None, or for
+        #                            output_kind DELTA what each completion has reported so far (compat.only_new)}
         self.next_seq_id = 0
         self.free_table_rows = list(range(self.max_num_seqs))  # rows of the runner's block tables (a running
         self.table_row_of: dict[int, Sequence] = {}            # sequence each), and whose they are
@@ -1569,7 +1572,7 @@ class LLMEngine:
         was half done. What stays: the prefix cache's other blocks, the seeded generators where they are, metrics."""
         for rid in abort:
             self.requests.pop(rid, None)
-            self.streaming.discard(rid)
+            self.streaming.pop(rid, None)
         # a request that finished in the failed step but was not reported yet is reported by the next step
         self.unreported = {rid: True for rid, seqs in self.requests.items() if all(s.finish_reason for s in seqs)}
         self.in_flight = None
@@ -1600,10 +1603,10 @@ class LLMEngine:
             seqs = self.requests.get(rid)
             done = seqs is not None and all(s.finish_reason is not None for s in seqs)
             if done or rid in self.streaming:
-                outputs.append(self.make_output(rid, seqs, done))
+                outputs.append(companion("compat").only_new(self.make_output(rid, seqs, done), self.streaming.get(rid)))
             if done:
                 del self.requests[rid]
-                self.streaming.discard(rid)
+                self.streaming.pop(rid, None)
         return outputs
 
     @staticmethod
@@ -1638,10 +1641,6 @@ class LLMEngine:
         if seq.finish_reason is None:
             return False
         del seq.token_ids[i + 1:]  # a token sampled after this one, still in flight, is dropped
-        if p.detokenize and not isinstance(seq.stop_reason, str):  # (a stop string already cut the text)
-            seq.text += seq.detokenizer.finish()
-            if p.stop and n > p.min_tokens:  # the flushed tail may complete a stop string
-                find_stop_string(seq, old_len)
         return True
 
     # -- vLLM's LLMEngine calls beyond the step loop (compat.py) --
@@ -1652,7 +1651,7 @@ class LLMEngine:
 
     def add_request(self, *args, **kwargs) -> None: companion("compat").add_request(self, *args, **kwargs)
     def abort_request(self, request_id) -> None: companion("compat").abort_request(self, request_id)
-    def reset_prefix_cache(self) -> bool: return companion("compat").reset_prefix_cache(self)
+    def reset_prefix_cache(self, **kwargs) -> bool: return companion("compat").reset_prefix_cache(self, **kwargs)
     def get_metrics(self) -> list: return companion("compat").get_metrics(self)
 
 
@@ -1722,7 +1721,7 @@ class LLM:
     def prompt_logits(self, *args, **kwargs): return companion("compat").prompt_logits(self, *args, **kwargs)  # (T, V)
     def get_tokenizer(self) -> Tokenizer: return self.llm_engine.tokenizer
     def get_default_sampling_params(self) -> SamplingParams: return SamplingParams(**self.llm_engine.default_params)
-    def reset_prefix_cache(self) -> bool: return self.llm_engine.reset_prefix_cache()
+    def reset_prefix_cache(self, **kwargs) -> bool: return self.llm_engine.reset_prefix_cache(**kwargs)
     def get_metrics(self) -> list: return self.llm_engine.get_metrics()
     def start_profile(self) -> None: self.llm_engine.profiler.start()
     def stop_profile(self) -> None: self.llm_engine.profiler.stop()

@@ -227,7 +227,7 @@ def test_engine_args_have_vllms_names_and_defaults():
 
 @pytest.mark.parametrize("name, value", [
     ("quantization", "awq"), ("data_parallel_size", 2), ("pipeline_parallel_size", 2), ("kv_cache_dtype", "fp8"),
-    ("cpu_offload_gb", 4), ("load_format", "pt"), ("tokenizer_mode", "mistral"), ("config_format", "mistral"),
+    ("load_format", "pt"), ("tokenizer_mode", "mistral"), ("config_format", "mistral"),
     ("distributed_executor_backend", "ray"), ("enable_chunked_prefill", False), ("logprobs_mode", "processed_logprobs"),
     ("speculative_config", {"method": "ngram"}), ("dtype", "float8"),
 ])

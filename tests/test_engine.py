@@ -267,8 +267,10 @@ def test_priority_order(small):
     while engine.has_unfinished_requests():
         order += [int(o.request_id) for o in engine.step() if o.finished]
     assert order == [1, 3, 2, 0]  # lower priority value first, arrival breaks the tie
+    fcfs = LLM(small)  # vLLM: zeros run under "fcfs" (see test_vllm_programs); any other priority needs "priority"
+    assert len(fcfs.generate(prompts, sp, priority=[0, 0, 0, 0], use_tqdm=False)) == 4
     with pytest.raises(ValueError, match="priority"):
-        LLM(small).generate(prompts, sp, priority=[0, 0, 0, 0])
+        fcfs.generate(prompts, sp, priority=[0, 1, 0, 0])
 
 
 def test_preemption_takes_the_newest_running_sequence(small):

@@ -437,8 +437,6 @@ def test_llm_takes_vllms_engine_arguments_and_refuses_what_it_cannot_honour(fold
         LLM(folder, quantization="awq")
     with pytest.raises(TypeError, match="max_num_seqz"):
         LLM(folder, max_num_seqz=4)
-    with pytest.raises(ValueError, match="hf_overrides patches a config.json"):
-        LLM(minillm.default_model_path(), hf_overrides={"rope_theta": 1.0})
 
 
 def test_every_public_name_is_importable_from_minillm():
@@ -535,7 +533,7 @@ def test_sampling_params_normalize_as_vllms():
     with pytest.raises(ValueError, match="stop must be empty with detokenize=False"):
         SamplingParams(stop=["x"], detokenize=False)
     with pytest.raises(ValueError, match="output_kind"):
-        SamplingParams(output_kind=minillm.RequestOutputKind.DELTA)
+        SamplingParams(output_kind=3)  # (DELTA streams: test_delta_output_kind_streams_only_what_is_new)
     SamplingParams(spaces_between_special_tokens=False, extra_args={"mine": 1})  # accepted
 
 
@@ -598,3 +596,181 @@ def test_output_kind_final_only_streams_nothing_from_llm_engine(tiny):
     while engine.has_unfinished_requests():
         seen += [(o.request_id, o.finished) for o in engine.step()]
     assert [x for x in seen if x[0] == "f"] == [("f", True)] and len([x for x in seen if x[0] == "s"]) == 4
+
+
+
+# ==== round three (issue 24): the last behaviours and arguments that stopped real scripts =====================
+
+STREAMING = """
+from minillm import EngineArgs, LLMEngine, SamplingParams   # was: from vllm import ...
+from minillm import RequestOutputKind                       # was: from vllm.sampling_params import RequestOutputKind
+
+engine = LLMEngine.from_engine_args(EngineArgs(model=MODEL, num_gpu_blocks_override=64))
+params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=1, prompt_logprobs=0,
+                        output_kind=RequestOutputKind.DELTA)
+engine.add_request("0", "The capital of France is", params)
+streamed, token_ids, logprobs, prompt_logprobs = "", [], [], []
+while engine.has_unfinished_requests():
+    for output in engine.step():
+        delta = output.outputs[0]
+        print(delta.text, end="", flush=True)
+        streamed += delta.text
+        token_ids += delta.token_ids
+        logprobs += delta.logprobs
+        prompt_logprobs.append(output.prompt_logprobs)
+"""
+
+
+def test_delta_output_kind_streams_only_what_is_new(folder, tmp_path, tiny):
+    # vLLM's streaming contract (vllm/sampling_params.py RequestOutputKind.DELTA, "Return only deltas in each
+    # RequestOutput"; vllm/v1/engine/output_processor.py RequestState.make_request_output): each output of a DELTA
+    # request carries only the text, token ids and logprobs new since its last one; joined they are the whole.
+    g, printed = run_program(STREAMING, MODEL=folder, WORKDIR=str(tmp_path))
+    whole = tiny.generate("The capital of France is", SamplingParams(temperature=0, max_tokens=12, ignore_eos=True),
+                          use_tqdm=False)[0].outputs[0]
+    assert g["token_ids"] == whole.token_ids and g["streamed"] == whole.text == printed
+    assert len(g["logprobs"]) == 12
+    assert g["prompt_logprobs"][0] is not None and all(p is None for p in g["prompt_logprobs"][1:])  # sent once
+
+
+def test_a_length_stop_inside_a_character_withholds_it(tiny):
+    # vLLM's incremental detokenizer (vllm/v1/engine/detokenizer.py; tokenizers' DecodeStream) holds back the bytes
+    # of an incomplete character, and a request that stops there keeps them out of its text: no trailing U+FFFD.
+    tok = tiny.get_tokenizer()
+    first = tok.encode("😀", add_special_tokens=False)[0]  # (its first byte-level token: not a whole character)
+    assert tok.decode([first]).endswith("\ufffd")
+    out = tiny.generate("Smile:", SamplingParams(max_tokens=1, allowed_token_ids=[first]), use_tqdm=False)[0].outputs[0]
+    assert out.token_ids == [first] and out.text == "" and out.finish_reason == "length"
+
+
+def test_bad_words_default_and_ban_token_sequences(tiny):
+    # vLLM: SamplingParams().bad_words is [] (vllm/sampling_params.py), and a bad word is its token ids, with and
+    # without a leading space (SamplingParams.update_from_tokenizer),
+    # whose last token is banned after the others (vllm/v1/sample/ops/bad_words.py; tests/v1/sample/test_sampler.py
+    # test_sampler_bad_words) -- checked on the output's token ids, not on its text.
+    assert SamplingParams().bad_words == []
+    tok = tiny.get_tokenizer()
+    free = free_run(tiny, n=20)
+    encode = lambda text: tok.encode(text, add_special_tokens=False)
+    forms = lambda t: (encode(tok.decode([t]).strip()), encode(" " + tok.decode([t]).strip()))
+    # a word that is one token bare and one with a space (both banned); one whose spaced form tokenizes
+    # to a different length is banned bare only, as vLLM's SamplingParams._bad_words_token_ids decides
+    k = next(i for i, t in enumerate(free.token_ids) if i > 0 and [len(f) for f in forms(t)] == [1, 1])
+    word = tok.decode([free.token_ids[k]])
+    banned = free_run(tiny, n=20, bad_words=[word])
+    for ids in forms(free.token_ids[k]):
+        assert not any(banned.token_ids[i:i + len(ids)] == ids for i in range(len(banned.token_ids)))
+    assert banned.token_ids[:k] == free.token_ids[:k] != free.token_ids
+    # a two-token sequence: its first token alone stays allowed; only the pair is never completed
+    a, b = free.token_ids[k], free.token_ids[k + 1]
+    pair = tok.decode([a, b])
+    if tok.encode(pair.lstrip(), add_special_tokens=False) == [a, b] or tok.encode(" " + pair.lstrip(), add_special_tokens=False) == [a, b]:
+        out = free_run(tiny, n=20, bad_words=[pair])
+        assert out.token_ids[:k + 1] == free.token_ids[:k + 1] and out.token_ids[k + 1] != b
+
+
+def test_request_output_ignores_keyword_arguments_it_does_not_know():
+    # vLLM's RequestOutput.__init__(..., **kwargs) logs and ignores unknown arguments (vllm/outputs.py), so code
+    # written for a newer vLLM (kv_transfer_params=..., a field added later) still builds one.
+    from minillm import CompletionOutput, RequestOutput
+    out = RequestOutput("0", "Hi", [1, 2], [CompletionOutput(0, "!", [3])], True, kv_transfer_params=None, encoder_prompt=None)
+    assert out.finished and out.outputs[0].text == "!" and not hasattr(out, "kv_transfer_params")
+
+
+def test_zero_priorities_run_under_fcfs(tiny):
+    # vLLM (vllm/v1/engine/processor.py, _validate_params / LLM._validate_and_add_requests): priority=None or all
+    # zeros is fine under scheduling_policy="fcfs"; a non-zero one needs "priority"; its length must match.
+    prompts = ["Hello", "The sky is"]
+    sp = SamplingParams(temperature=0, max_tokens=3)
+    plain = [o.outputs[0].token_ids for o in tiny.generate(prompts, sp, use_tqdm=False)]
+    assert [o.outputs[0].token_ids for o in tiny.generate(prompts, sp, priority=[0, 0], use_tqdm=False)] == plain
+    assert [o.outputs[0].token_ids for o in tiny.generate(prompts, sp, priority=None, use_tqdm=False)] == plain
+    with pytest.raises(ValueError, match="scheduling_policy='priority'"):
+        tiny.generate(prompts, sp, priority=[0, 1], use_tqdm=False)
+    for wrong in ([], [0], [0, 0, 0]):
+        with pytest.raises(ValueError, match="must be the same"):
+            tiny.generate(prompts, sp, priority=wrong, use_tqdm=False)
+
+
+def test_engine_arguments_of_vllm_programs(folder, recwarn):
+    # vllm/engine/arg_utils.py: cpu_offload_gb (GiB of weights kept on the host), load_format="mistral",
+    # distributed_executor_backend="external_launcher" (examples/offline_inference/torchrun_example.py)
+    llm = LLM(folder, cpu_offload_gb=4, distributed_executor_backend="external_launcher", device="cpu", **SMALL)
+    assert llm.generate("Hi", SamplingParams(max_tokens=2), use_tqdm=False)[0].outputs[0].token_ids
+    with pytest.raises(ValueError, match="consolidated.safetensors.*config.json"):
+        LLM(folder, load_format="mistral")
+    with pytest.raises(ValueError, match="external_launcher"):
+        EngineArgs(folder, distributed_executor_backend="external_launcher", tensor_parallel_size=2)
+    with pytest.raises(ValueError, match="cpu_offload_gb"):
+        EngineArgs(folder, cpu_offload_gb=-1)
+    if torch.cuda.is_available():
+        with pytest.warns(UserWarning, match="stay on the GPU"):
+            EngineArgs(folder, cpu_offload_gb=4, device="cuda")
+
+
+def test_hf_overrides_apply_to_a_gguf_models_config(tmp_path):
+    # vLLM builds an HF config from a GGUF's metadata and applies hf_overrides to it (vllm/transformers_utils/
+    # config.py, get_config), so config.json's names override what the metadata says.
+    from test_gguf_families import make_family_checkpoint, write_gguf
+    model = make_family_checkpoint(str(tmp_path / "hf"), "llama")
+    write_gguf(tmp_path / "m.gguf", model, "llama")
+    llm = LLM(str(tmp_path / "m.gguf"), hf_overrides={"max_position_embeddings": 64, "rope_theta": 5000.0}, **SMALL)
+    cfg = llm.llm_engine.cfg
+    assert cfg.max_position_embeddings == 64 and cfg.rope_theta == 5000.0 and llm.llm_engine.max_model_len == 64
+    with pytest.raises(ValueError, match="name no field"):
+        LLM(str(tmp_path / "m.gguf"), hf_overrides={"sliding_windoww": 4}, **SMALL)
+
+
+def test_names_vllm_programs_import(tiny):
+    # vllm/__init__.py (__version__), vllm/platforms (current_platform), vllm/distributed/parallel_state.py
+    # (cleanup_dist_env_and_memory), vllm/config (VllmConfig), older vllm's guided_fields.GuidedDecodingRequest
+    from minillm import (GuidedDecodingRequest, VllmConfig, __version__, cleanup_dist_env_and_memory,  # noqa: F401
+                         current_platform)
+    import tomllib
+    assert __version__ == tomllib.load(open(os.path.join(os.path.dirname(minillm.__file__), "pyproject.toml"), "rb"))["project"]["version"]
+    assert current_platform.is_cuda() == torch.cuda.is_available() != current_platform.is_cpu()
+    assert current_platform.device_type in ("cuda", "cpu") and isinstance(current_platform.get_device_name(), str)
+    cleanup_dist_env_and_memory()
+    sp = SamplingParams(temperature=0, max_tokens=4, guided_decoding=GuidedDecodingRequest(guided_choice=["yes", "no"]))
+    assert tiny.generate("Answer:", sp, use_tqdm=False)[0].outputs[0].text in ("yes", "no")
+
+
+def test_reset_prefix_cache_can_reset_running_requests(tiny):
+    # vLLM's LLMEngine.reset_prefix_cache(reset_running_requests=True) preempts the running requests and empties the
+    # cache (examples/offline_inference/llm_engine_reset_kv.py; tests/v1/e2e/test_reset_prefix_cache_e2e.py): the
+    # outputs are those of an uninterrupted run.
+    engine, sp = tiny.llm_engine, SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+    expected = tiny.generate("What does the fox say? " * 4, sp, use_tqdm=False)[0].outputs[0].token_ids
+    engine.add_request("r", "What does the fox say? " * 4, sp)
+    outputs, steps = [], 0
+    while engine.has_unfinished_requests():
+        outputs += engine.step()
+        steps += 1
+        if steps == 3:
+            assert engine.reset_prefix_cache() is False  # a running request holds blocks
+            assert engine.reset_prefix_cache(reset_running_requests=True) is True
+            assert not engine.block_manager.cached
+    assert outputs[-1].finished and outputs[-1].outputs[0].token_ids == expected
+
+
+def test_max_model_len_past_the_context_and_a_cache_too_small(folder, monkeypatch):
+    # vLLM: a max_model_len beyond the model's context is refused unless VLLM_ALLOW_LONG_MAX_MODEL_LEN=1
+    # (vllm/config/model.py, _get_and_verify_max_len); a KV cache sized from memory that cannot hold one request of
+    # max_model_len tokens is refused at start-up (vllm/v1/core/kv_cache_utils.py, check_enough_kv_cache_memory).
+    with pytest.raises(ValueError, match=r"max_model_len \(1024\).*context \(512"):
+        LLM(folder, max_model_len=1024, **SMALL)
+    monkeypatch.setenv("VLLM_ALLOW_LONG_MAX_MODEL_LEN", "1")
+    with pytest.warns(UserWarning, match="VLLM_ALLOW_LONG_MAX_MODEL_LEN"):
+        assert LLM(folder, max_model_len=1024, **SMALL).llm_engine.max_model_len == 1024
+    monkeypatch.delenv("VLLM_ALLOW_LONG_MAX_MODEL_LEN")
+    per_block = minillm.kv_bytes_per_block(LLM(folder, **SMALL).llm_engine.cfg, 16, torch.float32)
+    with pytest.raises(ValueError, match=r"holds 64 tokens.*max_model_len=512"):
+        LLM(folder, kv_cache_memory_bytes=4 * per_block)
+    with pytest.warns(UserWarning, match="num_gpu_blocks_override=4 holds 64 tokens"):
+        LLM(folder, num_gpu_blocks_override=4)
+
+
+def test_stop_token_ids_holding_strings_say_what_was_meant():
+    # minillm is stricter than vLLM here (vLLM's stop_token_ids are not type-checked): the error says stop=[...]
+    with pytest.raises(ValueError, match=r"stop=\['</s>'\]"):
+        SamplingParams(stop_token_ids=["</s>"])
