@@ -402,7 +402,7 @@ def check_kv_cache(num_blocks: int, block_size: int, max_model_len: int, num_gpu
     if num_gpu_blocks_override is None:
         raise ValueError(f"the KV cache holds {tokens} tokens ({num_blocks} blocks of {block_size}), fewer than one "
                          f"request of max_model_len={max_model_len} needs; lower max_model_len to {tokens} or less, "
-                         f"or give the cache more memory (gpu_memory_utilization, kv_cache_memory_bytes)")
+                         f"or give the cache more memory (kv_cache_memory_bytes; on a GPU also gpu_memory_utilization)")
     warnings.warn(f"num_gpu_blocks_override={num_gpu_blocks_override} holds {tokens} tokens, fewer than "
                   f"max_model_len={max_model_len}: no sequence grows past {tokens} tokens")
 
