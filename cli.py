@@ -377,24 +377,15 @@ class Feeder:
 
     def add(self, r: Request, emit) -> None:
         """Queue one request; one the engine refuses (a prompt too long, ...) gets an error line of its own."""
+        import compat
         try:
-            prompt = r.prompt if r.messages is None else render_chat(self.llm, r.messages)
+            prompt = r.prompt if r.messages is None else compat.chat_prompt(
+                self.llm.get_tokenizer(), r.messages, "the chat template", add_generation_prompt=True)
             self.engine.add_request(f"line-{r.line}", prompt, r.params, lora_request=self.adapter)
             self.inflight[f"line-{r.line}"] = r
         except (ValueError, TypeError) as e:
             emit((r.line, error_line(r, " ".join(str(e).split()))))
             self.progress.finished(0)
-
-
-def render_chat(llm, messages) -> dict:
-    """A conversation through the model's chat template, as LLM.chat renders it (compat.chat)."""
-    import jinja2
-    tokenizer = llm.get_tokenizer()
-    try:
-        text = tokenizer.apply_chat_template(messages, None, tokenize=False, add_generation_prompt=True)
-    except jinja2.TemplateError as e:
-        raise ValueError(f"the chat template: {e}") from e
-    return {"prompt": text, "prompt_token_ids": tokenizer.encode(text, add_special_tokens=False)}
 
 
 class Progress:

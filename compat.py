@@ -1105,19 +1105,24 @@ def chat(llm, messages, sampling_params=None, *, use_tqdm: bool | Callable = Tru
     rendered with the model's chat template (or `chat_template`); one RequestOutput per conversation.
     tools, chat_template_kwargs (template variables) and continue_final_message reach the template as
     vLLM passes them (see HFTokenizerAPI.apply_chat_template)."""
-    import jinja2
     conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
-    prompts, tokenizer = [], llm.get_tokenizer()
-    for i, conversation in enumerate(conversations):
-        try:
-            text = tokenizer.apply_chat_template(
-                conversation, tools, chat_template=chat_template, tokenize=False, add_generation_prompt=add_generation_prompt,
-                continue_final_message=continue_final_message, chat_template_content_format=chat_template_content_format,
-                **(chat_template_kwargs or {}))
-        except jinja2.TemplateError as e:  # the template rejected it (raise_exception), or a field is missing
-            raise ValueError(f"conversation {i}: {e}") from e
-        prompts.append({"prompt": text, "prompt_token_ids": tokenizer.encode(text, add_special_tokens=False)})
+    template = dict(tools=tools, chat_template=chat_template, add_generation_prompt=add_generation_prompt,
+                    continue_final_message=continue_final_message,
+                    chat_template_content_format=chat_template_content_format, **(chat_template_kwargs or {}))
+    prompts = [chat_prompt(llm.get_tokenizer(), conversation, f"conversation {i}", **template)
+               for i, conversation in enumerate(conversations)]
     return llm.generate(prompts, sampling_params, use_tqdm=use_tqdm, lora_request=lora_request)
+
+
+def chat_prompt(tokenizer, conversation: list[dict], label: str, tools=None, **template) -> dict:
+    """One conversation through the chat template -> the prompt dict generate takes (its text, and its ids encoded
+    without BOS: the template writes it where the model wants one). LLM.chat and the command line's messages."""
+    import jinja2
+    try:
+        text = tokenizer.apply_chat_template(conversation, tools, tokenize=False, **template)
+    except jinja2.TemplateError as e:  # the template rejected it (raise_exception), or a field is missing
+        raise ValueError(f"{label}: {e}") from e
+    return {"prompt": text, "prompt_token_ids": tokenizer.encode(text, add_special_tokens=False)}
 
 
 def beam_search(llm, prompts, params: BeamSearchParams, lora_request=None, use_tqdm: bool = False) -> list:
