@@ -741,6 +741,14 @@ class BatchEncoding(dict):
             raise AttributeError(name) from None
 
 
+def load_tokenizer(path: str):
+    """A minillm.Tokenizer from a model folder (its tokenizer.json, else tokenizer.model), or from a tokenizer.json,
+    tokenizer.model or .gguf file (what LLM(tokenizer=...) reads)."""
+    import formats
+    import minillm
+    return minillm.make_tokenizer(*formats.read_tokenizer(path))
+
+
 def hf_tokenizer_attribute(tokenizer, name: str):
     """minillm.Tokenizer's `name` that minillm.py does not define: HFTokenizerAPI's, bound to the tokenizer."""
     attr = inspect.getattr_static(HFTokenizerAPI, name)  # (AttributeError if HF has no such name either)

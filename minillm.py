@@ -60,7 +60,7 @@ from typing import Any, Callable, Optional
 
 if __name__ == "__main__":  # `python minillm.py --prompts file.txt`: the command line is cli.py's. Handing over
     import cli  # here, before torch loads, makes --help answer at once; cli imports this file as the module
-    sys.exit(cli.main())  # `minillm`, so there is one copy of every class (the one tensor-parallel workers unpickle)
+    sys.exit(cli.main())  # `minillm`, so there is one copy of every class (the one tensor-parallel workers import)
 
 import tiktoken
 import torch
@@ -163,8 +163,7 @@ class SamplingParams:
     def greedy(self) -> bool:
         return isinstance(self.temperature, (int, float)) and self.temperature < SAMPLING_EPS
 
-    def clone(self) -> "SamplingParams":
-        return copy.deepcopy(self)
+    def clone(self) -> "SamplingParams": return copy.deepcopy(self)
 
     @property
     def has_logits_controls(self) -> bool:  # whether the logits hook (structured.py) has work for it
@@ -256,9 +255,8 @@ def load_gguf_checkpoint(path: str, device, dtype, hf_overrides=None, plan=None)
 
 class Tokenizer:
     """A tiktoken Encoding plus the few facts the engine needs. Every format minillm reads is byte-level BPE, whose
-    token ids are tiktoken ranks: formats.py turns tokenizer.json, tokenizer.model (tiktoken) and GGUF vocabularies
-    into an Encoding and the other arguments here. HF's tokenizer calls that scripts make (`tok(text).input_ids`,
-    `eos_token_id`, `apply_chat_template`, ...) are compat.HFTokenizerAPI's, reached through `hf`."""
+    ids are tiktoken ranks: formats.py makes the Encoding and the other arguments from tokenizer.json, tokenizer.model
+    and GGUF vocabularies. HF's calls (`tok(text).input_ids`, `apply_chat_template`, ...) are compat's, via `hf`."""
 
     def __init__(self, enc: tiktoken.Encoding, special_ids, bos_id=None, eos_ids=(), add_bos=False, extra=None,
                  unknown=(), vocab_size=None):
@@ -315,11 +313,6 @@ class Detokenizer:
         if self.skip and token_id in self.tok.special_ids:
             return ""
         return self.utf8.decode(self.tok.token_bytes(token_id))
-
-
-def load_tokenizer(path: str) -> Tokenizer:
-    """A model folder (its tokenizer.json, else tokenizer.model), or a tokenizer.json, tokenizer.model or .gguf."""
-    return make_tokenizer(*formats.read_tokenizer(path))
 
 
 def make_tokenizer(kwargs: dict, attrs: Optional[dict] = None, tokenizer_config: Optional[dict] = None) -> Tokenizer:
@@ -412,8 +405,23 @@ def project(projs: tuple, x, adapters) -> list:
     """[proj(x) for proj in projs]: every projection of the model goes through here, the seam where LoRA attaches.
     When the step uses adapters (a lora.LoRABatch), each token's LoRA delta is added: projections of the same
     input (q/k/v, gate/up) share one shrink and one expand, as their adapter weights are stacked (lora.py)."""
-    ys = [proj(x) for proj in projs]
+    stacked = getattr(projs[0], "stacked", None)  # (weight, bias, widths): projs as one weight (stack_projections)
+    ys = [proj(x) for proj in projs] if stacked is None else list(F.linear(x, *stacked[:2]).split(stacked[2], -1))
     return ys if adapters is None else adapters.add(ys, x, projs)
+
+
+def stack_projections(model: "Llama") -> None:
+    """q/k/v, and gate/up, read the same input: each group becomes one (ΣOUT, C) weight, one wide GEMM in place of
+    three or two narrow ones (k and v are only KVH*D wide), and each projection's weight a view of its rows."""
+    for layer in model.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        for projs in ((attn.q_proj, attn.k_proj, attn.v_proj), (mlp.gate_proj, mlp.up_proj)):
+            widths = [p.out_features for p in projs]
+            weight = torch.cat([p.weight for p in projs])  # (ΣOUT, C)
+            bias = None if projs[0].bias is None else torch.cat([p.bias for p in projs])  # (ΣOUT,)
+            for p, rows in zip(projs, weight.split(widths)):
+                p.weight = nn.Parameter(rows, requires_grad=False)
+            projs[0].stacked = (weight, bias, widths)
 
 
 class Attention(nn.Module):
@@ -498,9 +506,8 @@ class Llama(nn.Module):
 
 def load_model(path: str, device, dtype: str | torch.dtype, max_model_len: Optional[int], hf_overrides=None,
                tp=None):
-    """A checkpoint path -> (model in eval mode on `device`, config, tokenizer or None). tp, the seam of tensor
-    parallelism (a parallel.TP): it cuts this rank's part of every tensor as it is read, gives the shape of that
-    part, and wraps the model with its all-reduces; the config returned is the whole model's."""
+    """A checkpoint path -> (model in eval mode on `device`, the whole model's config, tokenizer or None). tp (a
+    parallel.TP), the seam of tensor parallelism, cuts this rank's part of each tensor as read, shapes and wraps it."""
     device = torch.device(device)
     if not (path.endswith(".gguf") or os.path.isdir(path)):
         raise FileNotFoundError(f"model {path!r}: expected a folder with config.json + safetensors, or a .gguf file")
@@ -514,6 +521,8 @@ def load_model(path: str, device, dtype: str | torch.dtype, max_model_len: Optio
     with torch.device("meta"):  # no memory, no random init: the loaded tensors become the parameters
         model = Llama(cfg if tp is None else tp.part(cfg))
     model.load_state_dict(weights, strict=True, assign=True)
+    del weights  # the model holds them now: stacking frees each weight it copies
+    stack_projections(model)
     if tp is not None:
         tp.wrap(model, cfg)
     model.rope_cos, model.rope_sin = rope_tables(cfg, max_model_len or cfg.max_position_embeddings, device)
@@ -536,10 +545,9 @@ def resolve_dtype(dtype, checkpoint_dtype: Optional[str], device: torch.device) 
 # 5. KV cache and block manager
 #
 # The cache is one pair of tensors per layer, k_cache and v_cache, each (num_blocks, block_size, KVH, D). A sequence
-# owns a list of block ids, its block_table: logical block j (positions j*block_size ... (j+1)*block_size - 1) lives
-# in physical block block_table[j]. Blocks need not be contiguous, so a sequence grows one block at a time and a
-# finished one hands its blocks straight to others. A block can be in several block tables at once (its ref_count
-# says how many): requests that start with the same tokens share that prefix's blocks (prefix caching; n > 1 too).
+# owns a list of block ids, its block_table: logical block j (positions j*block_size ... (j+1)*block_size - 1) is
+# physical block block_table[j], anywhere, so a sequence grows a block at a time and a finished one's blocks go
+# straight to others. A block in several tables (ref_count says how many) holds a prefix they share (prefix caching).
 
 
 class Observer:
@@ -782,9 +790,8 @@ def sample(logits: torch.Tensor, st: SamplingTensors, generator: torch.Generator
 
 
 def gather_logprobs(logprobs: torch.Tensor, token_ids: torch.Tensor, k: int) -> torch.Tensor:
-    """What vLLM reports about a token: logprobs (R, V) and token_ids (R,) -> (R, 3 + 2k) float64 rows
-    [token id, its logprob, its rank (1 = most likely), the top-k ids, their logprobs], to copy back at once
-    (float64 holds the ids exactly)."""
+    """What vLLM reports about a token: logprobs (R, V), token_ids (R,) -> (R, 3 + 2k) float64 rows [token id, its
+    logprob, its rank (1 = most likely), the top-k ids, their logprobs], copied back at once (float64: ids exact)."""
     token_logprob = logprobs.gather(1, token_ids[:, None])      # (R, 1)
     rank = (logprobs >= token_logprob).sum(dim=-1, keepdim=True)  # (R, 1)
     top_logprobs, top_ids = logprobs.topk(k, dim=-1)            # (R, k) each
@@ -860,12 +867,11 @@ class Sequence:
 
 
 class Scheduler:
-    """Continuous batching. Every step builds one batch under two budgets, max_num_seqs sequences and
-    max_num_batched_tokens tokens: first the running sequences (one decode token each, or the next chunk of a
-    prompt still being prefilled), then waiting ones (their prompts, chunked to fit the budget). Both queues are
-    sorted by `sort_key` = (priority, arrival): under "fcfs" every priority is 0. When the cache has no free block
-    for a running sequence, the last running one is preempted: its blocks are freed, and it waits to be recomputed
-    from its tokens (recompute, not swap). A waiting sequence that outranks running ones preempts them likewise."""
+    """Continuous batching. Each step's batch fits two budgets, max_num_seqs sequences and max_num_batched_tokens
+    tokens: first the running sequences (one decode token each, or a prompt's next chunk), then waiting ones (their
+    prompts, chunked to fit). Both queues are sorted by `sort_key` = (priority, arrival; under "fcfs" every priority
+    is 0). With no free block for a running sequence, the last running one is preempted: its blocks are freed and it
+    waits to be recomputed from its tokens (recompute, not swap). A waiting one that outranks running ones does too."""
 
     def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
                  max_loras: int = 0, observer: Observer = Observer()):
@@ -963,9 +969,8 @@ class Scheduler:
 # ----------------------------------------------------------------------------------------------
 # 8. The model runner: one step's inputs in, sampled tokens out
 #
-# Everything that touches the device lives here: the KV cache (sized from what the GPU has left), CUDA graphs,
-# laying a step out as tensors, the forward pass and the sampler. The runner knows nothing of text, stop strings or
-# requests: a step arrives as plain lists (StepInput), which a runner in another process could take just as well.
+# Everything that touches the device lives here: the KV cache (sized from what the GPU has left), CUDA graphs, the
+# step's tensors, the forward pass, the sampler. It knows nothing of text, stops or requests: a step comes as lists.
 
 
 @dataclass
@@ -1071,9 +1076,8 @@ class ModelRunner:
 
     @torch.inference_mode()
     def warm_up(self) -> None:
-        """Compile the fused ops now, not inside the first generate: first with sizes that equal no other dimension
-        (torch.compile assumes that sizes equal at its first call, say 2048 tokens and a hidden size of 2048, stay
-        equal, and recompiles when they don't), then with one row, a size it always compiles apart."""
+        """Compile the fused ops now, not in the first generate: with sizes equal to no other dimension (torch.compile
+        assumes sizes equal at its first call stay equal, else recompiles), then with one row (compiled apart)."""
         C, D, V, eps = self.cfg.hidden_size, self.cfg.head_dim, self.cfg.vocab_size, self.cfg.rms_norm_eps
         like = lambda *shape, dtype=self.dtype: torch.ones(*shape, dtype=dtype, device=self.device)
         f32 = torch.float32
@@ -1184,10 +1188,9 @@ class ModelRunner:
         return list(flat.split([len(x) for x in lists]))
 
     def prepare(self, step: StepInput) -> tuple:
-        """A StepInput -> the model's (N,) input_ids and positions, the step's AttentionMetadata, and on the
-        device: the (S + P,) rows whose logits are needed, the (R,) rows of those whose logprobs are reported,
-        the (P,) prompt tokens scored. All in one upload: a second copy from unpinned memory would make the
-        host wait for the GPU, and the host must run ahead of it."""
+        """A StepInput -> (N,) input_ids and positions, the AttentionMetadata, and on the device the (S + P,) rows
+        whose logits are needed, the (R,) of those whose logprobs are reported, the (P,) prompt tokens scored. One
+        upload: a second copy from unpinned memory would make the host wait for the GPU, which it must run ahead of."""
         S = len(step.sample_rows)
         seq_lens = [step.positions[end - 1] + 1 for end in itertools.accumulate(step.query_lens)]  # (B,) after it
         width = -(-max(seq_lens) // self.block_size)  # the most blocks any sequence of the step has
@@ -1354,16 +1357,16 @@ class LLMEngine:
         llama, self.cfg, gguf_tokenizer = load_model(model_path, self.device, args.dtype, args.max_model_len,
                                                      args.hf_overrides, tp)
         use_gguf = gguf_tokenizer is not None and not tokenizer_path
-        self.tokenizer = gguf_tokenizer if use_gguf else load_tokenizer(tokenizer_path or model_path)
+        files = None if use_gguf else formats.read_tokenizer(tokenizer_path or model_path)  # a folder or a file
+        self.tokenizer = gguf_tokenizer if use_gguf else make_tokenizer(*files)
         self.eos_ids = set(self.cfg.eos_token_ids) | self.tokenizer.eos_ids
         self.eos_token_id = next((i for i in sorted(self.tokenizer.eos_ids)
                                   if self.tokenizer.decode([i]) == self.tokenizer.eos_token), None)
         return llama, tp
 
     def start_runner(self, args, llama: "Llama", tp, model_path: str, runner_args: dict) -> "ModelRunner":
-        """The LoRA slots (on the device, before the KV cache takes what memory is left) and the model runner.
-        Under tensor parallelism, parallel.TPModelRunner: it starts the worker ranks, each with the same runner
-        around its own shard."""
+        """The LoRA slots (on the device, before the KV cache takes what memory is left) and the model runner; under
+        tensor parallelism parallel.TPModelRunner, which starts the worker ranks, each with its own shard's runner."""
         lora_args = (args.max_loras, args.max_lora_rank) if args.enable_lora else None
         self.lora = companion("lora").LoRAManager(llama, *lora_args) if lora_args else None
         if tp is None:
@@ -1374,9 +1377,8 @@ class LLMEngine:
                                                    **runner_args)
 
     def make_logits_hook(self, *engine_processors):
-        """The logits-hook seam (structured.LogitsHook): made with the engine for LLM(logits_processors=[...]), or
-        by the first request with structured outputs, logit_bias, allowed_token_ids, bad_words or logits processors
-        of its own. Between the logits and the sampler, it applies them to the rows that sample."""
+        """The logits-hook seam (structured.LogitsHook), made with the engine for LLM(logits_processors=[...]) or by
+        the first request with a logits control of its own; between the logits and the sampler, it edits their rows."""
         return companion("structured").LogitsHook.for_engine(self, *engine_processors)
 
     def close(self) -> None:
@@ -1465,9 +1467,8 @@ class LLMEngine:
             raise
 
     def commit(self, batch: list, sampled: list[Sequence], scored: list, tokens) -> Optional[tuple]:
-        """Step 4. In the device's stream order the step has run: its K/V are in the cache, its full blocks may be
-        shared. The one-step-late read-back: each sequence that sampled ends in a PENDING placeholder until its
-        token lands, after the next step is queued (the runner feeds it to that step from the device)."""
+        """Step 4. In the device's stream order the step has run: its K/V are cached, its full blocks may be shared.
+        Each sequence that sampled ends in PENDING until its token lands (step 5; the runner feeds it to the next)."""
         for seq, n in batch:
             seq.num_computed_tokens += n
         self.block_manager.commit()

@@ -279,3 +279,23 @@ def test_a_mistral_window_as_long_as_the_context_is_full_attention(tmp_path):
     llm = LLM(str(tmp_path), device="cpu", num_gpu_blocks_override=64)
     assert llm.generate(as_inputs(PROMPTS[1:2]), greedy(), use_tqdm=False)[0].outputs[0].token_ids == \
         hf_greedy(hf, PROMPTS[1], MAX_TOKENS)
+
+
+@pytest.mark.parametrize("family", ["qwen2", "qwen3", "mistral"])
+def test_stacked_projections_equal_separate(tmp_path, family):
+    """load_model stacks q/k/v and gate/up into one weight each (stack_projections): the same layer outputs as the
+    projections one by one (the slow reference), and each projection's weight a view of the stacked rows."""
+    make_family(str(tmp_path), family)
+    model, cfg, _ = minillm.load_model(str(tmp_path), "cpu", "float32", 64)
+    attn, mlp = model.layers[0].self_attn, model.layers[0].mlp
+    weight, bias, widths = attn.q_proj.stacked
+    assert widths == [cfg.num_heads * cfg.head_dim] + [cfg.num_kv_heads * cfg.head_dim] * 2
+    assert attn.k_proj.weight.data_ptr() == weight[widths[0]:].data_ptr()  # a view: no second copy
+    assert (bias is not None) == (family == "qwen2")
+    x = torch.randn(7, cfg.hidden_size)
+    for projs in ((attn.q_proj, attn.k_proj, attn.v_proj), (mlp.gate_proj, mlp.up_proj)):
+        stacked = minillm.project(projs, x, None)
+        separate = [torch.nn.functional.linear(x, p.weight, p.bias) for p in projs]
+        assert [y.shape for y in stacked] == [y.shape for y in separate]
+        for a, b in zip(stacked, separate):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
