@@ -211,10 +211,13 @@ def check_write():
 def tune():
     print("== tune: ms per config ==")
     sms = torch.cuda.get_device_properties(0).multi_processor_count
-    decode_cfgs = [(32, 4, 3), (64, 4, 3), (64, 4, 4), (64, 2, 3), (64, 8, 3), (128, 4, 3), (128, 8, 3), (128, 4, 2)]
+    decode_cfgs = [(32, 4, 3), (64, 4, 3), (64, 4, 4), (64, 2, 3), (64, 8, 3), (128, 4, 3), (128, 8, 3), (128, 4, 2),
+                   (32, 2, 4), (16, 2, 4), (64, 2, 5)]
     for name, b, ctx in [("llama-3.1-8b", 1, 8192), ("llama-3.1-8b", 16, 2048), ("llama-3.1-8b", 16, 8192),
                          ("llama-3.1-8b", 64, 2048), ("llama-3.1-8b", 256, 2048), ("llama-3.2-1b", 16, 2048),
-                         ("llama-3.2-1b", 64, 8192)]:
+                         ("llama-3.2-1b", 64, 8192),
+                         # profile_step.py's decode step: batch 256 at context ~532
+                         ("llama-3.1-8b", 256, 532), ("llama-3.2-1b", 256, 532)]:
         heads = MODELS[name]
         args, _, _ = paged_case(b, 1, ctx - 1, *heads)
         results, seen = [], set()

