@@ -411,17 +411,17 @@ def project(projs: tuple, x, adapters) -> list:
 
 
 def stack_projections(model: "Llama") -> None:
-    """q/k/v, and gate/up, read the same input: each group becomes one (ΣOUT, C) weight, one wide GEMM in place of
-    three or two narrow ones (k and v are only KVH*D wide), and each projection's weight a view of its rows."""
+    """q, k and v read the same input: one (ΣOUT, C) weight, one GEMM in place of three (k and v, only KVH*D wide,
+    are GEMMs too narrow to fill the GPU), each projection's weight a view of its rows. gate/up stay apart: stacked,
+    their GEMM was no faster at the 8B shape and SwiGLU's kernels read the split's strided halves at half speed."""
     for layer in model.layers:
-        attn, mlp = layer.self_attn, layer.mlp
-        for projs in ((attn.q_proj, attn.k_proj, attn.v_proj), (mlp.gate_proj, mlp.up_proj)):
-            widths = [p.out_features for p in projs]
-            weight = torch.cat([p.weight for p in projs])  # (ΣOUT, C)
-            bias = None if projs[0].bias is None else torch.cat([p.bias for p in projs])  # (ΣOUT,)
-            for p, rows in zip(projs, weight.split(widths)):
-                p.weight = nn.Parameter(rows, requires_grad=False)
-            projs[0].stacked = (weight, bias, widths)
+        projs = (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj)
+        widths = [p.out_features for p in projs]  # H*D, KVH*D, KVH*D
+        weight = torch.cat([p.weight for p in projs])  # (ΣOUT, C)
+        bias = None if projs[0].bias is None else torch.cat([p.bias for p in projs])  # (ΣOUT,)
+        for p, rows in zip(projs, weight.split(widths)):
+            p.weight = nn.Parameter(rows, requires_grad=False)
+        projs[0].stacked = (weight, bias, widths)
 
 
 class Attention(nn.Module):
