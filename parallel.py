@@ -15,16 +15,17 @@ for tensor_parallel_size > 1 is a TPModelRunner: the same ModelRunner, driving i
 
 from __future__ import annotations
 
+import argparse
 import atexit
 import contextlib
+import copy
 import json
 import os
-import pickle
 import signal
 import sys
 import threading
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from datetime import timedelta
 from typing import NamedTuple, Optional
 
@@ -33,6 +34,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
+import formats
 import minillm
 
 # ----------------------------------------------------------------------------------------------
@@ -195,6 +197,10 @@ def check_tensor_parallel(size, device: torch.device) -> TP:
 # GPU (spawned: CUDA cannot be forked). Each worker loads its own shard and builds its own ModelRunner, then runs
 # the runner calls rank 0 sends through a pipe (the StepInput once per step), in the same order as rank 0: the
 # collectives inside (all-reduces, the logits gather, the tokens broadcast) meet in the same order on every rank.
+#
+# Everything on the pipes is JSON, never a pickle (loading a pickle can run any code; JSON is plain values): rank 0
+# sends a worker its start-up arguments first (worker_start), then one [method, args] per runner call, a StepInput
+# among the args as step_to_json's object, and null to stop; the worker answers ["loaded"] or ["error", why].
 
 # The longest a collective or a store lookup waits for another rank. Ranks reach a step's collectives within
 # milliseconds of each other; start-up (loading, compiling) is watched apart, through the pipes.
@@ -210,6 +216,8 @@ class TPWorkers:
                                "tensor_parallel_size > 1?); close() it first: a process holds one at a time")
         self.procs, self.pipes, self.broken, self.has_group = [], [], None, False
         device = torch.device("cuda", device.index or 0) if device.type == "cuda" else device  # rank r: GPU index + r
+        # (made before any process starts: what cannot be JSON fails here)
+        start = json.dumps(worker_start(device, load_args, runner_args, lora_args)).encode()
         atexit.register(self.close)  # interpreter exit stops the workers too
         try:
             # a free port, picked by the OS: where the ranks meet to set up the process group
@@ -217,12 +225,14 @@ class TPWorkers:
             context = torch.multiprocessing.get_context("spawn")
             for rank in range(1, size):
                 pipe, theirs = context.Pipe()
-                self.procs.append(context.Process(target=tp_worker, name=f"minillm-tp{rank}", daemon=True, args=(
-                    rank, size, self.store.port, theirs, device, load_args, runner_args, lora_args)))
+                self.procs.append(context.Process(target=tp_worker, name=f"minillm-tp{rank}", daemon=True,
+                                                  args=(rank, size, self.store.port, theirs)))
                 with main_script_hidden():
                     self.procs[-1].start()
                 theirs.close()
                 self.pipes.append(pipe)
+                with contextlib.suppress(OSError):  # (a worker that died at once: the wait below says how)
+                    pipe.send_bytes(start)
             for rank in range(1, size):  # wait until each worker's shard is loaded, or it said why not
                 while (message := self.message(rank, 0.1)) is None:
                     pass
@@ -240,7 +250,7 @@ class TPWorkers:
         if not pipe.poll(wait):  # (the pipe of a worker that has died is readable at once: end of file)
             return None
         try:
-            return pipe.recv()
+            return tuple(json.loads(pipe.recv_bytes()))
         except (EOFError, OSError):
             proc.join(timeout=1)
             return "error", "it has exited" + (f" with code {proc.exitcode}" if proc.exitcode is not None else "")
@@ -254,7 +264,7 @@ class TPWorkers:
         of step, so the workers are stopped and this LLM can do no more work."""
         if self.broken:
             raise RuntimeError(f"this LLM's tensor-parallel workers were stopped ({self.broken}); create a new LLM")
-        payload = pickle.dumps((name, args))
+        payload = json.dumps([name, [None if a is None else step_to_json(a) for a in args]]).encode()
         for rank, pipe in enumerate(self.pipes, start=1):
             try:
                 pipe.send_bytes(payload)
@@ -276,7 +286,7 @@ class TPWorkers:
         """Stop the workers: each is asked to leave its loop, and made to after a few seconds. Idempotent."""
         for pipe in self.pipes:
             with contextlib.suppress(OSError):
-                pipe.send_bytes(pickle.dumps(None))
+                pipe.send_bytes(b"null")
         for proc in self.procs:
             proc.join(timeout=5)
             if proc.is_alive():
@@ -304,6 +314,65 @@ class ShardRunner(minillm.ModelRunner):
 def for_workers(step):
     """What a worker needs of a minillm.StepInput: all but the sampler's inputs."""
     return replace(step, params=[], generators=[], blocked=[], penalty_ids=[], logprob_rows=[], prompt_targets=[])
+
+
+def step_to_json(step) -> dict:
+    """A minillm.StepInput as plain JSON values, for the pipes: every field as it is, but each LoRARequest as a
+    dict of its fields. params and generators hold objects; they are the sampler's, rank 0's alone (for_workers)."""
+    if step.params or step.generators:
+        raise ValueError("a StepInput's params and generators stay on rank 0: send for_workers(step)")
+    obj = {f.name: getattr(step, f.name) for f in fields(step)}
+    obj["lora"] = [(None if req is None else lora_request_to_json(req), n) for req, n in step.lora]
+    return obj
+
+
+def step_from_json(obj: dict):
+    """step_to_json's StepInput again, equal to the one sent: JSON's lists become the tuples they were, and
+    LoRARequests are rebuilt (a worker's LoRAManager loads the adapter from lora_path when it first sees it)."""
+    step = minillm.StepInput(**obj)
+    step.lora = [(None if req is None else lora_request_from_json(req), n) for req, n in step.lora]
+    step.pending, step.penalty_ids = [tuple(p) for p in step.pending], [tuple(p) for p in step.penalty_ids]
+    return step
+
+
+def lora_request_to_json(req) -> dict:
+    import lora  # (as tp_worker does: LoRA's module is loaded when LoRA is used)
+    return {f.name: getattr(req, f.name) for f in fields(lora.LoRARequest)}
+
+
+def lora_request_from_json(obj: dict):
+    import lora
+    return lora.LoRARequest(**obj)
+
+
+def worker_start(device: torch.device, load_args: dict, runner_args: dict, lora_args) -> dict:
+    """A worker's start-up arguments as plain JSON values (its first message): torch's device and dtype become
+    their names, and a function hf_overrides the dict of what it changes (overrides_as_dict). runner_args
+    (numbers, bools, None) and lora_args (max_loras, max_lora_rank) are plain already."""
+    dtype = str(load_args["dtype"]).removeprefix("torch.")  # torch.bfloat16 -> "bfloat16", a name load_model takes
+    hf_overrides = overrides_as_dict(load_args["path"], load_args.get("hf_overrides"))
+    return dict(device=str(device), load_args=dict(load_args, dtype=dtype, hf_overrides=hf_overrides),
+                runner_args=runner_args, lora_args=lora_args)
+
+
+def overrides_as_dict(path: str, hf_overrides):
+    """vLLM's hf_overrides may be a function of the config: code, which JSON cannot carry. So rank 0 runs it on
+    the config a worker's load reads (formats calls it just as that load would), and the worker gets the dict of
+    the keys it changed or added, which has the same effect. A dict (or None) is sent as it is."""
+    if not callable(hf_overrides):
+        return hf_overrides
+    changed = {}
+
+    def recording(config):
+        before = copy.deepcopy(vars(config))  # (the function may change the config in place)
+        after = vars(hf_overrides(config))
+        if before.keys() - after.keys():
+            raise ValueError(f"hf_overrides removes {sorted(before.keys() - after.keys())} from the config; under "
+                             f"tensor parallelism the workers get only what it changes or adds")
+        changed.update({key: value for key, value in after.items() if key not in before or before[key] != value})
+        return argparse.Namespace(**after)
+    (formats.read_gguf if path.endswith(".gguf") else formats.read_hf_config)(path, recording)
+    return changed
 
 
 class TPModelRunner(ShardRunner):
@@ -382,32 +451,36 @@ def sigint_deferred():
             raise KeyboardInterrupt
 
 
-def tp_worker(rank: int, size: int, port: int, pipe, device: torch.device, load_args: dict, runner_args: dict, lora_args):
-    """Tensor-parallel rank `rank` > 0, in a process of its own: load this rank's shard, build its ModelRunner,
-    then run each call rank 0 sends until it sends None (LLM.close) or goes away."""
+def tp_worker(rank: int, size: int, port: int, pipe):
+    """Tensor-parallel rank `rank` > 0, in a process of its own: read the start-up arguments (worker_start's JSON)
+    from the pipe, load this rank's shard, build its ModelRunner, then run each call rank 0 sends until it sends
+    null (LLM.close) or goes away. Spawn pickles this function's name and its arguments, plain numbers and the
+    pipe's end (which multiprocessing hands over as a file descriptor); all else comes as JSON, on the pipe."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is rank 0's: it lets the step end, then stops us
     try:
         import lora
+        start = json.loads(pipe.recv_bytes())
+        device = torch.device(start["device"])
         if device.type == "cuda":
             device = torch.device("cuda", device.index + rank)
             torch.cuda.set_device(device)
         else:  # the ranks share the CPU's cores
             torch.set_num_threads(max(1, torch.get_num_threads() // size))
-        llama = minillm.load_model(device=device, tp=TP(rank, size), **load_args)[0]
-        pipe.send(("loaded",))
+        llama = minillm.load_model(device=device, tp=TP(rank, size), **start["load_args"])[0]
+        pipe.send_bytes(json.dumps(["loaded"]).encode())
         init_tp_group(rank, size, dist.TCPStore("127.0.0.1", port, size, is_master=False, timeout=DIST_TIMEOUT), device)
-        manager = lora.LoRAManager(llama, *lora_args) if lora_args else None
-        runner = WorkerRunner(llama, lora_manager=manager, **runner_args)
-        while (call := pickle.loads(pipe.recv_bytes())) is not None:
-            method, args = call
-            getattr(runner, method)(*args)
+        manager = lora.LoRAManager(llama, *start["lora_args"]) if start["lora_args"] else None
+        runner = WorkerRunner(llama, lora_manager=manager, **start["runner_args"])
+        while (call := json.loads(pipe.recv_bytes())) is not None:
+            method, args = call  # ["forward", [step]] or ["sample", [null, step]]
+            getattr(runner, method)(*[None if a is None else step_from_json(a) for a in args])
     except EOFError:  # rank 0 has gone: so do we
         pass
     except BaseException as e:
         import traceback
         traceback.print_exc()
         with contextlib.suppress(OSError):
-            pipe.send(("error", f"{type(e).__name__}: {e}"))
+            pipe.send_bytes(json.dumps(["error", f"{type(e).__name__}: {e}"]).encode())
         sys.exit(1)
     finally:
         if dist.is_initialized():

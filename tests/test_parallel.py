@@ -4,11 +4,16 @@ with a vocabulary that does not split; under preemption, with a LoRA adapter, wi
 cannot work are refused before any process starts; the workers end with the LLM (close, `with`, interpreter exit,
 Ctrl-C), survive an exception between steps and a Ctrl-C inside one, and a worker that dies is an error, not a hang.
 DP = 2 (torchrun on one host) writes the same JSONL as one process."""
+import argparse
+import json
+import multiprocessing.connection
 import os
+import pickle
 import signal
 import subprocess
 import sys
 import time
+from dataclasses import fields, replace
 
 import psutil
 import pytest
@@ -17,7 +22,8 @@ import torch
 import minillm
 from cli import main as cli_main
 from minillm import LLM, LoRARequest, SamplingParams, tp_plan
-from parallel import TP
+import formats
+from parallel import TP, for_workers, overrides_as_dict, step_from_json, step_to_json
 from test_engine import ROOT, make_checkpoint, random_prompts
 from test_lora import make_adapter
 
@@ -127,6 +133,75 @@ def test_tp2_prompt_logits_equal_tp1(engines):
         want, got = engines.tp1.prompt_logits(ids, lora_request), engines.tp2().prompt_logits(ids, lora_request)
         assert got.shape == want.shape == (37, 2048)
         assert (got - want).abs().max().item() < 1e-4
+
+
+# ---- what crosses the pipes: JSON, never a pickle ---------------------------------------------------------
+
+
+def test_a_step_input_crosses_the_pipe_as_json_and_comes_back_equal(engines):
+    step = minillm.StepInput(
+        input_ids=[5, 9, 11, 3], positions=[0, 1, 2, 7], query_lens=[3, 1], table_rows=[4, 0],
+        table_updates=[4, 0, 17, 0, 1, 2], lora=[(engines.adapter, 3), (None, 1)], pending=[(3, 1)],
+        sample_rows=[2, 3], params=[SamplingParams(), SamplingParams(seed=1)], generators=[None, torch.Generator()],
+        blocked=[[7], []], penalty_ids=[([5, 9], [11]), ([3], [])], logprob_rows=[1], prompt_rows=[0, 1],
+        prompt_targets=[9, 11], num_logprobs=3)
+    assert all(getattr(step, f.name) for f in fields(step))  # every field filled (a new one must be here too)
+    with pytest.raises(ValueError, match="stay on rank 0"):  # objects, the sampler's: for_workers empties them
+        step_to_json(step)
+    def across(sent):
+        return step_from_json(json.loads(json.dumps(step_to_json(sent))))  # (JSON makes tuples lists)
+    back = across(replace(step, params=[], generators=[]))
+    assert back == replace(step, params=[], generators=[])
+    assert back.pending == [(3, 1)] and back.penalty_ids[0] == ([5, 9], [11])  # tuples again, as == checked
+    assert back.lora == [(engines.adapter, 3), (None, 1)] and isinstance(back.lora[0][0], LoRARequest)
+    assert across(for_workers(step)) == for_workers(step)  # what the workers get
+
+
+def test_nothing_crosses_the_pipes_as_a_pickle(engines, monkeypatch):
+    """A tensor-parallel LLM's start, its steps with a LoRA adapter, and its close, with pickling refused in this
+    process: the pipes' pickling send and recv, and pickle.dumps / loads. Spawn still pickles tp_worker's name
+    and its arguments, with a Pickler of its own: they are numbers and the pipe's end (a file descriptor)."""
+    prompts, params = workload(seed=2)
+    loras = [engines.adapter, None, engines.adapter, engines.adapter, None]
+    want = engines.tp1.generate(prompts, params, lora_request=loras, use_tqdm=False)
+    engines.release()
+
+    def refused(*args, **kwargs):
+        raise AssertionError("a pickle on the tensor-parallel pipes")
+    started, start = [], multiprocessing.context.SpawnProcess.start
+    monkeypatch.setattr(multiprocessing.context.SpawnProcess, "start", lambda p: (started.append(p._args), start(p)))
+    pipe = multiprocessing.connection.Connection
+    for owner, name in ((pipe, "send"), (pipe, "recv"), (pickle, "dumps"), (pickle, "loads")):
+        monkeypatch.setattr(owner, name, refused)
+    with LLM(engines.folder, tensor_parallel_size=2, **CACHE) as llm:
+        assert_same(llm.generate(prompts, params, lora_request=loras, use_tqdm=False), want)
+    assert workers() == []
+    (args,) = started  # (rank, size, port, pipe)
+    assert [type(a) for a in args] == [int, int, int, multiprocessing.connection.Connection]
+
+
+def test_a_function_hf_overrides_reaches_the_workers_as_json(engines, tmp_path):
+    """vLLM's hf_overrides may be a function of the config; the workers get the dict of what it changes."""
+    def overrides(config):  # (a local function: it could not be pickled either)
+        config.rope_parameters["rope_theta"] = 100.0  # (in place, inside a dict of config.json)
+        return config
+    changed = overrides_as_dict(engines.folder, overrides)
+    assert changed == {"rope_parameters": {"rope_theta": 100.0, "rope_type": "default"}}
+    assert overrides_as_dict(engines.folder, {"rope_theta": 5.0}) == {"rope_theta": 5.0}
+    with pytest.raises(ValueError, match=r"removes \['use_cache'\]"):
+        overrides_as_dict(engines.folder, lambda c: (delattr(c, "use_cache"), c)[1])
+    from test_gguf_families import make_family_checkpoint, write_gguf  # a GGUF's config, from its metadata
+    write_gguf(tmp_path / "m.gguf", make_family_checkpoint(str(tmp_path / "hf"), "llama"), "llama")
+    gguf, short = str(tmp_path / "m.gguf"), lambda c: argparse.Namespace(**{**vars(c), "max_position_embeddings": 64})
+    assert overrides_as_dict(gguf, short) == {"max_position_embeddings": 64}
+    assert formats.read_gguf(gguf, {"max_position_embeddings": 64})[0] == formats.read_gguf(gguf, short)[0]
+
+    ids = random_prompts([37], seed=4)[0]
+    want = LLM(engines.folder, hf_overrides=overrides, **CACHE).prompt_logits(ids, None)
+    assert (want - engines.tp1.prompt_logits(ids, None)).abs().max().item() > 1e-3  # it changes the model
+    engines.release()
+    with LLM(engines.folder, tensor_parallel_size=2, hf_overrides=overrides, **CACHE) as llm:
+        assert (llm.prompt_logits(ids, None) - want).abs().max().item() < 1e-4
 
 
 # ---- the workers' lifecycle ----------------------------------------------------------------------
