@@ -11,8 +11,14 @@ Prompts in (.txt: one a line; .jsonl: one request a line), one JSON line per req
 the request finishes, so that a crash keeps every finished line and --resume does only the rest. Every argument
 and every input line is checked before the model loads, and every error is one line that names its culprit (for
 an input line: file:line). The work is the core's: one `LLM` (minillm.py) whose LLMEngine is fed step by step
-(Feeder); with --data-parallel-size K, torchrun starts K copies of this command and each one takes every K-th
-request, its lines gathered (as JSON) to rank 0, which writes them at the end.
+(Feeder).
+
+With --data-parallel-size K, torchrun starts K copies of this command (ranks) and each one takes every K-th request
+not yet done. Each rank writes its lines as they finish (flushed, whole, as above) to a part file of its own beside
+--output, OUTPUT.rank{r}; when every rank is done, rank 0 merges the parts into --output in input order and removes
+them. --resume first merges into --output the parts a killed run left (of any K), so a killed data-parallel run
+keeps every finished line, as one process does. (Per-rank files, not lines sent to rank 0: nothing is held in
+memory or in flight, and a rank writes at its own pace. Across hosts, --output's folder must be one they share.)
 
 This file imports minillm only after the arguments parse, so that --help and a mistyped flag answer at once
 instead of after torch's second and a half of importing.
@@ -105,7 +111,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
         return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
                                f"--nproc-per-node={args.data_parallel_size}", minillm.__file__, *argv]).returncode
     dp = parallel.DataParallel.from_env()
-    done = read_done(args.output, truncate=dp.rank == 0) if args.resume else set()
+    done = prepare_output(dp, args, batch)
     return generate_shard(dp, args, batch, done, adapter, lora_kwargs)
 
 
@@ -278,13 +284,11 @@ def openai_sampling_fields(kind: str, body: dict) -> dict:
 
 # ---- resuming ---------------------------------------------------------------------------------------------------
 
-def read_done(path: str, truncate: bool) -> set:
-    """The ids (json.dumps keys) of the lines already in `path`. A torn last line (a crash mid-write) is cut off
-    (by rank 0, `truncate`) so that appending starts on a line of its own; a bad line before it is an error."""
-    if not os.path.exists(path):
-        return set()
-    done, good_end = set(), 0
+def whole_lines(path: str):
+    """(id key, start, end) of each whole output line of `path`, in bytes. A torn last line (a crash mid-write) is
+    left out; a bad line before it is an error."""
     with open(path, "rb") as f:
+        start = 0
         for number, raw in enumerate(f, 1):
             try:
                 row = json.loads(raw) if raw.endswith(b"\n") else None
@@ -293,21 +297,87 @@ def read_done(path: str, truncate: bool) -> set:
             if not isinstance(row, dict) or not ("custom_id" in row or "id" in row):
                 if f.read(1):  # not the last line: the file is not ours to continue
                     raise ValueError(f"{path}:{number}: not an output line; --resume continues only its own files")
-                break
-            done.add(json.dumps(row["custom_id"] if "custom_id" in row else row["id"]))
-            good_end += len(raw)
+                return
+            yield json.dumps(row["custom_id"] if "custom_id" in row else row["id"]), start, start + len(raw)
+            start += len(raw)
+
+
+def read_done(path: str, truncate: bool) -> set:
+    """The ids (json.dumps keys) of the lines already in `path`. A torn last line is cut off (`truncate`) so that
+    appending starts on a line of its own."""
+    if not os.path.exists(path):
+        return set()
+    done, good_end = set(), 0
+    for key, _, good_end in whole_lines(path):
+        done.add(key)
     if truncate and good_end != os.path.getsize(path):
         with open(path, "r+b") as f:
             f.truncate(good_end)
     return done
 
 
+def part_path(output: str, rank: int) -> str:
+    """Data-parallel rank `rank`'s part file: its finished lines, until rank 0 merges them into `output`."""
+    return f"{output}.rank{rank}"
+
+
+def part_files(output: str) -> list:
+    """The part files beside `output` (OUTPUT.rank{r}): this run's, or a killed run's of any data-parallel size."""
+    folder, name = os.path.split(output)
+    return sorted(os.path.join(folder, n) for n in os.listdir(folder or ".")
+                  if n.startswith(f"{name}.rank") and n[len(name) + 5:].isdecimal())
+
+
+def prepare_output(dp, args, batch: BatchInput) -> set:
+    """Before any rank writes a line, rank 0 readies --output: with --resume, the part files a killed run left are
+    merged into it; else it is emptied and old part files removed (a later --resume must not take their lines).
+    Then (a barrier: no rank writes before rank 0 is done) every rank has the same done ids."""
+    if not args.output:
+        return set()
+    done = set()
+    if dp.rank == 0 and args.resume:
+        done = merge_parts(args.output, batch)
+    elif dp.rank == 0:
+        for part in part_files(args.output):
+            os.remove(part)
+        open(args.output, "w").close()
+    dp.barrier("output ready")
+    return read_done(args.output, truncate=False) if dp.rank and args.resume else done
+
+
+def merge_parts(output: str, batch: BatchInput) -> set:
+    """Rank 0: append to `output` (its torn last line cut off) the whole lines of every part file whose ids it lacks,
+    in input order, fsync, then remove the part files; returns the ids now in `output`. A crash anywhere in here loses
+    nothing and duplicates nothing: the parts go only once their lines are in `output`, and a line already there is
+    not copied again, so the next --resume does the rest."""
+    done, parts, where = read_done(output, truncate=True), part_files(output), {}
+    for part in parts:
+        for key, start, end in whole_lines(part):
+            if key not in done:
+                where[key] = (part, start, end)  # (the lines stay on disk: rank 0 holds ids, not outputs)
+    if where:
+        out, files = Output(output, True, batch.jsonl, None), {part: open(part, "rb") for part in parts}
+        try:
+            for r in (r for r in batch if r.key in where):
+                part, start, end = where[r.key]
+                files[part].seek(start)
+                out.write((r.line, files[part].read(end - start).decode("utf-8").removesuffix("\n")))
+            out.sync()
+        finally:
+            out.close()
+            for f in files.values():
+                f.close()
+    for part in parts:
+        os.remove(part)
+    return done | where.keys()
+
+
 # ---- generation: the engine fed step by step, each finished request written at once ------------------------------
 
 def generate_shard(dp, args, batch: BatchInput, done: set, adapter, lora_kwargs) -> int:
     """The generation on data-parallel rank dp.rank: every dp.size-th request not yet `done` through an engine of
-    its own. Alone, each line is written as its request finishes; with several ranks, each rank's lines go to rank 0
-    at the end (as JSON), which writes them."""
+    its own, each line written as its request finishes (shard_output says where); with several ranks, rank 0 then
+    merges them (finish_shards)."""
     import compat
     import minillm
     device = args.device
@@ -316,32 +386,65 @@ def generate_shard(dp, args, batch: BatchInput, done: set, adapter, lora_kwargs)
     total, already, trace = len(batch.keys), len(batch.keys & done), bool(args.trace) and dp.rank == 0
     pending = (r for r in batch if r.key not in done)
     mine = (r for k, r in enumerate(pending) if k % dp.size == dp.rank)
+    out = shard_output(dp, args, batch.jsonl)
     with minillm.LLM(args.model, device=device, tensor_parallel_size=args.tensor_parallel_size, trace=trace,
                      **lora_kwargs) as llm:
-        out = Output(args.output, args.resume, batch.jsonl, llm.llm_engine.model_name) if dp.size == 1 else []
         try:
-            Feeder(llm, adapter, Progress(dp, total, already)).run(mine, out.write if dp.size == 1 else out.append)
+            Feeder(llm, adapter, Progress(dp, total, already)).run(mine, out.write)
+        except BaseException:
+            dp.close_progress()  # (rank 0's bar for every rank: closed before the error's line, not after)
+            raise
         finally:
-            if dp.size == 1:
-                out.close()
+            out.close()
     if trace:  # (rank 0's engine: the others' steps are alike)
         import timeline
         timeline.write_trace(llm.last_trace, args.trace)
         print(f"wrote the trace of {len(llm.last_trace['steps'])} engine steps to {args.trace}", file=sys.stderr)
     if dp.size > 1:
-        gathered = dp.gather(out)
-        if dp.rank == 0:
-            write_gathered(args.output, args.resume, batch.jsonl, gathered)
+        finish_shards(dp, args, batch, out)
     return 0
 
 
-def write_gathered(path, resume: bool, jsonl: bool, gathered: list) -> None:
-    out = Output(path, resume, jsonl, None)
-    try:
-        for item in sorted(gathered):  # (line number, JSON line): input order
-            out.write(item)
-    finally:
-        out.close()
+def shard_output(dp, args, jsonl: bool):
+    """Where this rank's finished lines go: alone, --output (or stdout); with several ranks, this rank's part file,
+    which rank 0 then checks it can see for every rank (across hosts they must share --output's folder); with
+    several ranks and no --output, a list held for rank 0 to print at the end."""
+    if dp.size == 1:
+        return Output(args.output, args.resume, jsonl, None)
+    if not args.output:
+        return Held()
+    out = Output(part_path(args.output, dp.rank), False, jsonl, None)
+    dp.barrier("parts open")
+    unseen = [r for r in range(dp.size) if not os.path.exists(part_path(args.output, r))] if dp.rank == 0 else []
+    if unseen:
+        out.file.close()  # (quietly: no "wrote 0 completions" before the error)
+        raise ValueError(f"{part_path(args.output, unseen[0])}: rank {unseen[0]}'s part file is not in rank 0's "
+                         f"folder; across hosts, --output must be in a folder every host shares")
+    return out
+
+
+class Held(list):
+    """A data-parallel rank's (line number, JSON line) items when there is no --output: printed by rank 0 at the end."""
+
+    def write(self, item) -> None:
+        self.append(item)
+
+    def close(self) -> None:
+        pass
+
+
+def finish_shards(dp, args, batch: BatchInput, out) -> None:
+    """Once every rank has written its last line (a barrier), rank 0 merges the part files into --output in input
+    order and removes them; without --output, rank 0 prints every rank's lines, gathered as JSON, in input order."""
+    if not args.output:
+        gathered, stdout = dp.gather(list(out)), Output(None, False, batch.jsonl, None)
+        for item in sorted(gathered) if dp.rank == 0 else ():  # (line number, JSON line): input order
+            stdout.write(item)
+        return
+    dp.barrier("finished")
+    if dp.rank == 0:
+        dp.close_progress()
+        merge_parts(args.output, batch)
 
 
 class Feeder:
@@ -447,10 +550,20 @@ class Output:
                 os.fsync(self.file.fileno())
                 self.synced = time.monotonic()
         except OSError as e:
-            self.failed = True
-            raise OSError(f"{self.path}: {e.strerror or e} after {self.count} whole lines were written; "
-                          f"they stay, and --resume continues after them") from None
+            raise self.failure(e) from None
         self.count += 1
+
+    def sync(self) -> None:
+        """fsync now: the merge removes the part files only once their lines are on the disk in `path`."""
+        try:
+            os.fsync(self.file.fileno())
+        except OSError as e:
+            raise self.failure(e) from None
+
+    def failure(self, e: OSError) -> OSError:
+        self.failed = True
+        return OSError(f"{self.path}: {e.strerror or e} after {self.count} whole lines were written; they stay, "
+                       f"and --resume continues after them")
 
     def close(self) -> None:
         if self.file is None:

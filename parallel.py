@@ -544,19 +544,35 @@ class DataParallel:
         merged = [None] * sum(map(len, parts))
         for rank, part in enumerate(parts):
             merged[rank::self.size] = part
-        if self.bar is not None:
-            self.draw()
-            self.bar.close()
+        self.close_progress()
         return merged
+
+    def barrier(self, name: str) -> None:
+        """Wait until every rank has called barrier(name): a count in the store (rank 0 draws the bar meanwhile).
+        (As in gather, a rank that fails makes torchrun stop them all: nobody waits for it forever.)"""
+        if self.size == 1:
+            return
+        self.store.add(f"barrier/{name}", 1)
+        while int(self.store.add(f"barrier/{name}", 0)) < self.size:
+            self.draw()
+            time.sleep(0.05)
 
     def draw(self) -> None:
         if self.bar is not None:
             self.bar.update(int(self.store.add("done", 0)) - self.bar.n)
 
+    def close_progress(self) -> None:
+        """Rank 0's bar, drawn with every rank's last count, then closed (once every rank is done)."""
+        if self.bar is not None:
+            self.draw()
+            self.bar.close()
+            self.bar = None
+
 
 class SharedProgress:
     """What generate's loop calls on its progress bar, for one data-parallel rank: finished prompts are counted in
-    the store for rank 0's bar, which gather closes. (Rank 0's token rates are not all ranks': the bar's prompts/s is.)"""
+    the store for rank 0's bar, which gather (or close_progress) closes. (Rank 0's token rates are not all ranks':
+    the bar's prompts/s is.)"""
 
     def __init__(self, dp: DataParallel):
         self.dp = dp

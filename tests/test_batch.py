@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 
+import psutil
 import pytest
 
 import cli
@@ -139,26 +140,29 @@ def test_resume_after_a_torn_last_line(model, tmp_path):
     assert sorted(out.read_text().splitlines()) == sorted(full.read_text().splitlines())
 
 
+class FullDisk:
+    """An output file on a disk that fills up after three writes."""
+
+    def __init__(self, path, mode):
+        self.f, self.writes = open(path, mode, encoding="utf-8"), 0
+
+    def write(self, text):
+        self.writes += 1
+        if self.writes > 3:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return self.f.write(text)
+
+    def flush(self):
+        self.f.flush()
+
+    def fileno(self):
+        return self.f.fileno()
+
+    def close(self):
+        self.f.close()
+
+
 def test_a_full_disk_keeps_the_lines_written_before(model, tmp_path, capsys, monkeypatch):
-    class FullDisk:
-        def __init__(self, path, mode):
-            self.f, self.writes = open(path, mode, encoding="utf-8"), 0
-
-        def write(self, text):
-            self.writes += 1
-            if self.writes > 3:
-                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-            return self.f.write(text)
-
-        def flush(self):
-            self.f.flush()
-
-        def fileno(self):
-            return self.f.fileno()
-
-        def close(self):
-            self.f.close()
-
     monkeypatch.setattr(cli, "open_output", FullDisk)
     rows = [{"id": i, "prompt": f"Number {i}", "max_tokens": 1 + i} for i in range(6)]
     out = tmp_path / "out.jsonl"
@@ -172,6 +176,18 @@ def cli_process(*args):
     return subprocess.Popen([sys.executable, os.path.join(ROOT, "minillm.py"), *args], cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def kill_tree(proc):
+    """SIGKILL a command and every process under it (torchrun starts its ranks in sessions of their own)."""
+    if proc.poll() is None:  # (else it finished: the caller's check of the return code says so)
+        tree = psutil.Process(proc.pid)
+        for p in [tree, *tree.children(recursive=True)]:
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
+    proc.wait()
 
 
 def test_sigkill_then_resume_gives_each_id_once_as_an_uninterrupted_run(model, tmp_path):
@@ -240,8 +256,8 @@ def test_memory_does_not_grow_with_the_input(model, tmp_path):
 
 
 def test_data_parallel_with_jsonl_and_resume(model, tmp_path, capfd):
-    """--data-parallel-size 2 on a JSONL of both kinds: each rank its share, rank 0 writes the lines it gathers (as
-    JSON) in input order; the same lines as one process, and --resume on it skips what is there."""
+    """--data-parallel-size 2 on a JSONL of both kinds: each rank its share, written to its part file, which rank 0
+    merges in input order; the same lines as one process, and --resume on it skips what is there."""
     rows = [{"id": i, "prompt": f"Number {i}", "max_tokens": 1 + i % 3} for i in range(5)] + [
         {"custom_id": "c", "method": "POST", "url": "/v1/chat/completions",
          "body": {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3}}]
@@ -254,3 +270,81 @@ def test_data_parallel_with_jsonl_and_resume(model, tmp_path, capfd):
     assert run_batch(model, src, two, "--data-parallel-size", "2", "--resume") == 0
     assert "6/6" in capfd.readouterr().err
     assert strip(read_rows(two)) == strip(read_rows(one)) and len(read_rows(two)) == 6
+
+
+def test_a_killed_data_parallel_run_keeps_its_finished_lines_in_part_files(model, tmp_path, capfd):
+    """Each rank writes its lines as they finish to out.jsonl.rank{r}: a run SIGKILLed partway (all its processes)
+    leaves them there, whole, and --resume with K = 2 merges them and does only the rest."""
+    rows = [{"id": f"r{i}", "prompt": f"Tell me about {i}", "max_tokens": 1 + i % 40} for i in range(200)]
+    src = write_jsonl(tmp_path / "in.jsonl", rows)
+    common = ["--prompts", src, "--model", model, "--device", "cpu"]
+    full, out = tmp_path / "full.jsonl", tmp_path / "out.jsonl"
+    assert cli.main([*common, "--output", str(full)]) == 0
+    want = by_id(read_rows(full))
+    parts = lambda: sorted(tmp_path.glob("out.jsonl.rank*"))
+    proc = cli_process(*common, "--output", str(out), "--data-parallel-size", "2")
+    deadline = time.monotonic() + 240
+    while proc.poll() is None and time.monotonic() < deadline and (
+            len(parts()) < 2 or min(p.read_bytes().count(b"\n") for p in parts()) < 10):
+        time.sleep(0.02)
+    kill_tree(proc)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.read()  # killed mid-run, not finished
+    assert out.read_text() == "" and [p.name for p in parts()] == ["out.jsonl.rank0", "out.jsonl.rank1"]
+    kept = {}
+    for part in parts():
+        lines = part.read_text().split("\n")  # whole lines, then at most one torn one (or "")
+        kept.update(by_id(json.loads(line) for line in lines[:-1]))
+    assert 20 <= len(kept) < 200 and all(row == want[key] for key, row in kept.items())  # greedy: as uninterrupted
+    capfd.readouterr()
+    assert cli.main([*common, "--output", str(out), "--resume", "--data-parallel-size", "2"]) == 0
+    err = capfd.readouterr().err
+    assert f"wrote {len(kept)} completions to {out}" in err  # the killed run's lines, merged first
+    assert f"wrote {200 - len(kept)} completions to {out}" in err  # then only the rest was generated
+    assert sorted(r["id"] for r in read_rows(out)) == sorted(r["id"] for r in rows)  # each id once
+    assert by_id(read_rows(out)) == want and parts() == []
+
+
+def test_resume_merges_part_files_of_any_data_parallel_size(model, tmp_path, capsys):
+    """--resume with one process after data-parallel runs: the lines in out.jsonl stay, the whole lines of every
+    part file (here of K = 2 and K = 4) are appended in input order unless out.jsonl has them already (a merge that
+    was killed before it removed the parts), torn last lines are dropped, and only the rest is generated."""
+    rows = [{"id": i, "prompt": f"Number {i}"} for i in range(8)]
+    src, full, out = write_jsonl(tmp_path / "in.jsonl", rows), tmp_path / "full.jsonl", tmp_path / "out.jsonl"
+    assert run_batch(model, src, full) == 0
+    line = {r["id"]: json.dumps(r, ensure_ascii=False) + "\n" for r in read_rows(full)}
+    out.write_text(line[0] + line[1] + line[5][:10])
+    (tmp_path / "out.jsonl.rank0").write_text(line[1] + line[4] + line[2] + line[6][:7])
+    (tmp_path / "out.jsonl.rank3").write_text(line[3] + line[5])
+    (tmp_path / "out.jsonl.rank1.bak").write_text("not a part file\n")
+    capsys.readouterr()
+    assert run_batch(model, src, out, "--resume") == 0
+    err = capsys.readouterr().err
+    assert f"wrote 4 completions to {out}" in err and f"wrote 2 completions to {out}" in err  # merged, generated
+    got = out.read_text().splitlines(keepends=True)
+    assert got[:6] == [line[i] for i in range(6)]  # kept, then merged in input order
+    assert sorted(got) == sorted(line.values())  # each id once, as the uninterrupted run
+    assert sorted(p.name for p in tmp_path.glob("out.jsonl.*")) == ["out.jsonl.rank1.bak"]
+
+
+def test_a_part_file_on_a_full_disk_or_out_of_sight(model, tmp_path, capsys, monkeypatch):
+    """Rank 0 of 2 in this process (its partner faked): a part file that rank 0 cannot see, or that cannot be
+    written, is one line naming it."""
+    import torch.distributed as dist
+    import parallel
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(parallel.DataParallel, "from_env", classmethod(lambda cls: cls(0, 2, dist.HashStore())))
+    monkeypatch.setattr(parallel.DataParallel, "barrier", lambda self, name: None)
+    src, out = write_jsonl(tmp_path / "in.jsonl", [{"id": i, "prompt": f"N {i}"} for i in range(12)]), tmp_path / "o"
+    assert run_batch(model, src, out, "--data-parallel-size", "2") == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert f"{out}.rank1: rank 1's part file is not in rank 0's folder" in err  # (another host's disk)
+
+    def partner(self, name):  # rank 1 opens its part file
+        if name == "parts open":
+            (tmp_path / "o.rank1").touch()
+    monkeypatch.setattr(parallel.DataParallel, "barrier", partner)
+    monkeypatch.setattr(cli, "open_output", FullDisk)
+    assert run_batch(model, src, out, "--data-parallel-size", "2") == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert f"{out}.rank0: No space left on device after 3 whole lines" in err and "--resume" in err
+    assert [r["id"] for r in read_rows(f"{out}.rank0")] == [0, 2, 4]  # rank 0's share, as they finished
