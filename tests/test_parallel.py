@@ -226,16 +226,18 @@ def test_exceptions_inside_generate_leave_the_workers_in_step(engines, monkeypat
         tp2.generate(*workload(), use_tqdm=FailingBar)
     assert_same(tp2.generate(*workload(), use_tqdm=False), want)
 
-    # Ctrl-C in the middle of a step on rank 0, between the forward pass and the tokens' broadcast: the step runs
-    # to its end on every rank, then generate raises KeyboardInterrupt
-    runner, sample, calls = tp2.llm_engine.runner, tp2.llm_engine.runner.sample, []
+    # Ctrl-C in the middle of a step on rank 0, inside its sampler, between the forward pass and the tokens'
+    # broadcast: the step runs to its end on every rank, then generate raises KeyboardInterrupt. (Sent inside the
+    # step, where TPWorkers.run holds it back: sent before, Python would raise it at once, and if that moment fell
+    # in a finalizer the garbage collector was running, the interrupt would be lost, "ignored in __del__".)
+    runner, pick_tokens, calls = tp2.llm_engine.runner, tp2.llm_engine.runner.pick_tokens, []
 
     def interrupted(*args):
         calls.append(1)
         if len(calls) == 3:
             os.kill(os.getpid(), signal.SIGINT)
-        return sample(*args)
-    monkeypatch.setattr(runner, "sample", interrupted)
+        return pick_tokens(*args)
+    monkeypatch.setattr(runner, "pick_tokens", interrupted)
     with pytest.raises(KeyboardInterrupt):
         tp2.generate(*workload(), use_tqdm=False)
     assert len(calls) == 3
