@@ -1534,8 +1534,8 @@ class LLMEngine:
             step.params.append(p)
             step.generators.append(seq.generator)
             early = seq.num_output_tokens < p.min_tokens
-            stoppers = set(p.stop_token_ids) | (set() if p.ignore_eos else self.eos_ids)
-            step.blocked.append(sorted(stoppers) if early else [])
+            stoppers = (set(p.stop_token_ids) | (set() if p.ignore_eos else self.eos_ids)) if early else ()
+            step.blocked.append(sorted(stoppers))
             if p.logprobs is not None:
                 step.logprob_rows.append(row)
         if any(seq.params.has_penalties for seq in sampled):
