@@ -37,7 +37,7 @@ from typing import Any, Callable, Optional, TypedDict
 import torch
 from tqdm import tqdm
 
-from formats import BYTE_CHARS, UNBYTE
+from formats import BYTE_CHARS, UNBYTE, read_tokenizer
 
 # ----------------------------------------------------------------------------------------------
 # Engine arguments
@@ -744,9 +744,8 @@ class BatchEncoding(dict):
 def load_tokenizer(path: str):
     """A minillm.Tokenizer from a model folder (its tokenizer.json, else tokenizer.model), or from a tokenizer.json,
     tokenizer.model or .gguf file (what LLM(tokenizer=...) reads)."""
-    import formats
     import minillm
-    return minillm.make_tokenizer(*formats.read_tokenizer(path))
+    return minillm.make_tokenizer(*read_tokenizer(path))
 
 
 def hf_tokenizer_attribute(tokenizer, name: str):
