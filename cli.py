@@ -413,11 +413,11 @@ def shard_output(dp, args, jsonl: bool):
         return Output(args.output, args.resume, jsonl, None)
     if not args.output:
         return Held()
-    out = Output(part_path(args.output, dp.rank), False, jsonl, None)
+    out = Output(part_path(args.output, dp.rank), False, jsonl, None, quiet=True)
     dp.barrier("parts open")
     unseen = [r for r in range(dp.size) if not os.path.exists(part_path(args.output, r))] if dp.rank == 0 else []
     if unseen:
-        out.file.close()  # (quietly: no "wrote 0 completions" before the error)
+        out.close()
         raise ValueError(f"{part_path(args.output, unseen[0])}: rank {unseen[0]}'s part file is not in rank 0's "
                          f"folder; across hosts, --output must be in a folder every host shares")
     return out
@@ -534,8 +534,9 @@ class Output:
     flushed at once, so that a crash at any moment leaves every finished line and at most one torn last one; no
     path: printed. fsync at most once a second, so that a power cut loses at most about a second of lines."""
 
-    def __init__(self, path: Optional[str], resume: bool, jsonl: bool, model: Optional[str]):
+    def __init__(self, path: Optional[str], resume: bool, jsonl: bool, model: Optional[str], quiet: bool = False):
         self.path, self.jsonl, self.count, self.synced, self.failed = path, jsonl, 0, time.monotonic(), False
+        self.quiet = quiet  # a part file (removed by the merge, which says what --output got): no "wrote" line
         self.file = open_output(path, "a" if resume else "w") if path else None
 
     def write(self, item) -> None:
@@ -573,7 +574,7 @@ class Output:
         except OSError:
             if not self.failed:
                 raise
-        if not self.failed:
+        if not self.failed and not self.quiet:
             print(f"wrote {self.count} completions to {self.path}", file=sys.stderr)
 
 

@@ -300,6 +300,7 @@ def test_a_killed_data_parallel_run_keeps_its_finished_lines_in_part_files(model
     err = capfd.readouterr().err
     assert f"wrote {len(kept)} completions to {out}" in err  # the killed run's lines, merged first
     assert f"wrote {200 - len(kept)} completions to {out}" in err  # then only the rest was generated
+    assert ".rank" not in err  # the part files are the ranks' own business: they are gone once merged
     assert sorted(r["id"] for r in read_rows(out)) == sorted(r["id"] for r in rows)  # each id once
     assert by_id(read_rows(out)) == want and parts() == []
 
