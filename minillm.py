@@ -405,7 +405,7 @@ def project(projs: tuple, x, adapters) -> list:
     """[proj(x) for proj in projs]: every projection of the model goes through here, the seam where LoRA attaches.
     When the step uses adapters (a lora.LoRABatch), each token's LoRA delta is added: projections of the same
     input (q/k/v, gate/up) share one shrink and one expand, as their adapter weights are stacked (lora.py)."""
-    stacked = getattr(projs[0], "stacked", None)  # (weight, bias, widths): projs as one weight (stack_projections)
+    stacked = getattr(projs[0], "stacked", None)  # stack_projections': (N, C) @ (C, ΣOUT) -> (N, ΣOUT), then split
     ys = [proj(x) for proj in projs] if stacked is None else list(F.linear(x, *stacked[:2]).split(stacked[2], -1))
     return ys if adapters is None else adapters.add(ys, x, projs)
 
