@@ -22,6 +22,19 @@ from throughput import SHAPES, build_random_checkpoint  # noqa: E402
 import minillm  # noqa: E402
 
 
+KINDS = [("paged attention", ("_paged_attention", "_merge_splits")),
+         ("GEMMs", ("nvjet", "gemm", "cutlass", "splitkreduce", "cublas")),
+         ("elementwise (norms, RoPE, SwiGLU, sampler, copies)", ("triton_", "elementwise", "reduce_kernel", "distribution", "copy"))]
+
+
+def kernel_kinds(times: list[tuple[str, float]]) -> dict:
+    """Per-step microseconds summed by kind of kernel (matched on its name, case aside); the rest is "other"."""
+    sums = {kind: 0.0 for kind, _ in KINDS} | {"other": 0.0}
+    for name, us in times:
+        sums[next((kind for kind, marks in KINDS if any(m in name.lower() for m in marks)), "other")] += us
+    return sums
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--batch", type=int, default=256)
@@ -79,6 +92,8 @@ def main():
     print(f"decode step: wall {wall * 1e3:.2f} ms, GPU kernels {gpu * 1e3:.2f} ms ({100 * gpu / wall:.0f}% of the step), "
           f"{args.batch / wall:.0f} tokens/s")
     print("host, per step: " + ", ".join(f"{k} {v * 1e3:.2f} ms" for k, v in host.items()) + " (get: waiting for the GPU)")
+    sums = kernel_kinds([(e.key, e.self_device_time_total / n) for e in kernels])
+    print("GPU per step by kind: " + ", ".join(f"{kind} {us / 1e3:.2f} ms" for kind, us in sums.items()))
     print(f"{'kernel':<70} {'us/step':>8} {'calls/step':>10}")
     for e in sorted(kernels, key=lambda e: -e.self_device_time_total)[:14]:
         print(f"{e.key[:70]:<70} {e.self_device_time_total / n:>8.0f} {e.count / n:>10.1f}")
