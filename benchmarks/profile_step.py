@@ -24,7 +24,8 @@ import minillm  # noqa: E402
 
 KINDS = [("paged attention", ("_paged_attention", "_merge_splits")),
          ("GEMMs", ("nvjet", "gemm", "cutlass", "splitkreduce", "cublas")),
-         ("elementwise (norms, RoPE, SwiGLU, sampler, copies)", ("triton_", "elementwise", "reduce_kernel", "distribution", "copy"))]
+         ("elementwise (norms, RoPE, SwiGLU, sampler, copies)",
+          ("triton_", "elementwise", "reduce_kernel", "distribution", "copy"))]
 
 
 def kernel_kinds(times: list[tuple[str, float]]) -> dict:
