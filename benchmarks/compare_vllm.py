@@ -34,6 +34,7 @@ The vLLM subprocess gets PYTHONPATH=/tmp/vsite (--vllm-site) in front, VLLM_USE_
 is not bundled) and HF_HUB_OFFLINE=1 by itself. Prints one table: per row each engine's figure and minillm/vLLM.
 """
 import argparse
+import functools
 import hashlib
 import json
 import os
@@ -84,7 +85,7 @@ def run_engine(engine: str, model: str, tiny: bool) -> dict:
     timed_generate(llm, prompts, sampled(outs, params_cls), sync)  # warm-up
     for row, kind, new, detokenize in ROWS:
         prompts, outs = make_workload(kind, V, tiny, seed=({"a": 10, "b": 11}[kind] + 10 * detokenize) if new else None)
-        params = [params_cls(temperature=0.6, ignore_eos=True, max_tokens=m, detokenize=detokenize) for m in outs]
+        params = sampled(outs, functools.partial(params_cls, detokenize=detokenize))  # (a)/(b)'s, ids or text
         dt, n = timed_generate(llm, prompts, params, sync)
         assert n == sum(outs), (engine, row, n, sum(outs))
         result["rows"][row] = n / dt
