@@ -251,6 +251,45 @@ def tune():
         torch.cuda.empty_cache()
 
 
+def head_major(cache):
+    """The same K/V stored head-major, (num_blocks, KVH, block_size, D) in memory, seen through the kernels'
+    (num_blocks, block_size, KVH, D) indexing: each (block, head) is one contiguous block_size x D piece."""
+    stored = torch.empty(cache.shape[0], cache.shape[2], cache.shape[1], cache.shape[3], device=DEV, dtype=cache.dtype)
+    view = stored.transpose(1, 2)
+    view.copy_(cache)
+    return view
+
+
+def layouts():
+    """Decode time with the cache slot-major (as allocated today) and head-major, and the KV write into each."""
+    print("== layouts: decode us, slot-major (num_blocks, block_size, KVH, D) vs head-major (num_blocks, KVH, "
+          "block_size, D) ==")
+    for name, b, ctx in [("llama-3.2-1b", 256, 532), ("llama-3.1-8b", 256, 532), ("llama-3.2-1b", 64, 2048),
+                         ("llama-3.1-8b", 64, 2048), ("llama-3.1-8b", 16, 8192), ("llama-3.2-1b", 1, 2048),
+                         ("llama-3.1-8b", 1, 8192)]:
+        heads = MODELS[name]
+        args, _, _ = paged_case(b, 1, ctx - 1, *heads)
+        slot_us = time_ours(args) * 1e3
+        hm = dict(args, k_cache=head_major(args["k_cache"]), v_cache=head_major(args["v_cache"]))
+        ref = pa.paged_attention(**args)
+        err = (pa.paged_attention(**hm).float() - ref.float()).abs().max().item()
+        head_us = time_ours(hm) * 1e3
+        nbytes = 2 * b * ctx * heads[1] * heads[2] * 2
+        print(f"decode {name} B={b} ctx={ctx}: slot-major {slot_us:.1f} us ({nbytes / slot_us / 1e3:.0f} GB/s), "
+              f"head-major {head_us:.1f} us ({nbytes / head_us / 1e3:.0f} GB/s), ratio {head_us / slot_us:.3f}, "
+              f"max |diff| {err:.1e}")
+        del args, hm
+        torch.cuda.empty_cache()
+    for name, (H, KVH, D) in MODELS.items():
+        k = torch.randn(256, KVH, D, device=DEV, dtype=torch.bfloat16)
+        slots = torch.randperm(8192 * 16, device=DEV)[:256].int()
+        cache = torch.zeros(8192, 16, KVH, D, device=DEV, dtype=torch.bfloat16)
+        hcache = head_major(cache)
+        t_slot = bench_graph(lambda: pa.write_kv_cache(k, k, cache, cache, slots)) * 1e3
+        t_head = bench_graph(lambda: pa.write_kv_cache(k, k, hcache, hcache, slots)) * 1e3
+        print(f"write_kv_cache {name} 256 tokens: slot-major {t_slot:.1f} us, head-major {t_head:.1f} us")
+
+
 def table():
     props = torch.cuda.get_device_properties(0)
     copy = copy_bandwidth()
@@ -274,11 +313,14 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--check", action="store_true", help="correctness vs float64 before the table")
     parser.add_argument("--tune", action="store_true", help="tile-size sweep before the table")
+    parser.add_argument("--layouts", action="store_true", help="the cache slot-major vs head-major, before the table")
     parser.add_argument("--no-table", action="store_true")
     opts = parser.parse_args()
     if opts.check:
         check()
     if opts.tune:
         tune()
+    if opts.layouts:
+        layouts()
     if not opts.no_table:
         table()

@@ -3,8 +3,9 @@
     python benchmarks/profile_step.py [--batch 256] [--prompt-len 512] [--shape llama-3.1-8b] [--separate]
 
 Fills the engine with `--batch` requests on a random model of `--shape` (Llama-3.2-1B's by default), lets every prompt
-finish prefill, then times 30 decode steps with the host clock and with torch.profiler. Prints the
-wall time per step, the GPU kernel time per step, their ratio, and the kernels that take the most time.
+finish prefill (those steps under torch.profiler: their wall and GPU time), then times 30 decode steps with the host
+clock and with torch.profiler. Prints the wall time per step, the GPU kernel time per step, their ratio, and the
+kernels that take the most time.
 --separate leaves q/k/v and gate/up as separate projections (no minillm.stack_projections): the A/B of that change.
 """
 import argparse
@@ -55,8 +56,15 @@ def main():
         ids = torch.randint(0, 128000, (args.prompt_len,)).tolist()
         engine.add_request(str(i), {"prompt_token_ids": ids}, sp)
     engine.streaming.clear()  # the loop of LLM.generate: outputs only when a request finishes
-    while any(s.num_computed_tokens < s.num_tokens - 1 for s in engine.scheduler.waiting + engine.scheduler.running):
-        engine.step()  # prefill
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:  # the prefill steps, profiled
+        t, n_prefill = time.perf_counter(), 0
+        while any(s.num_computed_tokens < s.num_tokens - 1 for s in engine.scheduler.waiting + engine.scheduler.running):
+            engine.step()  # prefill
+            n_prefill += 1
+        torch.cuda.synchronize()
+        prefill_wall = (time.perf_counter() - t) / n_prefill
+    prefill = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
     for _ in range(10):
         engine.step()  # warm-up decode
     torch.cuda.synchronize()
@@ -95,6 +103,13 @@ def main():
     print("host, per step: " + ", ".join(f"{k} {v * 1e3:.2f} ms" for k, v in host.items()) + " (get: waiting for the GPU)")
     sums = kernel_kinds([(e.key, e.self_device_time_total / n) for e in kernels])
     print("GPU per step by kind: " + ", ".join(f"{kind} {us / 1e3:.2f} ms" for kind, us in sums.items()))
+    prefill_gpu = sum(e.self_device_time_total for e in prefill) / n_prefill / 1e3
+    sums = kernel_kinds([(e.key, e.self_device_time_total / n_prefill) for e in prefill])
+    print(f"prefill steps ({n_prefill}, ~{args.batch * args.prompt_len // n_prefill} tokens each, under the profiler): "
+          f"wall {prefill_wall * 1e3:.2f} ms, GPU {prefill_gpu:.2f} ms a step; by kind: "
+          + ", ".join(f"{kind} {us / 1e3:.2f} ms" for kind, us in sums.items()))
+    for e in sorted(prefill, key=lambda e: -e.self_device_time_total)[:6]:
+        print(f"  prefill {e.key[:70]:<70} {e.self_device_time_total / n_prefill:>8.0f} us/step")
     print(f"{'kernel':<70} {'us/step':>8} {'calls/step':>10}")
     for e in sorted(kernels, key=lambda e: -e.self_device_time_total)[:14]:
         print(f"{e.key[:70]:<70} {e.self_device_time_total / n:>8.0f} {e.count / n:>10.1f}")

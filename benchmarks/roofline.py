@@ -38,6 +38,7 @@ decode steps alone. The target there is >= 0.75 of the limit.
 Prints one table: roofline and achieved per workload, with the card's name and the versions.
 """
 import argparse
+import gc
 import hashlib
 import importlib.util
 import json
@@ -212,7 +213,71 @@ def batch_one(llm, V: int, tiny: bool, seed: int) -> tuple[float, float]:
     return whole, (whole - first) / (n_out - 1)
 
 
-def measure(llm, tiny: bool) -> dict:
+class StepLog:
+    """Wraps the engine's observer (the Observer seam) to keep, per step, its Step shape and its wall time."""
+
+    def __init__(self, engine):
+        self.engine, self.inner, self.steps = engine, engine.observer, []
+        self.inner_scheduled, self.inner_step_ended = self.inner.scheduled, self.inner.step_ended
+        self.inner.scheduled, self.inner.step_ended = self.scheduled, self.step_ended
+        self.gc_seconds, self.gc_started = [0.0, 0.0, 0.0], None  # time in Python's collector, by generation
+        gc.callbacks.append(self.on_gc)
+
+    def on_gc(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self.gc_started = time.perf_counter()
+        elif self.gc_started is not None:
+            self.gc_seconds[info["generation"]] += time.perf_counter() - self.gc_started
+
+    def close(self) -> None:
+        self.inner.scheduled, self.inner.step_ended = self.inner_scheduled, self.inner_step_ended
+        gc.callbacks.remove(self.on_gc)
+
+    def scheduled(self, batch: list) -> None:
+        step = Step(0, 0, 0, 0)
+        for seq, n in batch:
+            ctx = seq.num_computed_tokens
+            step.tokens, step.kv_tokens = step.tokens + n, step.kv_tokens + ctx + n
+            step.pairs += n * ctx + n * (n + 1) // 2
+            step.samples += ctx + n == seq.num_tokens
+        self.steps.append([step, max((n for _, n in batch), default=0), len(batch), None])
+        self.inner_scheduled(batch)
+
+    def step_ended(self, started: float) -> None:
+        if self.steps and self.steps[-1][3] is None:
+            self.steps[-1][3] = time.perf_counter() - started
+        self.inner_step_ended(started)
+
+
+PHASES = [("steps with prefill", lambda longest, seqs: longest > 1),
+          ("decode, batch 192-256", lambda longest, seqs: longest == 1 and seqs >= 192),
+          ("decode, batch 64-191", lambda longest, seqs: longest == 1 and 64 <= seqs < 192),
+          ("decode, batch 8-63", lambda longest, seqs: longest == 1 and 8 <= seqs < 64),
+          ("decode, batch 1-7", lambda longest, seqs: longest == 1 and seqs < 8)]
+
+
+def phase_table(label: str, log: StepLog, generate_seconds: float, cost: "ModelCost", bandwidth: float,
+                flops: float) -> None:
+    """Where one generate call's time went: its steps by kind, each kind's wall time against its roofline."""
+    steps = log.steps
+    print(f"\n{label}: {len(steps)} steps, generate {generate_seconds:.3f} s, of it outside steps "
+          f"{generate_seconds - sum(s[3] or 0 for s in steps):.3f} s; Python's garbage collector (generations 0/1/2) "
+          + "/".join(f"{t:.3f}" for t in log.gc_seconds) + " s")
+    print("| steps | count | wall s | roofline s (bw + compute) | roofline / wall | wall ms a step: mean, median, max "
+          "| tokens a step |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for name, test in PHASES:
+        mine = [s for s in steps if s[3] is not None and test(s[1], s[2])]
+        if not mine:
+            continue
+        wall = sum(s[3] for s in mine)
+        limit = sum(step_seconds(s[0], cost, bandwidth, flops)[1] for s in mine)
+        ms = sorted(s[3] * 1e3 for s in mine)
+        print(f"| {name} | {len(mine)} | {wall:.3f} | {limit:.3f} | {limit / wall:.2f} | {wall / len(mine) * 1e3:.2f}, "
+              f"{ms[len(ms) // 2]:.2f}, {ms[-1]:.2f} | {sum(s[0].tokens for s in mine) / len(mine):.0f} |")
+
+
+def measure(llm, tiny: bool, model_cost=None) -> dict:
     """Achieved figures: {row: (run 1, run 2)} in out tok/s, batch-1 tok/s and ms/token."""
     V = llm.llm_engine.cfg.vocab_size
     prompts, outs = make_workload("b", V, tiny, seed=99, n=16)
@@ -223,7 +288,11 @@ def measure(llm, tiny: bool) -> dict:
         runs = []
         for seed in (None, {"a": 10, "b": 11}[kind]):
             prompts, outs = make_workload(kind, V, tiny, seed=seed)
+            log = StepLog(llm.llm_engine)
             dt, n = timed_generate(llm, prompts, sampled(outs, minillm.SamplingParams))
+            log.close()
+            if model_cost is not None:
+                rows.setdefault("phases", []).append((f"({kind}) run {len(runs) + 1}", log, dt))
             assert n == sum(outs), (kind, n, sum(outs))
             runs.append(n / dt)
         rows[kind] = runs
@@ -255,7 +324,7 @@ def main():
     llm = minillm.LLM(args.model, max_model_len=4096)
     sched = llm.llm_engine.scheduler
     V = llm.llm_engine.cfg.vocab_size
-    achieved = measure(llm, args.tiny)
+    achieved = measure(llm, args.tiny, cost)
     limits = {}  # row -> (bandwidth only, bandwidth + compute), in the row's unit
     for kind in "ab":
         prompts, outs = make_workload(kind, V, args.tiny)
@@ -281,6 +350,8 @@ def main():
         print(f"| {name:<25} | {fmt(bw)} | {fmt(both)} | {fmt(r1)} | {fmt(r2)} | {frac(bw):.2f} | {frac(both):.2f} |")
     print("batch 1: the bandwidth column is weights / copy bandwidth per token (target: run 2 / bandwidth >= 0.75); "
           "(a), (b): 256 prompts of 100-1024 random tokens, temperature 0.6, ignore_eos" + (" (--tiny: 1/8 of it)" if args.tiny else ""))
+    for label, log, dt in achieved["phases"]:
+        phase_table(label, log, dt, cost, bandwidth, flops)
     if tmp:
         shutil.rmtree(tmp)
 
