@@ -43,6 +43,7 @@ RoPE (arXiv:2104.09864); GQA (arXiv:2305.13245); nanoGPT, llama2.c, gpt-fast and
 from __future__ import annotations
 
 import bisect
+import collections
 import codecs
 import copy
 import functools
@@ -587,7 +588,7 @@ class BlockManager:
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
         self.blocks = [Block(i) for i in range(num_blocks)]
-        self.free_block_ids: dict[int, None] = dict.fromkeys(range(num_blocks))  # an ordered set
+        self.free_block_ids = collections.OrderedDict.fromkeys(range(num_blocks))  # an ordered set (take_free_block)
         self.cached: dict[bytes, int] = {}
         self.uncommitted: list[tuple[bytes, int]] = []  # cached this step, before the step wrote their K/V
         self.observer = observer
@@ -651,9 +652,9 @@ class BlockManager:
             self.cache_full_blocks(seq, seq.num_computed_tokens + num_new_tokens)
 
     def take_free_block(self) -> int:
-        """The least recently freed block, for one sequence; whatever it held leaves the prefix cache."""
-        block_id = next(iter(self.free_block_ids))
-        del self.free_block_ids[block_id]
+        """The least recently freed block, for one sequence; whatever it held leaves the prefix cache. (A plain dict
+        would find its first key by scanning past every key deleted from its front: 0.1 ms each after 100k.)"""
+        block_id, _ = self.free_block_ids.popitem(last=False)
         block = self.blocks[block_id]
         self.observer.block("allocated", block_id)
         if block.hash is not None:
@@ -1522,8 +1523,7 @@ class LLMEngine:
                     seq.num_prompt_logprobs += 1
         self.add_sampling_rows(step, sampled)
         scored = [(sampled[row], "logprobs", sampled[row].params.logprobs) for row in step.logprob_rows] + prompt_scored
-        V = self.cfg.vocab_size
-        step.num_logprobs = max((V if k == -1 else k for _, _, k in scored), default=0)
+        step.num_logprobs = max((self.cfg.vocab_size if k == -1 else k for _, _, k in scored), default=0)
         return step, sampled, scored
 
     def add_sampling_rows(self, step: StepInput, sampled: list[Sequence]) -> None:

@@ -1,6 +1,13 @@
-"""How long minillm takes to start on the CPU: `import minillm`, then `LLM()` of the default model.
+"""How long minillm takes to start: `import minillm`, then `LLM()` of the default model on the CPU, or with
+--gpu of a random Llama-3.2-1B-shaped checkpoint (benchmarks/throughput.py's) on the GPU.
 
     python benchmarks/startup.py [--runs 3]
+    python benchmarks/startup.py --gpu [--runs 2] [--shape llama-3.1-8b]
+
+--gpu times LLM()'s parts as the engine runs them, in each fresh process: load_model (read the safetensors,
+build the model on the GPU), ModelRunner.warm_up (torch.compile of the fused chains, Triton's kernels),
+count_kv_blocks (the memory profile: one forward pass of max_num_batched_tokens), capture_cuda_graphs. The first
+process meets empty compiler caches (a fresh machine); the later ones find Triton's and Inductor's on disk.
 
 Each run is a fresh Python process (the file is in the OS page cache after the first). Prints the
 median wall time of each phase over the runs, then where LLM()'s time goes, timed piece by piece in the
@@ -50,13 +57,68 @@ def one_run() -> dict:
     return times
 
 
+def one_gpu_run(model: str) -> dict:
+    """In a fresh process: LLM() of `model` on the GPU, and the seconds of each of its timed parts."""
+    t0 = time.perf_counter()
+    sys.path.insert(0, ROOT)
+    import torch
+    import minillm
+    times = {"import torch + minillm": time.perf_counter() - t0}
+
+    def timed(owner, name, label):
+        inner = getattr(owner, name)
+
+        def wrapper(*args, **kwargs):
+            t = time.perf_counter()
+            try:
+                return inner(*args, **kwargs)
+            finally:
+                times[label] = times.get(label, 0.0) + time.perf_counter() - t
+        setattr(owner, name, wrapper)
+    timed(minillm, "load_model", "  load_model")
+    timed(minillm.ModelRunner, "warm_up", "  warm_up (compile)")
+    timed(minillm.ModelRunner, "count_kv_blocks", "  count_kv_blocks (memory profile)")
+    timed(minillm.ModelRunner, "capture_cuda_graphs", "  capture_cuda_graphs")
+    t = time.perf_counter()
+    minillm.LLM(model, max_model_len=4096)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    times["LLM()"] = time.perf_counter() - t
+    return times
+
+
+def gpu_main(runs: int, shape: str) -> None:
+    import tempfile
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import torch
+    from throughput import SHAPES, build_random_checkpoint
+    model = build_random_checkpoint(tempfile.mkdtemp(), SHAPES[shape])
+    results = [json.loads(subprocess.run([sys.executable, __file__, "--gpu-child", model], capture_output=True,
+                                         text=True, check=True).stdout.splitlines()[-1]) for _ in range(runs)]
+    print(f"\nLLM() start-up on {torch.cuda.get_device_name()}, {shape} random checkpoint, torch {torch.__version__}: "
+          f"{runs} fresh processes (the first with empty compiler caches)")
+    print("| part | " + " | ".join(f"process {i + 1}" for i in range(runs)) + " |")
+    print("|---|" + "---:|" * runs)
+    for name in results[0]:
+        print(f"| {name} | " + " | ".join(f"{r.get(name, 0.0):.2f} s" for r in results) + " |")
+
+
 def main():
     if "--child" in sys.argv:
         print(json.dumps(one_run()))
         return
+    if "--gpu-child" in sys.argv:
+        print(json.dumps(one_gpu_run(sys.argv[-1])))
+        return
     ap = argparse.ArgumentParser()
-    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--runs", type=int, default=None, help="fresh processes (default: 3 on the CPU, 2 with --gpu)")
+    ap.add_argument("--gpu", action="store_true", help="a random checkpoint on the GPU (see the docstring)")
+    ap.add_argument("--shape", default="llama-3.2-1b", help="with --gpu: throughput.py's shape")
     args = ap.parse_args()
+    if args.gpu:
+        gpu_main(args.runs or 2, args.shape)
+        return
+    args.runs = args.runs or 3
     runs = [json.loads(subprocess.run([sys.executable, __file__, "--child"], capture_output=True, text=True,
                                       check=True).stdout.splitlines()[-1]) for _ in range(args.runs)]
     load = os.getloadavg()[0]
