@@ -27,7 +27,8 @@ imports none of them at load time (`companion(name)` imports one when its featur
   compat.py           vLLM's EngineArgs and input checks, hub ids, chat, beam search, the HF tokenizer calls
                       (Tokenizer.hf), the rest of LLM's and LLMEngine's calls (each a one-line method here)
   formats.py          the bytes of config.json, GGUF and tokenizer files; cli.py the command line;
-                      paged_attention.py the Triton kernels and their PyTorch twins
+                      paged_attention.py the attention's Triton kernels and their PyTorch twins; kernels.py
+                      the Triton kernels of the elementwise chains (`fused`), this file's functions their references
 vLLM's other names (`from minillm import EngineArgs, TokensPrompt`) are found in the companions (PEP 562).
 
 Dimension legend used in shape comments:
@@ -331,8 +332,8 @@ def make_tokenizer(kwargs: dict, attrs: Optional[dict] = None, tokenizer_config:
 # 4. Model: Llama (and Mistral, Qwen2, Qwen3: the same block with a switch or two)
 
 
-# Two chains of elementwise ops. Eagerly, each op is a kernel launch and a pass over memory; on the GPU
-# torch.compile fuses each chain into one Triton kernel (`fused`; ModelRunner.warm_up compiles them at start-up).
+# Chains of elementwise ops. Eagerly, each op is a kernel launch and a pass over memory; on the GPU each chain is
+# one Triton kernel of kernels.py (`fused`), held to these PyTorch functions by the tests.
 def rms_norm(x, weight, eps):  # (N, C) -> (N, C); the statistics in float32, as HF does
     xf = x.float()
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
@@ -347,16 +348,14 @@ def apply_rope(x, cos, sin):
 
 
 def silu_and_mul(gate, up):  # SwiGLU's activation: (N, F), (N, F) -> (N, F)
-    # Left eager, two kernels: compiled, its one kernel took 40 us a layer inside the decode graph at batch 256
-    # on an H200 against 6.6 us for these two (benchmarks/profile_step.py), 13% of the step's GPU time.
     return F.silu(gate) * up
 
 
 @functools.cache
 def fused(fn):
-    """fn through torch.compile: on the GPU one Triton kernel for the whole chain, for any N (dynamic shapes).
-    Made on first use, as importing the compiler alone takes seconds; ModelRunner.warm_up makes the first calls."""
-    return torch.compile(fn, dynamic=True)
+    """fn's kernel on the GPU: kernels.py's function of the same name, one pass over memory for the whole chain
+    (kernels.py's docstring says why not torch.compile)."""
+    return getattr(companion("kernels"), fn.__name__)
 
 
 class RMSNorm(nn.Module):
@@ -463,7 +462,8 @@ class MLP(nn.Module):
 
     def forward(self, x, adapters=None):  # SwiGLU: (N, C) -> (N, F) -> (N, C)
         gate, up = project((self.gate_proj, self.up_proj), x, adapters)
-        return project((self.down_proj,), silu_and_mul(gate, up), adapters)[0]
+        act = fused(silu_and_mul) if x.is_cuda else silu_and_mul
+        return project((self.down_proj,), act(gate, up), adapters)[0]
 
 
 class DecoderLayer(nn.Module):
@@ -1073,19 +1073,19 @@ class ModelRunner:
     def close(self) -> None:
         """Nothing to stop on one device (parallel.TPModelRunner stops its worker processes here)."""
 
-    # -- start-up: compile, size the KV cache, capture graphs --
+    # -- start-up: compile the kernels, size the KV cache, capture graphs --
 
     @torch.inference_mode()
     def warm_up(self) -> None:
-        """Compile the fused ops now, not in the first generate: with sizes equal to no other dimension (torch.compile
-        assumes sizes equal at its first call stay equal, else recompiles), then with one row (compiled apart)."""
+        """Run each kernel of kernels.py once, so Triton compiles them now (once per model, then from its disk
+        cache), not in the first generate."""
         C, D, V, eps = self.cfg.hidden_size, self.cfg.head_dim, self.cfg.vocab_size, self.cfg.rms_norm_eps
         like = lambda *shape, dtype=self.dtype: torch.ones(*shape, dtype=dtype, device=self.device)
         f32 = torch.float32
-        for n in (3, 1):  # (the norm's weight as the model passes it: a Parameter, which torch.compile guards apart)
-            fused(rms_norm)(like(n, C), self.model.norm.weight, eps)
-            fused(apply_rope)(like(n, 5, D), like(n, D // 2, dtype=f32), like(n, D // 2, dtype=f32))
-            fused(gumbel_argmax)(like(n, V, dtype=f32), like(n, dtype=f32), like(n, V, dtype=f32))
+        fused(rms_norm)(like(1, C), self.model.norm.weight, eps)
+        fused(apply_rope)(like(1, self.cfg.num_heads, D), like(1, D // 2, dtype=f32), like(1, D // 2, dtype=f32))
+        fused(silu_and_mul)(like(1, self.cfg.intermediate_size), like(1, self.cfg.intermediate_size))
+        fused(gumbel_argmax)(like(1, V, dtype=f32), like(1, dtype=f32), like(1, V, dtype=f32))
 
     def count_kv_blocks(self, override: Optional[int], memory_bytes: Optional[int], gpu_memory_utilization: float,
                         max_num_batched_tokens: int) -> int:
