@@ -26,7 +26,8 @@ import minillm  # noqa: E402
 KINDS = [("paged attention", ("_paged_attention", "_merge_splits")),
          ("GEMMs", ("nvjet", "gemm", "cutlass", "splitkreduce", "cublas")),
          ("elementwise (norms, RoPE, SwiGLU, sampler, copies)",
-          ("triton_", "elementwise", "reduce_kernel", "distribution", "copy"))]
+          ("_rms_norm", "_rope", "_silu_and_mul", "_gumbel_argmax", "_write_kv_cache",
+           "triton_", "elementwise", "reduce_kernel", "distribution", "copy"))]
 
 
 def kernel_kinds(times: list[tuple[str, float]]) -> dict:
