@@ -2,6 +2,7 @@
 
     python benchmarks/roofline.py                 # Llama-3.2-1B-shaped model, random bf16 weights, on a GPU
     python benchmarks/roofline.py --model PATH    # a real (Llama-shaped) checkpoint
+    python benchmarks/roofline.py --shape llama-3.1-8b   # a random checkpoint of throughput.py's other shapes
     OMP_NUM_THREADS=1 python benchmarks/roofline.py --tiny   # a tiny model and workloads: checks the script on a CPU
 
 Two numbers are measured on the card first: the copy bandwidth BW (a 1 GiB device-to-device tensor copy timed
@@ -53,7 +54,7 @@ from dataclasses import dataclass
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from throughput import LLAMA_3_2_1B, build_random_checkpoint, workload  # noqa: E402
+from throughput import LLAMA_3_2_1B, SHAPES, build_random_checkpoint, workload  # noqa: E402
 
 import minillm  # noqa: E402
 
@@ -305,14 +306,15 @@ def measure(llm, tiny: bool, model_cost=None) -> dict:
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--model", default=None, help="checkpoint folder (default: a random Llama-3.2-1B-shaped one)")
+    ap.add_argument("--model", default=None, help="checkpoint folder (default: a random one of --shape)")
+    ap.add_argument("--shape", default="llama-3.2-1b", choices=sorted(SHAPES), help="the random checkpoint's shape")
     ap.add_argument("--tiny", action="store_true", help="a tiny model, 8 short prompts: checks the script on a CPU")
     args = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     tmp = None
     if args.model is None:
         tmp = tempfile.mkdtemp()
-        args.model = build_random_checkpoint(tmp, TINY if args.tiny else LLAMA_3_2_1B)
+        args.model = build_random_checkpoint(tmp, TINY if args.tiny else SHAPES[args.shape])
     cfg = json.load(open(os.path.join(args.model, "config.json")))
     dtype = minillm.resolve_dtype("auto", cfg.get("torch_dtype"), device)
     bandwidth = copy_bandwidth(device, 2**30 if device.type == "cuda" else 2**26)
