@@ -278,25 +278,28 @@ def phase_table(label: str, log: StepLog, generate_seconds: float, cost: "ModelC
               f"{ms[len(ms) // 2]:.2f}, {ms[-1]:.2f} | {sum(s[0].tokens for s in mine) / len(mine):.0f} |")
 
 
-def measure(llm, tiny: bool, model_cost=None) -> dict:
-    """Achieved figures: {row: (run 1, run 2)} in out tok/s, batch-1 tok/s and ms/token."""
+def measure(llm, tiny: bool, model_cost, rows_wanted: str = "ab1") -> dict:
+    """Achieved figures: {row: (run 1, run 2)} in out tok/s, batch-1 tok/s and ms/token (of rows_wanted: "a", "b",
+    "1" for batch 1)."""
     V = llm.llm_engine.cfg.vocab_size
     prompts, outs = make_workload("b", V, tiny, seed=99, n=16)
     timed_generate(llm, prompts, sampled(outs, minillm.SamplingParams))  # warm-up (Triton compiles, allocator settles)
-    batch_one(llm, V, tiny, seed=98)  # warm-up for batch 1
-    rows = {}
-    for kind in "ab":
+    if "1" in rows_wanted:
+        batch_one(llm, V, tiny, seed=98)  # warm-up for batch 1
+    rows = {"phases": []}
+    for kind in [k for k in "ab" if k in rows_wanted]:
         runs = []
         for seed in (None, {"a": 10, "b": 11}[kind]):
             prompts, outs = make_workload(kind, V, tiny, seed=seed)
             log = StepLog(llm.llm_engine)
             dt, n = timed_generate(llm, prompts, sampled(outs, minillm.SamplingParams))
             log.close()
-            if model_cost is not None:
-                rows.setdefault("phases", []).append((f"({kind}) run {len(runs) + 1}", log, dt))
+            rows["phases"].append((f"({kind}) run {len(runs) + 1}", log, dt))
             assert n == sum(outs), (kind, n, sum(outs))
             runs.append(n / dt)
         rows[kind] = runs
+    if "1" not in rows_wanted:
+        return rows
     n_out = 64 if tiny else 512
     ones = [batch_one(llm, V, tiny, seed) for seed in (1, 2)]
     rows["1 tok/s"] = [n_out / whole for whole, _ in ones]
@@ -308,6 +311,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default=None, help="checkpoint folder (default: a random one of --shape)")
     ap.add_argument("--shape", default="llama-3.2-1b", choices=sorted(SHAPES), help="the random checkpoint's shape")
+    ap.add_argument("--rows", default="ab1", help="which rows to run: a, b, 1 (batch 1); default all three")
     ap.add_argument("--tiny", action="store_true", help="a tiny model, 8 short prompts: checks the script on a CPU")
     args = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -326,7 +330,7 @@ def main():
     llm = minillm.LLM(args.model, max_model_len=4096)
     sched = llm.llm_engine.scheduler
     V = llm.llm_engine.cfg.vocab_size
-    achieved = measure(llm, args.tiny, cost)
+    achieved = measure(llm, args.tiny, cost, args.rows)
     limits = {}  # row -> (bandwidth only, bandwidth + compute), in the row's unit
     for kind in "ab":
         prompts, outs = make_workload(kind, V, args.tiny)
@@ -345,7 +349,7 @@ def main():
     names = {"a": "(a) out tok/s", "b": "(b) out tok/s", "1 tok/s": "batch 1, tok/s", "1 ms": "batch 1 decode, ms/token"}
     print(f"| {'row':<25} | roofline: bandwidth | bandwidth + compute | run 1 | run 2 | run 2 / bandwidth | run 2 / bw + compute |")
     print("|---|---:|---:|---:|---:|---:|---:|")
-    for row, name in names.items():
+    for row, name in [(row, name) for row, name in names.items() if row in achieved]:
         (bw, both), (r1, r2) = limits[row], achieved[row]
         fmt = (lambda x: f"{x:.3f}") if row == "1 ms" else (lambda x: f"{x:.0f}")
         frac = (lambda lim: lim / r2) if row == "1 ms" else (lambda lim: r2 / lim)  # ms: lower is better
