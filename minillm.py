@@ -26,9 +26,8 @@ imports none of them at load time (`companion(name)` imports one when its featur
   Observer            hears every event of the engine: compat.Metrics (get_metrics), timeline.Recorder (traces)
   compat.py           vLLM's EngineArgs and input checks, hub ids, chat, beam search, the HF tokenizer calls
                       (Tokenizer.hf), the rest of LLM's and LLMEngine's calls (each a one-line method here)
-  formats.py          the bytes of config.json, GGUF and tokenizer files; cli.py the command line;
-                      paged_attention.py the attention's Triton kernels and their PyTorch twins; kernels.py
-                      the Triton kernels of the elementwise chains (`fused`), this file's functions their references
+  formats.py          the bytes of config.json, GGUF and tokenizer files; cli.py the command line
+  paged_attention.py  attention's Triton kernels and their PyTorch twins; kernels.py the elementwise ones (`fused`)
 vLLM's other names (`from minillm import EngineArgs, TokensPrompt`) are found in the companions (PEP 562).
 
 Dimension legend used in shape comments:
@@ -1543,7 +1542,7 @@ class LLMEngine:
 
     def land(self, sampled: SampledTokens, landing: list, scored: list) -> dict:
         """Step 5: the previous step's tokens reach the host: each PENDING placeholder becomes its token, with its
-        logprobs; then detokenize and check the stop conditions. Returns the ids of requests that progressed."""
+        logprobs; then detokenize and check the stop conditions. Returns the ids of the requests to report."""
         tokens, rows = sampled.get()
         logprob_entry = companion("compat").logprob_entry
         width = len(rows) // len(scored) if scored else 0
@@ -1559,11 +1558,12 @@ class LLMEngine:
             if seq.finish_reason is not None:
                 continue  # it finished on an earlier token, or was aborted: this one was computed in vain
             seq.token_ids[i] = token
-            progressed[seq.request_id] = True
             self.observer.token(seq)
             if self.process_token(seq, i):
                 self.scheduler.finish(seq)
                 self.observer.finished(seq)
+            if seq.finish_reason is not None or seq.request_id in self.streaming:  # (collect_outputs reports no other)
+                progressed[seq.request_id] = True
         return progressed
 
     def recover(self, abort=()) -> None:
