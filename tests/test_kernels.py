@@ -36,14 +36,15 @@ def test_rms_norm(dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_apply_rope_on_a_view_of_the_stacked_projection(dtype):
-    cfg = minillm.ModelConfig(vocab_size=10, hidden_size=48, intermediate_size=8, num_layers=1, num_heads=3,
-                              num_kv_heads=1, head_dim=16, rope_theta=10000.0)
+@pytest.mark.parametrize("H, D", [(3, 16), (5, 80)])  # 80: D/2 = 40 lanes of a 64-wide tile, the rest masked
+def test_apply_rope_on_a_view_of_the_stacked_projection(dtype, H, D):
+    cfg = minillm.ModelConfig(vocab_size=10, hidden_size=H * D, intermediate_size=8, num_layers=1, num_heads=H,
+                              num_kv_heads=1, head_dim=D, rope_theta=10000.0)
     cos, sin = minillm.rope_tables(cfg, 64, "cpu")
     positions = torch.tensor([0, 5, 17, 63, 2])
     g = torch.Generator().manual_seed(1)
-    qkv = torch.randn(5, (3 + 1 + 1) * 16, generator=g).to(dtype)  # (N, (H + 2 KVH) D), q/k/v side by side
-    q, k = qkv[:, :48].view(5, 3, 16), qkv[:, 48:64].view(5, 1, 16)  # row stride 80: views, not copies
+    qkv = torch.randn(5, (H + 1 + 1) * D, generator=g).to(dtype)  # (N, (H + 2 KVH) D), q/k/v side by side
+    q, k = qkv[:, :H * D].view(5, H, D), qkv[:, H * D:(H + 1) * D].view(5, 1, D)  # views with the stacked row stride
     for x in (q, k):
         out = kernels.apply_rope(x, cos[positions], sin[positions])
         close(out, minillm.apply_rope(x, cos[positions], sin[positions]), dtype)
