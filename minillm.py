@@ -43,8 +43,8 @@ RoPE (arXiv:2104.09864); GQA (arXiv:2305.13245); nanoGPT, llama2.c, gpt-fast and
 from __future__ import annotations
 
 import bisect
-import collections
 import codecs
+import collections
 import copy
 import functools
 import hashlib
