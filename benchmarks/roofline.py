@@ -92,6 +92,12 @@ class Step:
     pairs: int       # P: causal query-key pairs
     samples: int     # S: sequences sampling a token
 
+    def add(self, ctx: int, n: int, samples: bool) -> None:
+        """One sequence's part of the step: n new tokens after ctx cached ones, and whether it samples a token."""
+        self.tokens, self.kv_tokens = self.tokens + n, self.kv_tokens + ctx + n
+        self.pairs += n * ctx + n * (n + 1) // 2
+        self.samples += samples
+
 
 def simulate_schedule(prompt_lens: list[int], out_lens: list[int], max_num_seqs: int, max_num_batched_tokens: int) -> list[Step]:
     """The steps minillm's Scheduler makes for these requests when the KV cache never runs out (see the docstring)."""
@@ -112,11 +118,10 @@ def simulate_schedule(prompt_lens: list[int], out_lens: list[int], max_num_seqs:
             budget -= batch[-1][1]
         step = Step(0, 0, 0, 0)
         for i, k in batch:
-            ctx = computed[i]
-            step.tokens, step.kv_tokens, step.pairs = step.tokens + k, step.kv_tokens + ctx + k, step.pairs + k * ctx + k * (k + 1) // 2
+            step.add(computed[i], k, computed[i] + k == total[i])  # the prompt is in (or a decode token): it samples
             computed[i] += k
-            if computed[i] == total[i]:  # the prompt is in (or a decode token): a token is sampled
-                produced[i], total[i], step.samples = produced[i] + 1, total[i] + 1, step.samples + 1
+            if computed[i] == total[i]:
+                produced[i], total[i] = produced[i] + 1, total[i] + 1
         steps.append(step)
         running = [i for i in running if produced[i] < out_lens[i]]
     return steps
@@ -218,7 +223,7 @@ class StepLog:
     """Wraps the engine's observer (the Observer seam) to keep, per step, its Step shape and its wall time."""
 
     def __init__(self, engine):
-        self.engine, self.inner, self.steps = engine, engine.observer, []
+        self.inner, self.steps = engine.observer, []
         self.inner_scheduled, self.inner_step_ended = self.inner.scheduled, self.inner.step_ended
         self.inner.scheduled, self.inner.step_ended = self.scheduled, self.step_ended
         self.gc_seconds, self.gc_started = [0.0, 0.0, 0.0], None  # time in Python's collector, by generation
@@ -237,10 +242,7 @@ class StepLog:
     def scheduled(self, batch: list) -> None:
         step = Step(0, 0, 0, 0)
         for seq, n in batch:
-            ctx = seq.num_computed_tokens
-            step.tokens, step.kv_tokens = step.tokens + n, step.kv_tokens + ctx + n
-            step.pairs += n * ctx + n * (n + 1) // 2
-            step.samples += ctx + n == seq.num_tokens
+            step.add(seq.num_computed_tokens, n, seq.num_computed_tokens + n == seq.num_tokens)
         self.steps.append([step, max((n for _, n in batch), default=0), len(batch), None])
         self.inner_scheduled(batch)
 
@@ -278,7 +280,7 @@ def phase_table(label: str, log: StepLog, generate_seconds: float, cost: "ModelC
               f"{ms[len(ms) // 2]:.2f}, {ms[-1]:.2f} | {sum(s[0].tokens for s in mine) / len(mine):.0f} |")
 
 
-def measure(llm, tiny: bool, model_cost, rows_wanted: str = "ab1") -> dict:
+def measure(llm, tiny: bool, rows_wanted: str = "ab1") -> dict:
     """Achieved figures: {row: (run 1, run 2)} in out tok/s, batch-1 tok/s and ms/token (of rows_wanted: "a", "b",
     "1" for batch 1)."""
     V = llm.llm_engine.cfg.vocab_size
@@ -330,7 +332,7 @@ def main():
     llm = minillm.LLM(args.model, max_model_len=4096)
     sched = llm.llm_engine.scheduler
     V = llm.llm_engine.cfg.vocab_size
-    achieved = measure(llm, args.tiny, cost, args.rows)
+    achieved = measure(llm, args.tiny, args.rows)
     limits = {}  # row -> (bandwidth only, bandwidth + compute), in the row's unit
     for kind in "ab":
         prompts, outs = make_workload(kind, V, args.tiny)

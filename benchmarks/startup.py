@@ -5,9 +5,9 @@
     python benchmarks/startup.py --gpu [--runs 2] [--shape llama-3.1-8b]
 
 --gpu times LLM()'s parts as the engine runs them, in each fresh process: load_model (read the safetensors,
-build the model on the GPU), ModelRunner.warm_up (torch.compile of the fused chains, Triton's kernels),
-count_kv_blocks (the memory profile: one forward pass of max_num_batched_tokens), capture_cuda_graphs. The first
-process meets empty compiler caches (a fresh machine); the later ones find Triton's and Inductor's on disk.
+build the model on the GPU), ModelRunner.warm_up (Triton compiles kernels.py's kernels), count_kv_blocks (the
+memory profile: one forward pass of max_num_batched_tokens), capture_cuda_graphs. The first process meets an
+empty Triton cache (a fresh machine); the later ones find it on disk.
 
 Each run is a fresh Python process (the file is in the OS page cache after the first). Prints the
 median wall time of each phase over the runs, then where LLM()'s time goes, timed piece by piece in the
