@@ -1115,7 +1115,6 @@ class ModelRunner:
         logits = self.model.compute_logits(h[:1].expand(self.max_num_seqs, -1))  # (max_num_seqs, V)
         logits.sort(dim=-1)  # the sampler's largest temporary
         torch.cuda.synchronize()
-        del cache, h, logits
         free, total = torch.cuda.mem_get_info()
         non_torch = total - free - torch.cuda.memory_reserved()
         available = total * gpu_memory_utilization - torch.cuda.max_memory_allocated() - non_torch
@@ -1190,14 +1189,15 @@ class ModelRunner:
     def prepare(self, step: StepInput) -> tuple:
         """A StepInput -> (N,) input_ids and positions, the AttentionMetadata, and on the device the (S + P,) rows
         whose logits are needed, the (R,) of those whose logprobs are reported, the (P,) prompt tokens scored. One
-        upload: a second copy from unpinned memory would make the host wait for the GPU, which it must run ahead of."""
+        upload (a second, from unpinned memory, would make the host wait for the GPU), seq_lens first: the attention
+        kernel reads it, and Triton compiles a variant for each alignment of a pointer (offset 0 is always aligned)."""
         S = len(step.sample_rows)
         seq_lens = [step.positions[end - 1] + 1 for end in itertools.accumulate(step.query_lens)]  # (B,) after it
         width = -(-max(seq_lens) // self.block_size)  # the most blocks any sequence of the step has
         dst, src = [d for d, _ in step.pending], [s for _, s in step.pending]
         scored = step.logprob_rows + list(range(S, S + len(step.prompt_rows)))
-        ids, pos, q_lens, s_lens, table_rows, updates, dst, src, rows, scored, targets = self.upload(
-            step.input_ids, step.positions, step.query_lens, seq_lens, step.table_rows, step.table_updates, dst, src,
+        s_lens, ids, pos, q_lens, table_rows, updates, dst, src, rows, scored, targets = self.upload(
+            seq_lens, step.input_ids, step.positions, step.query_lens, step.table_rows, step.table_updates, dst, src,
             step.sample_rows + step.prompt_rows, scored, step.prompt_targets)
         if step.pending:
             ids[dst] = self.last_sampled[src].int()  # the last step's tokens, straight from the device

@@ -6,8 +6,9 @@
 
 --gpu times LLM()'s parts as the engine runs them, in each fresh process: load_model (read the safetensors,
 build the model on the GPU), ModelRunner.warm_up (Triton compiles kernels.py's kernels), count_kv_blocks (the
-memory profile: one forward pass of max_num_batched_tokens), capture_cuda_graphs. The first process meets an
-empty Triton cache (a fresh machine); the later ones find it on disk.
+memory profile: one forward pass of max_num_batched_tokens), capture_cuda_graphs, and how many variants of each
+Triton kernel the process compiled. The first process meets an empty Triton cache (a fresh machine); the later
+ones find it on disk.
 
 Each run is a fresh Python process (the file is in the OS page cache after the first). Prints the
 median wall time of each phase over the runs, then where LLM()'s time goes, timed piece by piece in the
@@ -84,7 +85,23 @@ def one_gpu_run(model: str) -> dict:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     times["LLM()"] = time.perf_counter() - t
+    times.update(compiled_variants())
     return times
+
+
+def compiled_variants() -> dict:
+    """How many variants of each Triton kernel this process compiled (or found in the on-disk cache)."""
+    import triton
+    import kernels
+    import paged_attention
+    counts = {}
+    for module in (kernels, paged_attention):
+        for name, fn in vars(module).items():
+            if isinstance(fn, triton.runtime.JITFunction):  # device_caches: device -> (variants, ...)
+                n = sum(len(cache[0]) for cache in getattr(fn, "device_caches", {}).values())
+                if n:
+                    counts[f"variants of {name}"] = n
+    return counts
 
 
 def gpu_main(runs: int, shape: str) -> None:
@@ -100,7 +117,8 @@ def gpu_main(runs: int, shape: str) -> None:
     print("| part | " + " | ".join(f"process {i + 1}" for i in range(runs)) + " |")
     print("|---|" + "---:|" * runs)
     for name in results[0]:
-        print(f"| {name} | " + " | ".join(f"{r.get(name, 0.0):.2f} s" for r in results) + " |")
+        cell = (lambda v: str(v)) if name.startswith("variants") else (lambda v: f"{v:.2f} s")
+        print(f"| {name} | " + " | ".join(cell(r.get(name, 0.0)) for r in results) + " |")
 
 
 def main():

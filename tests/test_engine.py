@@ -273,6 +273,20 @@ def test_priority_order(small):
         fcfs.generate(prompts, sp, priority=[0, 1, 0, 0])
 
 
+def test_step_inputs_the_attention_kernel_reads_are_aligned(small):
+    # Triton compiles a variant of a kernel for each 16-byte alignment of a pointer argument: seq_lens, a slice
+    # of the step's one upload, must start on a 16-byte boundary in every step, or a prefill step compiles anew
+    llm, seen = LLM(small, max_num_batched_tokens=13, max_num_seqs=3), []
+    runner = llm.llm_engine.runner
+    prepare = runner.prepare
+    runner.prepare = lambda step: seen.append(prepare(step)) or seen[-1]
+    prompts = [{"prompt_token_ids": p} for p in random_prompts([5, 7, 3, 9, 6], seed=4)]
+    llm.generate(prompts, SamplingParams(temperature=0, max_tokens=4, ignore_eos=True), use_tqdm=False)
+    lens = {(len(ids), len(meta.seq_lens)) for ids, _, meta, _ in seen}
+    assert len(lens) > 4  # steps of many shapes: chunked prefills, mixed and decode steps
+    assert all(meta.seq_lens.data_ptr() % 16 == 0 for _, _, meta, _ in seen)
+
+
 def test_preemption_takes_the_newest_running_sequence(small):
     llm = LLM(small, block_size=4, num_gpu_blocks_override=6)
     sp = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
