@@ -17,9 +17,9 @@ This file is the core: what one generate call on one device needs, in the order 
   9. engine         LLMEngine (requests, steps, landing tokens, outputs) and LLM.generate
  10. generate()     one call for small scripts
 
-Every other feature lives in a companion file that imports this one and attaches at a seam named here; this file
-imports none of them at load time (`companion(name)` imports one when its feature is first used):
-  project()           every linear layer's call; lora.py adds each token's adapter delta there (LoRA slots)
+Every other feature lives in a companion file that attaches at a seam named here; of them this file imports only
+formats and paged_attention at load time (`companion(name)` imports the others when their feature is first used):
+  project()           every decoder layer's linear call; lora.py adds each token's adapter delta there (LoRA slots)
   load_model(tp=)     parallel.TP cuts each tensor to this rank's part and wraps the model; parallel.TPModelRunner
                       is the ModelRunner of rank 0 that drives the other ranks (parallel.py: tensor, data parallel)
   logits hook         structured.LogitsHook edits the sampling rows' logits (grammars, logit_bias, processors)
@@ -72,7 +72,7 @@ import formats  # the bytes of checkpoint and tokenizer files (it imports nothin
 import paged_attention as pa
 
 
-# The companions import minillm, so minillm imports them only when a feature is first used (see the docstring).
+# Most companions import minillm, so minillm imports them when a feature is first used (formats, above, does not).
 COMPANIONS = ("compat", "structured", "lora", "parallel", "formats", "timeline", "cli")
 
 
@@ -192,7 +192,7 @@ class CompletionOutput:
     cumulative_logprob: Optional[float] = None   # the sum of the tokens' logprobs; with `logprobs` only
     logprobs: Optional[list] = None          # per token {token_id: Logprob}: the token itself and the top-k
     finish_reason: Optional[str] = None      # "stop" (EOS, stop string or stop token) or "length"
-    stop_reason: Any = None                  # the stop string or stop token id that ended it; None for EOS
+    stop_reason: Any = None                  # the stop string or stop token id that ended it; None: the tokenizer's EOS
     lora_request: Any = None
 
 
@@ -396,12 +396,12 @@ class AttentionMetadata:
     seq_lens: torch.Tensor         # (B,) tokens in each sequence after this step (cached + new)
     query_start_loc: torch.Tensor  # (B+1,) where each sequence's new tokens start in the packed batch
     max_query_len: int             # the longest run of new tokens (1 = a pure decode step)
-    max_seq_len: int               # the longest sequence of this step (seq_lens' maximum)
+    max_seq_len: int               # an upper bound on seq_lens (their max; in a CUDA graph, the cache's)
     lora: Any = None               # lora.LoRABatch: each token's adapter slot; None: the base model only
 
 
 def project(projs: tuple, x, adapters) -> list:
-    """[proj(x) for proj in projs]: every projection of the model goes through here, the seam where LoRA attaches.
+    """[proj(x) for proj in projs]: every decoder-layer projection (not lm_head) goes here, the seam LoRA attaches to.
     When the step uses adapters (a lora.LoRABatch), each token's LoRA delta is added: projections of the same
     input (q/k/v, gate/up) share one shrink and one expand, as their adapter weights are stacked (lora.py)."""
     stacked = getattr(projs[0], "stacked", None)  # stack_projections': (N, C) @ (C, ΣOUT) -> (N, ΣOUT), then split
@@ -1628,7 +1628,7 @@ class LLMEngine:
         if seq.controls is not None and not self.logits_hook.accept(seq, token):
             seq.finish_reason = "stop"  # its grammar allows no such token: only when other masks left it nothing else
         if n >= p.min_tokens:
-            if not p.ignore_eos and token in self.eos_ids:  # the tokenizer's EOS: no stop_reason
+            if not p.ignore_eos and token in self.eos_ids:  # stop_reason None only for the tokenizer's eos_token
                 seq.finish_reason, seq.stop_reason = "stop", None if token == self.eos_token_id else token
             elif token in p.stop_token_ids:
                 seq.finish_reason, seq.stop_reason = "stop", token

@@ -4,8 +4,8 @@ path and Triton kernels.
 
 minillm calls the Triton kernels on CUDA and, on the CPU, write_kv_cache_cpu and
 paged_attention_cpu (batched PyTorch: one SDPA call for the decoding sequences, one
-per prefilling sequence). The *_ref functions are plain per-sequence loops, kept as
-the tests' oracle: the tests check the kernels (on the CPU too, under
+per prefilling sequence). The *_ref functions are plain PyTorch (attention a loop over
+sequences), the tests' oracle: the tests check the kernels (on the CPU too, under
 TRITON_INTERPRET=1) and the _cpu functions against them.
 
 Dimension legend
@@ -294,7 +294,7 @@ def _paged_attention_kernel(
 
     # -- which key tiles this program visits --
     first_pos = context_len + q_tile * BLOCK_Q  # position of the tile's first query
-    kv_end = tl.minimum(seq_len, first_pos + BLOCK_Q)  # keys past the tile's last query are masked
+    kv_end = tl.minimum(seq_len, first_pos + BLOCK_Q)  # keys past the tile's last query: never visited
     num_tiles = tl.cdiv(kv_end, BLOCK_N)
     tiles_per_split = tl.cdiv(num_tiles, num_splits)
     tile_lo = split * tiles_per_split
