@@ -333,8 +333,8 @@ def _paged_attention_kernel(
         tl.store(part_acc_ptr + part_row[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=mask_qd)
 
 
-# One variant for every batch size: num_splits unspecialised, BLOCK_S the most splits (a compile costs ~0.3 s of
-# a fresh machine's start-up; five variants were compiled while capturing the CUDA graphs).
+# One variant for every batch size: num_splits unspecialised and BLOCK_S the most splits (a tile sized to each
+# batch's split count makes five while the CUDA graphs are captured, each ~0.3 s of a fresh machine's start-up).
 @triton.jit(do_not_specialize=["num_splits"])
 def _merge_splits_kernel(
     part_acc_ptr, part_m_ptr, part_l_ptr, out_ptr, stride_on, stride_oh, num_splits,
