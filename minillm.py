@@ -27,7 +27,7 @@ formats and paged_attention at load time (`companion(name)` imports the others w
   compat.py           vLLM's EngineArgs and input checks, hub ids, chat, beam search, the HF tokenizer calls
                       (Tokenizer.hf), the rest of LLM's and LLMEngine's calls (each a one-line method here)
   formats.py          the bytes of config.json, GGUF and tokenizer files; cli.py the command line
-  paged_attention.py  attention's Triton kernels and their PyTorch twins; kernels.py the elementwise ones (`fused`)
+  paged_attention.py  attention's Triton kernels and their PyTorch twins; fused.py the elementwise ones (`fused`)
 vLLM's other names (`from minillm import EngineArgs, TokensPrompt`) are found in the companions (PEP 562).
 
 Dimension legend used in shape comments:
@@ -332,7 +332,7 @@ def make_tokenizer(kwargs: dict, attrs: Optional[dict] = None, tokenizer_config:
 
 
 # Chains of elementwise ops. Eagerly, each op is a kernel launch and a pass over memory; on the GPU each chain is
-# one Triton kernel of kernels.py (`fused`), held to these PyTorch functions by the tests.
+# one Triton kernel of fused.py (`fused`), held to these PyTorch functions by the tests.
 def rms_norm(x, weight, eps):  # (N, C) -> (N, C); the statistics in float32, as HF does
     xf = x.float()
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
@@ -352,9 +352,9 @@ def silu_and_mul(gate, up):  # SwiGLU's activation: (N, F), (N, F) -> (N, F)
 
 @functools.cache
 def fused(fn):
-    """fn's kernel on the GPU: kernels.py's function of the same name, one pass over memory for the whole chain
-    (kernels.py's docstring says why not torch.compile)."""
-    return getattr(companion("kernels"), fn.__name__)
+    """fn's kernel on the GPU: fused.py's function of the same name, one pass over memory for the whole chain
+    (fused.py's docstring says why not torch.compile)."""
+    return getattr(companion("fused"), fn.__name__)
 
 
 class RMSNorm(nn.Module):
@@ -1076,7 +1076,7 @@ class ModelRunner:
 
     @torch.inference_mode()
     def warm_up(self) -> None:
-        """Run each kernel of kernels.py once, so Triton compiles them now (once per model, then from its disk
+        """Run each kernel of fused.py once, so Triton compiles them now (once per model, then from its disk
         cache), not in the first generate."""
         C, D, V, eps = self.cfg.hidden_size, self.cfg.head_dim, self.cfg.vocab_size, self.cfg.rms_norm_eps
         like = lambda *shape, dtype=self.dtype: torch.ones(*shape, dtype=dtype, device=self.device)

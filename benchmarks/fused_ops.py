@@ -1,5 +1,5 @@
 """The elementwise chains of the model (rms_norm, apply_rope, silu_and_mul, gumbel_argmax) three ways on a GPU:
-eager PyTorch (minillm's reference functions), kernels.py's Triton kernels (what minillm.fused returns) and
+eager PyTorch (minillm's reference functions), fused.py's Triton kernels (what minillm.fused returns) and
 torch.compile(dynamic=True) (what minillm.fused was before). Times each at the Llama-3.2-1B shape's sizes of a
 decode step (256 rows) and of a prefill step (8192 rows; the sampler's kernel at 256 rows only), with CUDA events,
 inside a CUDA graph as the engine runs them, and prints the kernels' bandwidth against the measured copy bandwidth.
@@ -64,7 +64,7 @@ def main():
     args = ap.parse_args()
     bw = copy_bandwidth(torch.device("cuda"), 1 << 30)  # roofline.py's measure, so the two scripts agree
     print(f"\ndevice: {torch.cuda.get_device_name()}  torch {torch.__version__}  copy bandwidth {bw / 1e12:.2f} TB/s")
-    print(f"{'op':<14} {'rows':>5} {'eager us':>9} {'kernels.py us':>14} {'compiled us':>12} {'kernels.py: % of copy bw':>25}")
+    print(f"{'op':<14} {'rows':>5} {'eager us':>9} {'fused.py us':>14} {'compiled us':>12} {'fused.py: % of copy bw':>25}")
     with torch.inference_mode():
         for rows, with_sampler in ((args.batch, True), (args.prefill, False)):
             for name, (fn, a, nbytes) in cases(rows, with_sampler).items():

@@ -5,7 +5,7 @@
     python benchmarks/startup.py --gpu [--runs 2] [--shape llama-3.1-8b]
 
 --gpu times LLM()'s parts as the engine runs them, in each fresh process: load_model (read the safetensors,
-build the model on the GPU), ModelRunner.warm_up (Triton compiles kernels.py's kernels), count_kv_blocks (the
+build the model on the GPU), ModelRunner.warm_up (Triton compiles fused.py's kernels), count_kv_blocks (the
 memory profile: one forward pass of max_num_batched_tokens), capture_cuda_graphs, and how many variants of each
 Triton kernel the process compiled. The first process meets an empty Triton cache (a fresh machine); the later
 ones find it on disk.
@@ -92,10 +92,10 @@ def one_gpu_run(model: str) -> dict:
 def compiled_variants() -> dict:
     """How many variants of each Triton kernel this process compiled (or found in the on-disk cache)."""
     import triton
-    import kernels
+    import fused
     import paged_attention
     counts = {}
-    for module in (kernels, paged_attention):
+    for module in (fused, paged_attention):
         for name, fn in vars(module).items():
             if isinstance(fn, triton.runtime.JITFunction):  # device_caches: device -> (variants, ...)
                 n = sum(len(cache[0]) for cache in getattr(fn, "device_caches", {}).values())

@@ -3,13 +3,16 @@ sampler's Gumbel-max argmax, each one pass over memory.
 
 minillm.fused(fn) returns the kernel here named like fn; fn itself, plain PyTorch in minillm.py, is
 the reference: same arguments, same result, and the tests hold each kernel to it
-(tests/test_kernels.py, on the CPU under TRITON_INTERPRET=1). minillm calls these on CUDA tensors only.
+(tests/test_fused.py, on the CPU under TRITON_INTERPRET=1). minillm calls these on CUDA tensors only.
 
 Why hand-written kernels and not torch.compile of the same functions: compiling the chains takes 9-12 s
 of LLM()'s start-up on an H200, most of it, and the compiled kernels are slow where they matter, e.g.
 RoPE at 220 us against these 18 us in an 8,192-token prefill step (benchmarks/fused_ops.py; walkthrough
 section 4). A Triton kernel with no shape-dependent arguments compiles once per model (and is cached
 on disk across processes).
+
+The module is called fused, not kernels: transformers looks for Hugging Face's `kernels` package under that
+import name, and a module of ours by that name, installed beside it, broke transformers' imports.
 
 The grids are sized by the rows (tokens), and no row count is passed as an argument: Triton compiles a
 variant per value class of each integer argument (1, a multiple of 16, other), so an argument that
